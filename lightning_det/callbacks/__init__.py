@@ -1,0 +1,5 @@
+"""Callbacks for what Lightning does not already provide."""
+
+from lightning_det.callbacks.image_logger import ValidationImageLogger
+
+__all__ = ["ValidationImageLogger"]

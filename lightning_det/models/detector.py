@@ -1,0 +1,178 @@
+"""The shared LightningModule: everything a detector does that is not its network, targets, loss or decoding.
+
+A subclass implements three hooks and nothing else of the loop:
+
+- ``forward(images)``: raw network outputs (the same in train and eval mode, so validation can compute losses);
+- ``loss(outputs, batch)``: a dict of loss terms with the total under ``"loss"``;
+- ``decode(outputs, batch)``: per image ``{"boxes", "scores", "labels"}`` in batch-image pixels.
+
+The base maps detections back to original-image pixels, logs every loss term under ``train/`` and ``val/``,
+computes the validation metric, builds the optimizer and scheduler from Hydra partials, and stops training
+cleanly when the loss stops being finite.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lightning_det.optim import parameter_groups
+
+log = logging.getLogger(__name__)
+
+Detections = list[dict[str, Tensor]]
+
+
+def to_original_pixels(boxes: Tensor, image_index: Tensor, meta: dict[str, Any]) -> Tensor:
+    """Undo the batch transform: ``x_orig = (x - pad_x) / scale_x`` for boxes ``[K, 4]`` of images ``image_index``.
+
+    Boxes are clipped to their original image, so a detection in the letterbox padding cannot score outside it.
+    """
+    offset = meta["pad"][image_index].repeat(1, 2)
+    factor = meta["scale"][image_index].repeat(1, 2)
+    h, w = meta["orig_size"][image_index].unbind(1)
+    upper = torch.stack((w, h, w, h), dim=1).to(boxes)
+    return torch.minimum((boxes - offset) / factor, upper).clamp(min=0)
+
+
+def labels_to_targets(labels: Tensor, meta: dict[str, Any]) -> Detections:
+    """Padded ``[B, P, 6]`` batch labels -> per-image metric targets in original-image pixels."""
+    valid = labels[..., 0] >= 0
+    image_index = valid.nonzero()[:, 0]
+    rows = labels[valid]
+    boxes = to_original_pixels(rows[:, 1:5], image_index, meta)
+    counts = valid.sum(1).tolist()
+    return [
+        {"boxes": b, "labels": c.long(), "difficult": d > 0}
+        for b, c, d in zip(boxes.split(counts), rows[:, 0].split(counts), rows[:, 5].split(counts))
+    ]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by ``train.run`` when a run was stopped because its loss became NaN or infinite."""
+
+
+class Detector(L.LightningModule):
+    """Base class of every detector; see the module docstring for the hooks a subclass implements."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        metric: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names given for num_classes={num_classes}")
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_metric = metric(num_classes=num_classes, class_names=self.class_names) if metric else None
+        self.nonfinite_loss: str | None = None
+
+    # --- hooks a subclass implements -------------------------------------------------------------------------
+    def loss(self, outputs: Any, batch: dict[str, Any]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def decode(self, outputs: Any, batch: dict[str, Any]) -> Detections:
+        raise NotImplementedError
+
+    # --- the shared loop -------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        losses = self.loss(self(batch["images"]), batch)
+        if not torch.isfinite(losses["loss"]):
+            return self._stop_on_nonfinite(losses)
+        self._log_losses("train", losses, batch_size=batch["images"].shape[0])
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        outputs = self(batch["images"])
+        self._log_losses("val", self.loss(outputs, batch), batch_size=batch["images"].shape[0])
+        if self.val_metric is not None:
+            detections = self.detections_in_original_pixels(outputs, batch)
+            self.val_metric.update(detections, labels_to_targets(batch["labels"], batch["meta"]))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Detections:
+        return self.detections_in_original_pixels(self(batch["images"]), batch)
+
+    def detections_in_original_pixels(self, outputs: Any, batch: dict[str, Any]) -> Detections:
+        detections = self.decode(outputs, batch)
+        counts = [len(d["boxes"]) for d in detections]
+        image_index = torch.arange(len(counts), device=self.device).repeat_interleave(
+            torch.tensor(counts, device=self.device)
+        )
+        boxes = torch.cat([d["boxes"] for d in detections]) if detections else torch.zeros(0, 4, device=self.device)
+        for det, mapped in zip(detections, to_original_pixels(boxes, image_index, batch["meta"]).split(counts)):
+            det["boxes"] = mapped
+        return detections
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_metric is None:
+            return
+        results = self.val_metric.compute()
+        self.val_metric.reset()
+        per_class = results.pop("AP_per_class", None)
+        scalars = {f"val/{k}": v.float() for k, v in results.items() if v.numel() == 1}
+        self.log_dict(scalars, sync_dist=False)
+        if per_class is not None:
+            self.log_dict(
+                {f"val_AP/{name}": ap for name, ap in zip(self.class_names, per_class.float()) if not ap.isnan()}
+            )
+            self.last_per_class_ap = per_class.cpu()
+            if not self.trainer.sanity_checking:
+                log.info("\n%s", self.per_class_table(per_class, scalars))
+
+    def per_class_table(self, per_class: Tensor, scalars: dict[str, Tensor]) -> str:
+        """A text table of AP per class with the epoch's summary values, for the console."""
+        width = max(8, *(len(n) for n in self.class_names))
+        lines = [f"epoch {self.current_epoch}: " + "  ".join(f"{k}={v.item():.4f}" for k, v in scalars.items())]
+        lines.append(f"{'class':<{width}}  AP")
+        lines += [
+            f"{name:<{width}}  {'n/a (no ground truth)' if math.isnan(ap) else f'{ap:.4f}'}"
+            for name, ap in zip(self.class_names, per_class.tolist())
+        ]
+        return "\n".join(lines)
+
+    def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> None:
+        on_step = stage == "train"
+        self.log_dict(
+            {f"{stage}/{name}": value.detach() for name, value in losses.items()},
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=on_step,
+            batch_size=batch_size,
+            sync_dist=not on_step,
+        )
+
+    def _stop_on_nonfinite(self, losses: dict[str, Tensor]) -> None:
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        self.nonfinite_loss = (
+            f"loss became non-finite at epoch {self.current_epoch}, global step {self.global_step} ({terms}). "
+            "Training stopped. Lower optimizer.lr, lengthen the warm-up, or check the labels of this batch."
+        )
+        log.error(self.nonfinite_loss)
+        self.trainer.should_stop = True
+        return None
+
+    # --- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured: pass a Hydra partial such as conf/optimizer/sgd.yaml")
+        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(parameter_groups(self, weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

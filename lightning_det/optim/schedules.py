@@ -1,0 +1,80 @@
+"""Per-iteration learning-rate factors: a burn-in warm-up multiplied by a decay rule.
+
+Each schedule is a picklable callable object so ``LambdaLR`` saves its state in checkpoints and a resumed
+run continues the same curve. The Hydra configs in ``conf/scheduler/`` build them as partials; the detector
+supplies ``total_steps`` and ``steps_per_epoch`` once the trainer knows them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class Schedule:
+    """Warm-up ``(step / warmup) ** power`` (Darknet burn-in: power 4; linear: power 1) times a decay rule."""
+
+    def __init__(
+        self, total_steps: int, steps_per_epoch: int, warmup_steps: int = 0, warmup_epochs: float = 0.0,
+        warmup_power: float = 4.0,
+    ) -> None:
+        self.total_steps = max(1, total_steps)
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        warmup = max(warmup_steps, round(warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = min(warmup, self.total_steps)
+        self.warmup_power = warmup_power
+
+    def __call__(self, step: int) -> float:
+        return self.warmup(step) * self.decay(step)
+
+    def warmup(self, step: int) -> float:
+        if step >= self.warmup_steps:
+            return 1.0
+        return (step / self.warmup_steps) ** self.warmup_power
+
+    def decay(self, step: int) -> float:
+        return 1.0
+
+
+class MultiStep(Schedule):
+    """Multiply by ``gamma`` at each milestone, given in epochs or as fractions of the whole run."""
+
+    def __init__(self, milestones: list[float], gamma: float = 0.1, unit: str = "fraction", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if unit not in ("fraction", "epoch"):
+            raise ValueError(f"scheduler unit must be 'fraction' or 'epoch', got {unit!r}")
+        per_unit = self.total_steps if unit == "fraction" else self.steps_per_epoch
+        self.milestone_steps = sorted(round(m * per_unit) for m in milestones)
+        self.gamma = gamma
+
+    def decay(self, step: int) -> float:
+        return self.gamma ** bisect.bisect_right(self.milestone_steps, step)
+
+
+class Cosine(Schedule):
+    """Half a cosine from 1 down to ``final_factor`` over the run (after the warm-up)."""
+
+    def __init__(self, final_factor: float = 0.01, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.final_factor = final_factor
+
+    def decay(self, step: int) -> float:
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, max(0, step - self.warmup_steps) / span)
+        return self.final_factor + (1 - self.final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def multistep(optimizer: Optimizer, **kwargs) -> LambdaLR:
+    return LambdaLR(optimizer, MultiStep(**kwargs))
+
+
+def cosine(optimizer: Optimizer, **kwargs) -> LambdaLR:
+    return LambdaLR(optimizer, Cosine(**kwargs))
+
+
+def constant(optimizer: Optimizer, **kwargs) -> LambdaLR:
+    """No decay; the warm-up still applies."""
+    return LambdaLR(optimizer, Schedule(**kwargs))

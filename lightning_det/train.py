@@ -1,0 +1,64 @@
+"""Build every object of a run from its Hydra config, train, and report the best validation score."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_det.models.detector import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Data first: the class list (possibly inferred from the annotations) sizes the model's head."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(
+        cfg.model,
+        num_classes=datamodule.num_classes,
+        class_names=list(datamodule.classes),
+        optimizer=cfg.optimizer,
+        scheduler=cfg.get("scheduler"),
+        metric=cfg.metric,
+    )
+    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
+    return datamodule, model, trainer
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured; returns the best monitored score, its checkpoint and the final validation metrics."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if model.nonfinite_loss:
+        raise NonFiniteLossError(model.nonfinite_loss)
+
+    checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
+    best_path = checkpoint.best_model_path if checkpoint else ""
+    final = trainer.validate(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+    metrics = {k: float(v) for k, v in (final[0] if final else {}).items()}
+    best_score = metrics.get(cfg.monitor)
+    if trainer.is_global_zero:
+        log.info("best checkpoint: %s", best_path or "(none saved)")
+        log.info("%s of the best checkpoint: %s", cfg.monitor, "n/a" if best_score is None else f"{best_score:.4f}")
+    return {"best_score": best_score, "best_model_path": best_path, "metrics": metrics}
