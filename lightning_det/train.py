@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,19 +24,27 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
 
 
+def build_model(cfg: DictConfig, num_classes: int, class_names: list[str]) -> L.LightningModule:
+    """The detector from ``cfg.model``; optimizer, scheduler and metric go in as plain configs.
+
+    The model saves them as hyper-parameters, so a checkpoint holds only plain data and can rebuild its
+    detector with ``load_from_checkpoint`` alone.
+    """
+    arguments = OmegaConf.to_container(cfg.model, resolve=True)
+    model_class = get_class(arguments.pop("_target_"))
+    plain = {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else None
+             for key in ("optimizer", "scheduler", "metric")}
+    return model_class(
+        **instantiate(arguments, _convert_="all"), num_classes=num_classes, class_names=class_names, **plain
+    )
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data first: the class list (possibly inferred from the annotations) sizes the model's head."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = instantiate(
-        cfg.model,
-        num_classes=datamodule.num_classes,
-        class_names=list(datamodule.classes),
-        optimizer=cfg.optimizer,
-        scheduler=cfg.get("scheduler"),
-        metric=cfg.metric,
-    )
+    model = build_model(cfg, num_classes=datamodule.num_classes, class_names=list(datamodule.classes))
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
     return datamodule, model, trainer
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Union
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from lightning_det.optim import parameter_groups
@@ -27,6 +28,14 @@ from lightning_det.optim import parameter_groups
 log = logging.getLogger(__name__)
 
 Detections = list[dict[str, Tensor]]
+
+# A factory given as a Hydra config (``{"_target_": ..., "_partial_": True, ...}``) or as the callable itself.
+# Configs keep checkpoints plain data, so they load with ``torch.load(weights_only=True)``.
+Factory = Union[Mapping[str, Any], Callable[..., Any]]
+
+
+def as_callable(factory: Factory) -> Callable[..., Any]:
+    return instantiate(dict(factory)) if isinstance(factory, Mapping) else factory
 
 
 def to_original_pixels(boxes: Tensor, image_index: Tensor, meta: dict[str, Any]) -> Tensor:
@@ -65,9 +74,9 @@ class Detector(L.LightningModule):
         self,
         num_classes: int,
         class_names: list[str] | None = None,
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        scheduler: Callable[..., Any] | None = None,
-        metric: Callable[..., nn.Module] | None = None,
+        optimizer: Factory | None = None,
+        scheduler: Factory | None = None,
+        metric: Factory | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -75,9 +84,11 @@ class Detector(L.LightningModule):
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names given for num_classes={num_classes}")
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.val_metric = metric(num_classes=num_classes, class_names=self.class_names) if metric else None
+        self.optimizer_factory = as_callable(optimizer) if optimizer else None
+        self.scheduler_factory = as_callable(scheduler) if scheduler else None
+        self.val_metric: nn.Module | None = (
+            as_callable(metric)(num_classes=num_classes, class_names=self.class_names) if metric else None
+        )
         self.nonfinite_loss: str | None = None
 
     # --- hooks a subclass implements -------------------------------------------------------------------------

@@ -1,0 +1,5 @@
+"""Detectors: each a ``Detector`` subclass owning its network, target assignment, loss and decoding."""
+
+from lightning_det.models.yolov3 import YOLOv3
+
+__all__ = ["YOLOv3"]

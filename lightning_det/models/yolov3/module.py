@@ -1,0 +1,97 @@
+"""``YOLOv3``: the LightningModule tying network, anchors, target assignment, loss and decoding together."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_det.models.detector import Detections, Detector
+from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS, PredictionGrid, anchors_tensor, make_grid
+from lightning_det.models.yolov3.decode import YOLOv3Decoder
+from lightning_det.models.yolov3.loss import YOLOv3Loss
+from lightning_det.models.yolov3.network import build_network
+from lightning_det.models.yolov3.targets import Targets, build_targets
+
+
+class YOLOv3(Detector):
+    """YOLOv3 or YOLOv3-tiny.
+
+    Args:
+        variant: ``"yolov3"`` (Darknet-53, three levels at strides 8/16/32) or ``"tiny"`` (two levels, 16/32).
+        width: channel multiplier (channels rounded up to multiples of 8); 1.0 is the Darknet network.
+        depth: residual-block multiplier of Darknet-53 (``yolov3`` only); 1.0 is the Darknet network.
+        anchors: per level, smallest stride first, ``(w, h)`` pixel pairs; defaults to Darknet's COCO anchors.
+        strides: the levels' strides; fixed by the variant, given only to be checked against it.
+        iou_t, best_anchor_only: target assignment (see ``targets.py``).
+        box_loss, giou, xy, wh, obj, cls, obj_pw, cls_pw, ignore_thresh: the loss (see ``loss.py``).
+        conf_thresh, nms_thresh, nms_topk, pre_nms_topk, multi_label, force_suppress: decoding (see ``decode.py``).
+        **kwargs: ``num_classes``, ``class_names``, ``optimizer``, ``scheduler``, ``metric`` of ``Detector``.
+    """
+
+    def __init__(
+        self,
+        variant: str = "yolov3",
+        width: float = 1.0,
+        depth: float = 1.0,
+        anchors: Sequence[Sequence[float]] | None = None,
+        strides: Sequence[int] | None = None,
+        iou_t: float = 0.2,
+        best_anchor_only: bool = False,
+        box_loss: str = "giou",
+        giou: float = 3.54,
+        xy: float = 3.54,
+        wh: float = 3.54,
+        obj: float = 64.3,
+        cls: float = 37.4,
+        obj_pw: float = 1.0,
+        cls_pw: float = 1.0,
+        ignore_thresh: float | None = 0.7,
+        conf_thresh: float = 0.001,
+        nms_thresh: float = 0.45,
+        nms_topk: int = 300,
+        pre_nms_topk: int = 3000,
+        multi_label: bool = True,
+        force_suppress: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if variant not in DEFAULT_ANCHORS:
+            raise ValueError(f"unknown YOLOv3 variant {variant!r}: use one of {sorted(DEFAULT_ANCHORS)}")
+        anchor_table = anchors_tensor(anchors if anchors is not None else DEFAULT_ANCHORS[variant])
+        self.network = build_network(variant, self.num_classes, anchor_table.shape[1], width, depth)
+        self.strides = list(self.network.strides)
+        if len(anchor_table) != len(self.strides):
+            raise ValueError(f"variant {variant!r} has {len(self.strides)} levels but anchors give {len(anchor_table)}")
+        if strides is not None and list(strides) != self.strides:
+            raise ValueError(f"variant {variant!r} predicts at strides {self.strides}, not {list(strides)}")
+        self.register_buffer("anchors", anchor_table, persistent=False)
+        self.iou_t = iou_t
+        self.best_anchor_only = best_anchor_only
+        self.criterion = YOLOv3Loss(box_loss, giou, xy, wh, obj, cls, obj_pw, cls_pw, ignore_thresh)
+        self.decoder = YOLOv3Decoder(conf_thresh, nms_thresh, nms_topk, pre_nms_topk, multi_label, force_suppress)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """Raw predictions per level, smallest stride first: ``[B, A, H, W, 5 + C]``."""
+        return self.network(images)
+
+    def grid(self, outputs: list[Tensor]) -> PredictionGrid:
+        return make_grid([o.shape[2:4] for o in outputs], self.anchors, self.strides)
+
+    def build_targets(self, labels: Tensor, grid: PredictionGrid) -> Targets:
+        return build_targets(labels, grid, self.iou_t, self.best_anchor_only)
+
+    def loss(self, outputs: list[Tensor], batch: dict[str, Any]) -> dict[str, Tensor]:
+        grid = self.grid(outputs)
+        labels = batch["labels"]
+        return self.criterion(flatten(outputs), grid, self.build_targets(labels, grid), labels)
+
+    def decode(self, outputs: list[Tensor], batch: dict[str, Any]) -> Detections:
+        return self.decoder(flatten(outputs), self.grid(outputs), tuple(batch["images"].shape[-2:]))
+
+
+def flatten(outputs: list[Tensor]) -> Tensor:
+    """Per-level ``[B, A, H, W, 5 + C]`` -> ``[B, N, 5 + C]`` in the order ``PredictionGrid`` describes."""
+    return torch.cat([o.flatten(1, 3) for o in outputs], 1)

@@ -1,0 +1,149 @@
+"""End to end through the real command line: `python train.py ...` on data the tests write."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers import make_coco, make_voc
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A network and input small enough for seconds per epoch on a 2-core CPU.
+TINY = [
+    "model=yolov3_tiny",
+    "model.width=0.25",
+    "data.img_size=128",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.persistent_workers=false",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=1",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+def train(tmp_path: Path, *overrides: str, run: str = "run", expect_ok: bool = True) -> subprocess.CompletedProcess:
+    args = [
+        sys.executable, "train.py", *TINY, *overrides,
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"hydra.run.dir={tmp_path / run}",
+    ]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if expect_ok:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    values = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    values.update({tag: [] for tag in events.Tags()["images"]})
+    return values
+
+
+def small_sample(tmp_path: Path) -> list[str]:
+    return [f"data.root={tmp_path / 'sample'}", "data.prepare.num_train=16", "data.prepare.num_val=8"]
+
+
+def test_sample_run_writes_config_checkpoints_and_tensorboard(tmp_path):
+    done = train(tmp_path, *small_sample(tmp_path))
+    run_dir = tmp_path / "run"
+
+    resolved = OmegaConf.load(run_dir / "config_resolved.yaml")
+    assert resolved.data.img_size == 128 and resolved.model.width == 0.25
+    assert "${" not in (run_dir / "config_resolved.yaml").read_text()
+
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-epoch") for name in checkpoints)
+
+    tags = scalars(run_dir)
+    for term in ("loss", "box", "obj", "cls"):
+        assert f"train/{term}_step" in tags and f"val/{term}" in tags, sorted(tags)
+    assert "val/mAP" in tags and len(tags["val/mAP"]) >= 2
+    assert any(tag.startswith("val_AP/") for tag in tags)
+    assert any(tag.startswith("lr-") for tag in tags)
+    assert "val/images" in tags
+    assert "val/mAP of the best checkpoint" in done.stdout + done.stderr
+
+
+def test_resume_continues_epochs_optimizer_and_best_score(tmp_path):
+    train(tmp_path, *small_sample(tmp_path), run="first")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=False)
+
+    train(tmp_path, *small_sample(tmp_path), "trainer.max_epochs=3", f"ckpt_path={last}", run="resumed")
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+    steps_per_epoch = first["global_step"] // 2
+    assert resumed["epoch"] == 2 and resumed["global_step"] == first["global_step"] + steps_per_epoch
+    assert resumed["lr_schedulers"][0]["last_epoch"] == first["lr_schedulers"][0]["last_epoch"] + steps_per_epoch
+    momentum_first = first["optimizer_states"][0]["state"]
+    momentum_resumed = resumed["optimizer_states"][0]["state"]
+    assert momentum_first and set(momentum_first) == set(momentum_resumed)
+    best_key = next(k for k in first["callbacks"] if k.startswith("ModelCheckpoint"))
+    assert resumed["callbacks"][best_key]["best_model_score"] >= first["callbacks"][best_key]["best_model_score"]
+
+
+def voc_folder(root: Path) -> Path:
+    image = lambda *objects: (96, 128, list(objects))  # noqa: E731
+    splits = {
+        "2007/trainval": {
+            "000001": image(("dog", (10, 12, 60, 70), False), ("cat", (70, 20, 120, 90), False)),
+            "000002": image(("cat", (5, 5, 40, 50), True), ("bird", (50, 30, 100, 80), False)),
+            "000003": image(("dog", (30, 30, 90, 90), False)),
+            "000004": image(),
+        },
+        "2007/test": {
+            "000005": image(("bird", (20, 20, 70, 60), False)),
+            "000006": image(("dog", (40, 10, 110, 80), False), ("cat", (3, 3, 30, 30), True)),
+        },
+    }
+    return make_voc(root, splits)
+
+
+def test_voc_folder_with_inferred_classes(tmp_path):
+    root = voc_folder(tmp_path / "VOCdevkit")
+    done = train(
+        tmp_path, "data=voc", f"data.root={root}", "data.classes=null", "data.train.splits=[2007/trainval]",
+        "data.val.splits=[2007/test]",
+    )
+    assert "bird" in done.stdout + done.stderr  # the inferred class list is reported
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["hyper_parameters"]["class_names"] == ["bird", "cat", "dog"]
+
+
+def test_coco_folder(tmp_path):
+    root = tmp_path / "coco"
+    categories = [(3, "car"), (7, "person")]
+    images = [(1, "a.jpg", 96, 128), (2, "b.jpg", 96, 128), (3, "c.jpg", 80, 100)]
+    boxes = [(1, 3, [10, 10, 40, 30], 0), (1, 7, [60, 20, 30, 60], 0), (2, 7, [5, 5, 50, 50], 1),
+             (2, 3, [70, 40, 40, 40], 0), (3, 3, [20, 20, 30, 30], 0)]
+    make_coco(root, categories, images, boxes, name="instances_train2017.json", image_dir="train2017")
+    make_coco(root, categories, images, boxes, name="instances_val2017.json", image_dir="val2017")
+    train(tmp_path, "data=coco", f"data.root={root}", "metric=coco")
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["hyper_parameters"]["class_names"] == ["car", "person"]
+    assert "val/AP50" in scalars(tmp_path / "run")
+
+
+def test_missing_dataset_fails_with_a_clear_message(tmp_path):
+    done = train(tmp_path, "data=voc", f"data.root={tmp_path / 'nowhere'}", expect_ok=False)
+    assert done.returncode != 0
+    assert str(tmp_path / "nowhere") in done.stderr
+
+
+@pytest.mark.slow
+def test_default_sample_run_learns(tmp_path):
+    """The README's first command, as shipped: must reach a useful mAP on the sample data."""
+    args = [sys.executable, "train.py", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert max(scalars(tmp_path / "run")["val/mAP"]) > 0.5

@@ -1,0 +1,128 @@
+"""YOLOv3 networks against an independent walk of Darknet's yolov3.cfg / yolov3-tiny.cfg layer lists."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_det.models.backbones.darknet import scaled_channels
+from lightning_det.models.yolov3.network import build_network
+
+# Darknet sections: ("conv", filters, size, stride, batch_normalize) | ("shortcut",) | ("route", layers)
+# | ("upsample",) | ("maxpool", size, stride) | ("yolo",). "P" stands for the prediction filters 3 * (5 + C).
+
+
+def darknet53_sections():
+    sections = [("conv", 32, 3, 1, True)]
+    for filters, blocks in ((64, 1), (128, 2), (256, 8), (512, 8), (1024, 4)):
+        sections.append(("conv", filters, 3, 2, True))
+        for _ in range(blocks):
+            sections += [("conv", filters // 2, 1, 1, True), ("conv", filters, 3, 1, True), ("shortcut",)]
+    return sections
+
+
+def yolov3_cfg():
+    def head(filters):
+        return [
+            ("conv", filters, 1, 1, True), ("conv", 2 * filters, 3, 1, True),
+            ("conv", filters, 1, 1, True), ("conv", 2 * filters, 3, 1, True),
+            ("conv", filters, 1, 1, True), ("conv", 2 * filters, 3, 1, True),
+            ("conv", "P", 1, 1, False), ("yolo",),
+        ]
+
+    return (
+        darknet53_sections()
+        + head(512)
+        + [("route", [-4]), ("conv", 256, 1, 1, True), ("upsample",), ("route", [-1, 61])]
+        + head(256)
+        + [("route", [-4]), ("conv", 128, 1, 1, True), ("upsample",), ("route", [-1, 36])]
+        + head(128)
+    )
+
+
+def yolov3_tiny_cfg():
+    sections = []
+    for filters in (16, 32, 64, 128, 256):
+        sections += [("conv", filters, 3, 1, True), ("maxpool", 2, 2)]
+    return sections + [
+        ("conv", 512, 3, 1, True), ("maxpool", 2, 1), ("conv", 1024, 3, 1, True),
+        ("conv", 256, 1, 1, True), ("conv", 512, 3, 1, True), ("conv", "P", 1, 1, False), ("yolo",),
+        ("route", [-4]), ("conv", 128, 1, 1, True), ("upsample",), ("route", [-1, 8]),
+        ("conv", 256, 3, 1, True), ("conv", "P", 1, 1, False), ("yolo",),
+    ]
+
+
+def walk(sections, num_classes):
+    """Trainable parameters and conv count the way Darknet builds the network, tracking channels per layer."""
+    channels, params, convs = [], 0, 0
+    current = 3
+    for i, section in enumerate(sections):
+        kind = section[0]
+        if kind == "conv":
+            _, filters, size, _, bn = section
+            filters = 3 * (5 + num_classes) if filters == "P" else filters
+            params += filters * current * size * size + (2 * filters if bn else filters)
+            convs += 1
+            current = filters
+        elif kind == "route":
+            current = sum(channels[i + j if j < 0 else j] for j in section[1])
+        channels.append(current)
+    return params, convs
+
+
+def trainable_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def conv_count(model):
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def test_cfg_walk_reproduces_the_published_yolov3_figure():
+    assert walk(yolov3_cfg(), 80) == (61_949_149, 75)
+
+
+@pytest.mark.parametrize("num_classes", [80, 20])
+@pytest.mark.parametrize(("variant", "cfg"), [("yolov3", yolov3_cfg), ("tiny", yolov3_tiny_cfg)])
+def test_parameters_and_layers_match_the_darknet_cfg(variant, cfg, num_classes):
+    model = build_network(variant, num_classes)
+    params, convs = walk(cfg(), num_classes)
+    assert trainable_parameters(model) == params
+    assert conv_count(model) == convs == (75 if variant == "yolov3" else 13)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("variant", "grids"), [("yolov3", [52, 26, 13]), ("tiny", [26, 13])])
+def test_output_shapes_at_416(variant, grids):
+    model = build_network(variant, num_classes=80).eval()
+    outputs = model(torch.zeros(1, 3, 416, 416))
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, g, g, 85) for g in grids]
+    assert [416 // g for g in grids] == list(model.strides)
+
+
+def test_width_and_depth_shrink_the_network():
+    small = build_network("yolov3", num_classes=2, width=0.25, depth=0.33)
+    convs = [m for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 and c.out_channels >= 8 for c in convs if c.bias is None)
+    assert sorted(c.out_channels for c in convs if c.bias is not None) == [3 * 7] * 3
+    assert small.backbone.out_channels == (64, 128, 256)
+    residual_blocks = [len(stage) - 1 for stage in small.backbone.stages]  # each stage: downsample conv + blocks
+    assert residual_blocks == [1, 1, 3, 3, 1]
+    outputs = small(torch.zeros(2, 3, 64, 96))
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 8, 12, 7), (2, 3, 4, 6, 7), (2, 3, 2, 3, 7)]
+
+
+def test_scaled_channels_rounds_up_to_multiples_of_eight():
+    assert [scaled_channels(c, w) for c, w in [(32, 1.0), (32, 0.1), (100, 1.0), (64, 0.3)]] == [32, 8, 104, 24]
+
+
+def test_tiny_rejects_a_depth_multiplier():
+    with pytest.raises(ValueError, match="width"):
+        build_network("tiny", num_classes=3, depth=0.5)
+
+
+def test_prediction_bias_starts_at_the_priors():
+    model = build_network("tiny", num_classes=20)
+    bias = model.output32[-1].conv.bias.view(3, 25)
+    # about 8 objects in a 640 px image: per stride-32 cell 8 / 20^2 = 0.02; class 0.6 / 19.01
+    assert torch.allclose(bias[:, 4].sigmoid(), torch.full((3,), 0.02 / 1.02), atol=1e-6)
+    assert torch.allclose(bias[:, 5:].exp(), torch.full((3, 20), 0.6 / 19.01))
