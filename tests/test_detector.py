@@ -1,8 +1,13 @@
 """The base detector's mapping from batch pixels back to original-image pixels."""
 
-import torch
+import functools
+import logging
 
-from lightning_det.models.detector import labels_to_targets, to_original_pixels
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_det.models.detector import Detector, labels_to_targets, to_original_pixels
 
 
 def meta_for(scales, pads, sizes):
@@ -43,3 +48,51 @@ def test_labels_to_targets_drops_padding_and_keeps_difficult():
     assert first["difficult"].tolist() == [False, True]
     assert first["boxes"].tolist() == [[0, 0, 10, 10], [5, 5, 20, 20]]
     assert second["boxes"].shape == (0, 4) and second["labels"].numel() == 0
+
+
+class ToyDetector(Detector):
+    """One conv layer; its loss turns NaN from ``nan_from_step`` on."""
+
+    def __init__(self, nan_from_step: int, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+        self.nan_from_step = nan_from_step
+
+    def forward(self, images):
+        return self.conv(images)
+
+    def loss(self, outputs, batch):
+        value = outputs.square().mean()
+        if self.global_step >= self.nan_from_step:
+            value = value * float("nan")
+        return {"loss": value, "square": value}
+
+
+def toy_batches(n: int) -> DataLoader:
+    batches = [{"images": torch.randn(2, 3, 8, 8), "labels": torch.full((2, 1, 6), -1.0)} for _ in range(n)]
+    return DataLoader(batches, batch_size=None)
+
+
+def test_training_stops_with_a_message_when_the_loss_is_not_finite(caplog):
+    model = ToyDetector(nan_from_step=3, num_classes=1, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    trainer = L.Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with caplog.at_level(logging.ERROR):
+        trainer.fit(model, train_dataloaders=toy_batches(8))
+    # stopped in the first of 5 epochs, right after the NaN step, and the NaN did not reach the weights
+    assert trainer.current_epoch <= 1 and trainer.global_step <= 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "loss became non-finite at epoch 0, global step 3" in model.nonfinite_loss
+    assert "optimizer.lr" in caplog.text
+
+
+def test_optimizer_given_as_a_config_builds_the_same_optimizer():
+    model = ToyDetector(
+        nan_from_step=10**6, num_classes=1,
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "weight_decay": 1e-3},
+    )
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, train_dataloaders=toy_batches(1))
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-3, 0.0]
+    assert all(g["lr"] == 0.05 for g in optimizer.param_groups)
