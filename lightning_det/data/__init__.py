@@ -1,0 +1,34 @@
+"""Datasets (VOC, COCO, generated sample data), their pipelines, and the DataModule that serves batches."""
+
+from lightning_det.data.coco import COCOSource, read_coco
+from lightning_det.data.collate import collate_detection
+from lightning_det.data.datamodule import DetectionDataModule
+from lightning_det.data.dataset import DetectionDataset, MosaicSampler
+from lightning_det.data.records import (
+    AnnotationRecord,
+    Annotations,
+    ImageLoadError,
+    InvalidAnnotationError,
+    read_annotations,
+)
+from lightning_det.data.sample import SAMPLE_CLASSES, generate_sample_data
+from lightning_det.data.voc import VOC_CLASSES, VOCSource, read_voc
+
+__all__ = [
+    "AnnotationRecord",
+    "Annotations",
+    "COCOSource",
+    "DetectionDataModule",
+    "DetectionDataset",
+    "ImageLoadError",
+    "InvalidAnnotationError",
+    "MosaicSampler",
+    "SAMPLE_CLASSES",
+    "VOCSource",
+    "VOC_CLASSES",
+    "collate_detection",
+    "generate_sample_data",
+    "read_annotations",
+    "read_coco",
+    "read_voc",
+]

@@ -1,0 +1,48 @@
+"""Batch samples into the batch contract: images, padded labels ``[B, P, 6]`` and meta."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_det.data.transforms import Sample
+
+
+def collate_detection(samples: list[Sample], label_pad_width: int | None = None) -> dict[str, Any]:
+    """Stack images and pad label rows ``(class, x1, y1, x2, y2, difficult)`` with ``class = -1``.
+
+    ``label_pad_width`` fixes ``P`` (useful for static shapes, e.g. compiled models); ``None`` pads to the
+    batch's largest object count (at least 1).
+    """
+    counts = torch.tensor([len(s.labels) for s in samples])
+    width = label_pad_width if label_pad_width is not None else max(1, int(counts.max()))
+    if int(counts.max()) > width:
+        crowded = samples[int(counts.argmax())]
+        raise ValueError(
+            f"image {crowded.path} has {int(counts.max())} objects after augmentation but data.label_pad_width="
+            f"{width}. Raise data.label_pad_width, or set it to null to pad to each batch's maximum."
+        )
+    rows = torch.cat(
+        (
+            torch.cat([s.labels for s in samples]).float().unsqueeze(1),
+            torch.cat([s.boxes for s in samples]).float(),
+            torch.cat([s.difficult for s in samples]).float().unsqueeze(1),
+        ),
+        dim=1,
+    )
+    labels = torch.zeros(len(samples), width, 6)
+    labels[..., 0] = -1
+    labels[torch.arange(width) < counts.unsqueeze(1)] = rows
+    return {
+        "images": torch.stack([s.image for s in samples]),
+        "labels": labels,
+        "meta": {
+            "image_id": torch.tensor([s.image_id for s in samples], dtype=torch.long),
+            "orig_size": torch.tensor([s.orig_size for s in samples], dtype=torch.long),
+            "scale": torch.tensor([s.scale for s in samples], dtype=torch.float32),
+            "pad": torch.tensor([s.pad for s in samples], dtype=torch.float32),
+            "path": [s.path for s in samples],
+            "mosaic": torch.tensor([s.mosaic for s in samples], dtype=torch.bool),
+        },
+    }

@@ -1,0 +1,219 @@
+"""The one LightningDataModule for every dataset: annotation sources in, contract batches out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_det.data.collate import collate_detection
+from lightning_det.data.dataset import DetectionDataset, MosaicSampler
+from lightning_det.data.records import AnnotationRecord, AnnotationSource, read_annotations
+from lightning_det.data.transforms import DetectionTransform, LetterboxTransform, YoloTrainTransform
+
+log = logging.getLogger(__name__)
+
+ROLES_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+class DetectionDataModule(L.LightningDataModule):
+    """Reads annotation sources under ``root`` and serves batches of the batch contract.
+
+    Args:
+        root: dataset folder; source paths are relative to it.
+        train, val, test: annotation sources (:class:`~lightning_det.data.VOCSource`,
+            :class:`~lightning_det.data.COCOSource`). ``test`` (also used by ``predict``) defaults to ``val``.
+        classes: class names in label order; ``None`` takes the COCO categories, or infers the sorted names
+            found in all sources (VOC).
+        val_split: ``None`` uses ``val``; a fraction holds out that share of the training images (seeded).
+        prepare: called with ``root`` by ``prepare_data`` (once per node), e.g. to generate the sample data.
+        label_pad_width: fixed label rows per image; ``None`` pads to each batch's maximum.
+        img_size: network input size; the default transforms use it, given ones must agree with it.
+        train_transform, val_transform: pipelines (``conf/pipeline/*.yaml``); YOLO ones by default.
+        close_mosaic: train the last this-many epochs without mosaic.
+        skip_invalid: skip, count and report bad images/objects instead of stopping on the first.
+        keep_difficult_in_training: keep difficult/crowd objects in training labels (flagged in column 5);
+            validation always keeps them, flagged, so metrics ignore them.
+        seed: for the ``val_split`` hold-out and the training order.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        train: AnnotationSource,
+        val: AnnotationSource | None = None,
+        test: AnnotationSource | None = None,
+        classes: list[str] | None = None,
+        val_split: float | None = None,
+        prepare: Callable[[Path], Any] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        label_pad_width: int | None = None,
+        img_size: int = 416,
+        train_transform: DetectionTransform | None = None,
+        val_transform: DetectionTransform | None = None,
+        close_mosaic: int = 0,
+        skip_invalid: bool = False,
+        keep_difficult_in_training: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if val is None and val_split is None:
+            raise ValueError("no validation data: set data.val to an annotation source, or data.val_split=0.1")
+        if val_split is not None and not 0 < val_split < 1:
+            raise ValueError(f"data.val_split must be a fraction in (0, 1) or null, got {val_split}")
+        self.root = Path(root)
+        self.sources = {"train": train, "val": val, "test": test}
+        self.classes: list[str] | None = list(classes) if classes is not None else None
+        self.label_to_category_id: list[int] | None = None
+        self.val_split = val_split
+        self.prepare = prepare
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.img_size = img_size
+        self.train_transform = train_transform or YoloTrainTransform(img_size=img_size)
+        self.val_transform = val_transform or LetterboxTransform(img_size=img_size)
+        self._check_transforms()
+        self.collate = partial(collate_detection, label_pad_width=label_pad_width)
+        self.close_mosaic = close_mosaic
+        self.skip_invalid = skip_invalid
+        self.keep_difficult_in_training = keep_difficult_in_training
+        self.seed = seed
+        self.records: dict[str, list[AnnotationRecord]] = {}  # per role: train, val, test
+        self._source_records: dict[str, list[AnnotationRecord]] = {}  # per configured source
+        self._mosaic_override: bool | None = None
+        self._mosaic_closed_logged = False
+
+    def _check_transforms(self) -> None:
+        for name in ("train_transform", "val_transform"):
+            size = getattr(getattr(self, name), "img_size", self.img_size)
+            if size != self.img_size:
+                raise ValueError(f"data.{name}.img_size={size} differs from data.img_size={self.img_size}")
+        train, val = self.train_transform, self.val_transform
+        if (train.mean, train.std) != (val.mean, val.std):
+            raise ValueError(
+                f"train and val transforms normalise differently (mean/std {train.mean}/{train.std} vs "
+                f"{val.mean}/{val.std}); the model would see different inputs in training and evaluation"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        if self.classes is None:
+            raise RuntimeError("classes are known after prepare_data() and setup(); call them first")
+        return len(self.classes)
+
+    # --- reading ---------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.prepare is not None:
+            self.prepare(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._ensure_read(ROLES_OF_STAGE.get(stage or "", ("train", "val", "test")))
+
+    def _ensure_read(self, roles: tuple[str, ...]) -> None:
+        if self.classes is None:  # inferring classes needs every source, so all splits agree on them
+            roles = ("train", "val", "test")
+        self._read([role for role in roles if role not in self.records])
+
+    def _source_role(self, role: str) -> str:
+        """Which configured source holds a role's images."""
+        if role == "test" and self.sources["test"] is None:
+            role = "val"
+        return "train" if role == "val" and self.val_split is not None else role
+
+    def _read(self, roles: list[str]) -> None:
+        """Parse the sources the roles need (each once, against one class list) and derive each role's records."""
+        unread = sorted({self._source_role(role) for role in roles} - self._source_records.keys())
+        if unread:
+            result = read_annotations(self.root, [self.sources[r] for r in unread], self.classes, self.skip_invalid)
+            self.classes = result.classes
+            if result.label_to_category_id is not None:
+                self.label_to_category_id = result.label_to_category_id
+            self._source_records.update(zip(unread, result.records))
+        for role in roles:
+            source_role = self._source_role(role)
+            records = self._source_records[source_role]
+            if self.val_split is not None and source_role == "train":
+                records = self._hold_out(records)[role != "train"]
+            if not records:
+                raise ValueError(f"the {role} split has no images ({self.sources[source_role]}, root {self.root}); "
+                                 "check data.root and the split names")
+            self.records[role] = records
+            objects = sum(len(r.labels) for r in records)
+            rank_zero_info(f"{role}: {len(records)} images, {objects} objects, {len(self.classes)} classes")
+
+    def _hold_out(self, records: list[AnnotationRecord]) -> tuple[list[AnnotationRecord], list[AnnotationRecord]]:
+        """Seeded split of the training records into (train, val) for ``val_split``."""
+        order = np.random.default_rng(self.seed).permutation(len(records))
+        count = max(1, round(self.val_split * len(records)))
+        return [records[i] for i in sorted(order[count:])], [records[i] for i in sorted(order[:count])]
+
+    # --- mosaic ----------------------------------------------------------------------------------------------
+    def set_mosaic(self, enabled: bool) -> None:
+        """Force mosaic on or off from the next epoch, overriding ``close_mosaic``."""
+        self._mosaic_override = enabled
+
+    def mosaic_enabled(self) -> bool:
+        """Asked by the training sampler at the start of every epoch, in the main process."""
+        if self._mosaic_override is not None:
+            return self._mosaic_override
+        trainer = self.trainer
+        if not self.close_mosaic or trainer is None or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return True
+        enabled = trainer.current_epoch < trainer.max_epochs - self.close_mosaic
+        if not enabled and not self._mosaic_closed_logged:
+            rank_zero_info(f"epoch {trainer.current_epoch}: mosaic off for the last {self.close_mosaic} epochs")
+            self._mosaic_closed_logged = True
+        return enabled
+
+    # --- loaders ---------------------------------------------------------------------------------------------
+    def dataset(self, role: str) -> DetectionDataset:
+        """The dataset of ``train``, ``val`` or ``test`` (reading its annotations if not done yet)."""
+        self._ensure_read((role,))
+        records = self.records[role]
+        if role == "train":
+            if not self.keep_difficult_in_training:
+                records = [r.select(~r.difficult) for r in records]
+            return DetectionDataset(records, self.train_transform)
+        return DetectionDataset(records, self.val_transform)
+
+    def _loader(self, dataset: DetectionDataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        sampler = MosaicSampler(len(dataset), self.mosaic_enabled, shuffle=True, seed=self.seed)
+        return self._loader(dataset, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def denormalize(self, images: Tensor) -> Tensor:
+        """Batch images back to ``uint8 [B, 3, H, W]`` for display."""
+        return self.val_transform.denormalize(images)

@@ -1,0 +1,281 @@
+"""Annotation records and the checks every reader shares.
+
+Readers (VOC, COCO) first *parse* their files into a flat table of objects that still carry class *names*
+(:class:`ParsedSource`); :func:`build_records` then checks the boxes, turns names into labels ``0..C-1`` and groups
+the objects per image into :class:`AnnotationRecord`. Keeping the class list out of parsing lets the data module
+infer it from several sources at once before any label is assigned.
+
+Bad input raises :class:`InvalidAnnotationError` naming the file and the fix, or, with ``skip_invalid``, is
+skipped, counted and reported in one warning by :class:`InvalidInputLog`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+
+log = logging.getLogger(__name__)
+
+#: Boxes may exceed the image by this many pixels (rounding in annotation tools) and are clipped; beyond it they
+#: are invalid.
+BOX_TOLERANCE_PX = 1.0
+
+
+class InvalidAnnotationError(ValueError):
+    """An annotation file or object that cannot be used as given."""
+
+
+class ImageLoadError(RuntimeError):
+    """An image that is missing, cannot be decoded, or does not match its annotation."""
+
+
+@dataclass(frozen=True)
+class AnnotationRecord:
+    """Everything known about one image before it is loaded. Boxes are xyxy in pixels of the original image."""
+
+    path: str
+    image_id: int
+    height: int
+    width: int
+    boxes: np.ndarray  # float32 [N, 4]
+    labels: np.ndarray  # int64 [N]
+    difficult: np.ndarray  # bool [N]; VOC "difficult" or COCO "iscrowd": ignored by evaluation
+
+    def select(self, keep: np.ndarray) -> AnnotationRecord:
+        """The same image with only the objects where ``keep`` is true."""
+        return replace(self, boxes=self.boxes[keep], labels=self.labels[keep], difficult=self.difficult[keep])
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    path: str
+    image_id: int
+    height: int
+    width: int
+    annotation_file: str  # where the image's annotations come from, for error messages
+
+
+@dataclass
+class ParsedSource:
+    """All objects of one annotation source as flat arrays, with class names instead of labels."""
+
+    images: list[ImageEntry]
+    object_image: np.ndarray  # int64 [M]: index into ``images``
+    boxes: np.ndarray  # float32 [M, 4] xyxy
+    names: np.ndarray  # str [M]
+    difficult: np.ndarray  # bool [M]
+    object_ids: np.ndarray  # int64 [M]: position in its file (VOC) or annotation id (COCO), for error messages
+    declared_classes: list[str] | None = None  # class order fixed by the source itself (COCO categories)
+    category_ids: dict[str, int] = field(default_factory=dict)  # class name -> dataset category id (COCO)
+
+    @classmethod
+    def from_lists(
+        cls, images: list[ImageEntry], object_image: list[int], boxes: list[list[float]], names: list[str],
+        difficult: list[bool], object_ids: list[int], **kwargs: object,
+    ) -> ParsedSource:
+        return cls(
+            images=images,
+            object_image=np.asarray(object_image, dtype=np.int64),
+            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            names=np.asarray(names, dtype=str),
+            difficult=np.asarray(difficult, dtype=bool),
+            object_ids=np.asarray(object_ids, dtype=np.int64),
+            **kwargs,
+        )
+
+
+class InvalidInputLog:
+    """Raises on invalid input, or (``skip_invalid``) counts it and reports everything in one warning."""
+
+    shown = 5  # file names quoted in the summary warning
+
+    def __init__(self, skip_invalid: bool) -> None:
+        self.skip_invalid = skip_invalid
+        self.skipped: dict[str, list[str]] = {"image": [], "object": []}
+
+    def report(self, kind: str, message: str, fix: str) -> None:
+        """``kind`` is "image" (the whole image and its objects are dropped) or "object"."""
+        if not self.skip_invalid:
+            raise InvalidAnnotationError(
+                f"{message}. Fix: {fix}; or set data.skip_invalid=true to skip and count such {kind}s."
+            )
+        self.skipped[kind].append(message)
+
+    def warn_summary(self) -> None:
+        counts = {kind: len(messages) for kind, messages in self.skipped.items() if messages}
+        if not counts:
+            return
+        first = [m for messages in self.skipped.values() for m in messages][: self.shown]
+        log.warning(
+            "skip_invalid: skipped %s with invalid annotations. First ones:\n  %s",
+            " and ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items()),
+            "\n  ".join(first),
+        )
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` read from the image header only, for annotations that do not state it."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, ValueError) as error:
+        raise ImageLoadError(f"cannot read the size of image {path}: {error}") from error
+
+
+def load_image(record: AnnotationRecord) -> torch.Tensor:
+    """Decode a record's image to ``uint8 [3, H, W]`` RGB, checking it against the annotated size."""
+    try:
+        image = decode_image(record.path, mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise ImageLoadError(
+            f"cannot read image {record.path}: {error}. Replace the file, or remove the image from the "
+            "annotations (VOC: its line in ImageSets/Main/<split>.txt; COCO: its entry in the json)."
+        ) from error
+    height, width = image.shape[-2:]
+    if (height, width) != (record.height, record.width):
+        raise ImageLoadError(
+            f"image {record.path} is {width}x{height} pixels but its annotation says {record.width}x{record.height}; "
+            "the boxes would land in the wrong place. Fix the size in the annotation or re-export the image."
+        )
+    return image
+
+
+def check_boxes(boxes: np.ndarray, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clip boxes that exceed their image by at most :data:`BOX_TOLERANCE_PX`; flag the rest.
+
+    Returns the clipped boxes and a reason per box: ``""`` when valid, else why it is not.
+    """
+    finite = np.isfinite(boxes).all(1)
+    low = -BOX_TOLERANCE_PX
+    inside = (
+        (boxes[:, 0] >= low) & (boxes[:, 1] >= low)
+        & (boxes[:, 2] <= width + BOX_TOLERANCE_PX) & (boxes[:, 3] <= height + BOX_TOLERANCE_PX)
+    )
+    upper = np.stack((width, height, width, height), axis=1).astype(np.float32)
+    clipped = np.clip(boxes, 0, upper)
+    ordered = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    reason = np.full(len(boxes), "", dtype=object)
+    reason[~ordered] = "has x2<=x1 or y2<=y1"
+    reason[~inside] = f"lies outside the image by more than {BOX_TOLERANCE_PX:g} px"
+    reason[~finite] = "has a non-finite coordinate"
+    return clipped, reason
+
+
+def build_records(parsed: ParsedSource, classes: list[str], invalid: InvalidInputLog) -> list[AnnotationRecord]:
+    """Check boxes, map class names to labels ``0..C-1`` and group the objects per image."""
+    images = parsed.images
+    widths = np.array([image.width for image in images], dtype=np.float32)[parsed.object_image]
+    heights = np.array([image.height for image in images], dtype=np.float32)[parsed.object_image]
+    boxes, reason = check_boxes(parsed.boxes, widths, heights)
+
+    class_index = {name: i for i, name in enumerate(classes)}
+    unique_names, inverse = np.unique(parsed.names, return_inverse=True)
+    labels = np.array([class_index.get(name, -1) for name in unique_names], dtype=np.int64)[inverse.reshape(-1)]
+
+    for j in np.flatnonzero(reason != ""):
+        image = images[parsed.object_image[j]]
+        invalid.report(
+            "object",
+            f"{image.annotation_file}: object {parsed.object_ids[j]} ('{parsed.names[j]}') box "
+            f"{np.round(parsed.boxes[j], 2).tolist()} {reason[j]} of size {image.width}x{image.height}",
+            "correct the box (xyxy in pixels, inside the image)",
+        )
+    for j in np.flatnonzero((labels < 0) & (reason == "")):
+        invalid.report(
+            "object",
+            f"{images[parsed.object_image[j]].annotation_file}: unknown class '{parsed.names[j]}' "
+            f"(known classes: {classes})",
+            "add it to data.classes, or set data.classes=null to infer the classes from the annotations",
+        )
+
+    keep = (labels >= 0) & (reason == "")
+    object_image = parsed.object_image[keep]
+    order = np.argsort(object_image, kind="stable")
+    bounds = np.cumsum(np.bincount(object_image, minlength=len(images)))[:-1]
+    per_image = zip(
+        np.split(boxes[keep][order], bounds),
+        np.split(labels[keep][order], bounds),
+        np.split(parsed.difficult[keep][order], bounds),
+    )
+    return [
+        AnnotationRecord(image.path, image.image_id, image.height, image.width, b, lab, d)
+        for image, (b, lab, d) in zip(images, per_image)
+    ]
+
+
+class AnnotationSource(Protocol):
+    """Where a split's annotations come from (:class:`~lightning_det.data.voc.VOCSource`, ``COCOSource``)."""
+
+    def parse(self, root: Path, invalid: InvalidInputLog) -> ParsedSource: ...
+
+
+@dataclass
+class Annotations:
+    """The result of reading: records per source, the class list and (COCO) the dataset category id per label."""
+
+    records: list[list[AnnotationRecord]]
+    classes: list[str]
+    label_to_category_id: list[int] | None
+
+
+def resolve_classes(classes: list[str] | None, parsed: list[ParsedSource]) -> list[str]:
+    """The user's list; else the order a source declares (COCO categories); else the sorted names found."""
+    if classes is not None:
+        classes = [str(name) for name in classes]
+        if not classes or len(set(classes)) != len(classes):
+            raise InvalidAnnotationError(f"data.classes must be a non-empty list of distinct names, got {classes}")
+        return classes
+    declared = [p.declared_classes for p in parsed if p.declared_classes is not None]
+    if declared:
+        if any(d != declared[0] for d in declared):
+            raise InvalidAnnotationError(
+                f"the annotation files declare different category lists: {declared}. "
+                "Give the class list explicitly with data.classes=[...]"
+            )
+        return list(declared[0])
+    inferred = sorted(set().union(*(set(p.names.tolist()) for p in parsed)))
+    if not inferred:
+        raise InvalidAnnotationError("no objects found to infer the classes from; set data.classes=[...]")
+    log.info("classes inferred from the annotations (%d): %s", len(inferred), inferred)
+    return inferred
+
+
+def category_ids_for(classes: list[str], parsed: list[ParsedSource]) -> list[int] | None:
+    """Dataset category id of every label, for writing result files; None when no source has category ids."""
+    known: dict[str, int] = {}
+    for source in parsed:
+        for name, category_id in source.category_ids.items():
+            if known.setdefault(name, category_id) != category_id:
+                raise InvalidAnnotationError(
+                    f"category '{name}' has id {known[name]} in one annotation file and {category_id} in another; "
+                    "use annotation files that share one category list"
+                )
+    if not known:
+        return None
+    missing = [name for name in classes if name not in known]
+    if missing:
+        raise InvalidAnnotationError(
+            f"classes {missing} are not categories of the annotation files (categories: {sorted(known)}); "
+            "fix data.classes or set data.classes=null to use the categories of the json"
+        )
+    return [known[name] for name in classes]
+
+
+def read_annotations(
+    root: str | Path, sources: list[AnnotationSource], classes: list[str] | None = None, skip_invalid: bool = False
+) -> Annotations:
+    """Read several sources against one class list, so train and val labels always mean the same classes."""
+    invalid = InvalidInputLog(skip_invalid)
+    parsed = [source.parse(Path(root), invalid) for source in sources]
+    classes = resolve_classes(classes, parsed)
+    label_to_category_id = category_ids_for(classes, parsed)
+    records = [build_records(p, classes, invalid) for p in parsed]
+    invalid.warn_summary()
+    return Annotations(records, classes, label_to_category_id)

@@ -1,0 +1,19 @@
+"""Data pipelines, one per detector family, built on ``torchvision.transforms.v2``."""
+
+from lightning_det.data.transforms.common import (
+    DetectionTransform,
+    LetterboxTransform,
+    Sample,
+    clip_and_filter,
+    letterbox,
+)
+from lightning_det.data.transforms.yolo import YoloTrainTransform
+
+__all__ = [
+    "DetectionTransform",
+    "LetterboxTransform",
+    "Sample",
+    "YoloTrainTransform",
+    "clip_and_filter",
+    "letterbox",
+]

@@ -1,0 +1,140 @@
+"""What every detector family's pipeline shares: the sample type, letterboxing, box clipping, normalisation.
+
+Geometry runs through ``torchvision.transforms.v2`` functionals on ``tv_tensors`` so images and
+``BoundingBoxes`` always move together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+
+@dataclass
+class Sample:
+    """One image with its objects, before (``uint8`` image) or after (normalised ``float`` image) a transform.
+
+    ``scale``/``pad`` map the image's pixels back to the source image: ``x_orig = (x - pad_x) / scale_x``;
+    ``orig_size`` is the ``(h, w)`` that mapping lands in. Evaluation transforms keep this exact; training
+    transforms produce augmented views (mosaic, affine, flip) and describe their own canvas instead (identity
+    mapping, ``orig_size`` = canvas size).
+    """
+
+    image: Tensor  # [3, H, W]
+    boxes: Tensor  # float32 [N, 4] xyxy pixels of ``image``
+    labels: Tensor  # int64 [N]
+    difficult: Tensor  # bool [N]
+    image_id: int
+    path: str
+    orig_size: tuple[int, int]
+    scale: tuple[float, float] = (1.0, 1.0)
+    pad: tuple[float, float] = (0.0, 0.0)
+    mosaic: bool = False
+
+
+def as_boxes(boxes: Tensor, canvas_size: tuple[int, int]) -> tv_tensors.BoundingBoxes:
+    """Unclamped xyxy boxes: clipping is done once, by :func:`clip_and_filter`, with the drop rule."""
+    return tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=canvas_size, clamping_mode=None)
+
+
+class Resized(NamedTuple):
+    image: tv_tensors.Image
+    boxes: tv_tensors.BoundingBoxes
+    scale: tuple[float, float]  # (sx, sy): new size / old size per axis, exact after rounding the size
+    pad: tuple[int, int]  # (left, top) padding added, zero when not padded
+
+
+def resize_to_fit(image: Tensor, boxes: Tensor, size: int) -> Resized:
+    """Resize so the longer side is ``size``, keeping the aspect ratio."""
+    height, width = image.shape[-2:]
+    ratio = size / max(height, width)
+    new_h, new_w = max(1, round(height * ratio)), max(1, round(width * ratio))
+    resized = F.resize(tv_tensors.Image(image), [new_h, new_w], antialias=True)
+    moved = F.resize(as_boxes(boxes, (height, width)), [new_h, new_w])
+    return Resized(resized, moved, (new_w / width, new_h / height), (0, 0))
+
+
+def letterbox(image: Tensor, boxes: Tensor, size: int, fill: int = 114) -> Resized:
+    """Resize to fit a ``size`` x ``size`` square and pad the rest evenly with ``fill``."""
+    resized = resize_to_fit(image, boxes, size)
+    new_h, new_w = resized.image.shape[-2:]
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    padding = [left, top, size - new_w - left, size - new_h - top]
+    return Resized(
+        F.pad(resized.image, padding, fill=fill), F.pad(resized.boxes, padding), resized.scale, (left, top)
+    )
+
+
+def clip_and_filter(
+    boxes: Tensor, regions: Tensor, min_size: float = 2.0, min_visible: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """Clip boxes to the part of the canvas their image occupies and decide which are still worth learning.
+
+    ``regions`` ``[N, 4]`` is, per box, the rectangle where its source image is visible (the letterbox content
+    area, or its mosaic tile, moved by the same augmentation as the box). A box is kept when, after clipping,
+    both sides are at least ``min_size`` px and at least ``min_visible`` of its unclipped area remains.
+    Returns the clipped boxes and the keep mask.
+    """
+    full_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    clipped = torch.maximum(torch.minimum(boxes, regions[:, [2, 3, 2, 3]]), regions[:, [0, 1, 0, 1]])
+    width = (clipped[:, 2] - clipped[:, 0]).clamp(min=0)
+    height = (clipped[:, 3] - clipped[:, 1]).clamp(min=0)
+    keep = (width >= min_size) & (height >= min_size) & (width * height >= min_visible * full_area)
+    return clipped, keep
+
+
+class DetectionTransform:
+    """Base of every pipeline: ``__call__(samples) -> Sample`` plus the normalisation, kept as attributes.
+
+    ``mean`` and ``std`` are in pixel units (0..255), ``x = (pixel - mean) / std``: YOLO uses mean 0 and
+    std 255 (plain /255), SSD-style pipelines subtract the mean pixel. ``mosaic_probability`` tells the dataset
+    how often to hand over four images instead of one.
+    """
+
+    mosaic_probability: float = 0.0
+
+    def __init__(self, mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (255.0, 255.0, 255.0)) -> None:
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def __call__(self, samples: list[Sample]) -> Sample:
+        raise NotImplementedError
+
+    def normalize(self, image: Tensor) -> Tensor:
+        return F.normalize(image.float(), list(self.mean), list(self.std))
+
+    def denormalize(self, images: Tensor) -> Tensor:
+        """Normalised ``[B, 3, H, W]`` back to displayable ``uint8``."""
+        mean = images.new_tensor(self.mean).view(-1, 1, 1)
+        std = images.new_tensor(self.std).view(-1, 1, 1)
+        return (images * std + mean).round().clamp(0, 255).to(torch.uint8)
+
+
+class LetterboxTransform(DetectionTransform):
+    """Evaluation: letterbox to ``img_size`` with grey (114) padding, no augmentation; meta maps back exactly."""
+
+    def __init__(self, img_size: int = 416, fill: int = 114, **normalization: Sequence[float]) -> None:
+        super().__init__(**normalization)
+        self.img_size = img_size
+        self.fill = fill
+
+    def __call__(self, samples: list[Sample]) -> Sample:
+        (sample,) = samples
+        boxed = letterbox(sample.image, sample.boxes, self.img_size, self.fill)
+        return Sample(
+            image=self.normalize(boxed.image.as_subclass(Tensor)),
+            boxes=boxed.boxes.as_subclass(Tensor),
+            labels=sample.labels,
+            difficult=sample.difficult,
+            image_id=sample.image_id,
+            path=sample.path,
+            orig_size=sample.orig_size,
+            scale=boxed.scale,
+            pad=(float(boxed.pad[0]), float(boxed.pad[1])),
+        )

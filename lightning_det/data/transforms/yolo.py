@@ -1,0 +1,119 @@
+"""YOLO training augmentation: mosaic, letterbox, random scale/translate, HSV-style colour jitter, flip."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from lightning_det.data.transforms.common import (
+    DetectionTransform,
+    Resized,
+    Sample,
+    as_boxes,
+    clip_and_filter,
+    letterbox,
+    resize_to_fit,
+)
+
+Layout = tuple[Tensor, Tensor, Tensor]  # canvas image, unclipped boxes, visible region per box
+
+
+class YoloTrainTransform(DetectionTransform):
+    """Augment one image, or four into a mosaic, into an ``img_size`` square.
+
+    Mosaic: each of the four images is resized so its longer side is ``img_size`` and fills one quadrant of the
+    canvas around a random centre (in the middle half), showing the part nearest that centre. Without mosaic the
+    image is letterboxed. Then a random affine (zoom in ``1 +- scale``, shift up to ``translate * img_size``),
+    the box clipping rule of :func:`~lightning_det.data.transforms.common.clip_and_filter`
+    (``min_size``, ``min_visible``), colour jitter (``hsv_h`` hue shift as a fraction of the colour circle,
+    ``hsv_s``/``hsv_v`` saturation/brightness factors in ``1 +- gain``), and a horizontal flip with
+    probability ``flip``. ``mosaic`` is the probability that the dataset supplies four images.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 416,
+        mosaic: float = 1.0,
+        scale: float = 0.5,
+        translate: float = 0.1,
+        hsv_h: float = 0.015,
+        hsv_s: float = 0.7,
+        hsv_v: float = 0.4,
+        flip: float = 0.5,
+        fill: int = 114,
+        min_size: float = 2.0,
+        min_visible: float = 0.2,
+        **normalization: Sequence[float],
+    ) -> None:
+        super().__init__(**normalization)
+        self.img_size = img_size
+        self.mosaic_probability = mosaic
+        self.scale = scale
+        self.translate = translate
+        self.flip = flip
+        self.fill = fill
+        self.min_size = min_size
+        self.min_visible = min_visible
+        self.colour = v2.ColorJitter(brightness=hsv_v or None, saturation=hsv_s or None, hue=hsv_h or None)
+
+    def __call__(self, samples: list[Sample]) -> Sample:
+        first = samples[0]
+        image, boxes, regions = self.mosaic(samples) if len(samples) == 4 else self.letterboxed(first)
+        image, boxes, regions = self.random_affine(image, boxes, regions)
+        boxes, keep = clip_and_filter(boxes, regions, self.min_size, self.min_visible)
+        labels = torch.cat([s.labels for s in samples])[keep]
+        difficult = torch.cat([s.difficult for s in samples])[keep]
+        image, boxes = self.colour(tv_tensors.Image(image)), as_boxes(boxes[keep], (self.img_size,) * 2)
+        if torch.rand(()) < self.flip:
+            image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
+        return Sample(
+            image=self.normalize(image.as_subclass(Tensor)),
+            boxes=boxes.as_subclass(Tensor),
+            labels=labels,
+            difficult=difficult,
+            image_id=first.image_id,
+            path=first.path,
+            orig_size=(self.img_size, self.img_size),
+            mosaic=len(samples) == 4,
+        )
+
+    def letterboxed(self, sample: Sample) -> Layout:
+        boxed = letterbox(sample.image, sample.boxes, self.img_size, self.fill)
+        height, width = sample.image.shape[-2:]
+        (left, top), (scale_x, scale_y) = boxed.pad, boxed.scale
+        region = torch.tensor([left, top, left + scale_x * width, top + scale_y * height], dtype=torch.float32)
+        return boxed.image, boxed.boxes.as_subclass(Tensor), region.repeat(len(sample.boxes), 1)
+
+    def mosaic(self, samples: list[Sample]) -> Layout:
+        size = self.img_size
+        canvas = torch.full((3, size, size), self.fill, dtype=torch.uint8)
+        centre_x, centre_y = (size * (0.25 + 0.5 * torch.rand(2))).long().tolist()
+        boxes, regions = [], []
+        for k, sample in enumerate(samples):  # four tiles: top-left, top-right, bottom-left, bottom-right
+            tile: Resized = resize_to_fit(sample.image, sample.boxes, size)
+            height, width = tile.image.shape[-2:]
+            left, top = k % 2 == 0, k < 2
+            origin_x = centre_x - width if left else centre_x
+            origin_y = centre_y - height if top else centre_y
+            x1, x2 = max(origin_x, 0 if left else centre_x), min(origin_x + width, centre_x if left else size)
+            y1, y2 = max(origin_y, 0 if top else centre_y), min(origin_y + height, centre_y if top else size)
+            canvas[:, y1:y2, x1:x2] = tile.image[:, y1 - origin_y : y2 - origin_y, x1 - origin_x : x2 - origin_x]
+            boxes.append(tile.boxes.as_subclass(Tensor) + torch.tensor([origin_x, origin_y] * 2))
+            regions.append(torch.tensor([x1, y1, x2, y2], dtype=torch.float32).repeat(len(sample.boxes), 1))
+        return tv_tensors.Image(canvas), torch.cat(boxes), torch.cat(regions)
+
+    def random_affine(self, image: Tensor, boxes: Tensor, regions: Tensor) -> Layout:
+        """Zoom about the centre and shift; boxes and their visible regions move with the image."""
+        zoom = 1 + self.scale * (2 * torch.rand(()).item() - 1)
+        shift = (self.translate * self.img_size * (2 * torch.rand(2) - 1)).round().tolist()
+        affine = dict(angle=0.0, translate=shift, scale=zoom, shear=[0.0, 0.0])
+        canvas = (self.img_size, self.img_size)
+        image = F.affine(image, **affine, interpolation=v2.InterpolationMode.BILINEAR, fill=self.fill)
+        boxes = F.affine(as_boxes(boxes, canvas), **affine).as_subclass(Tensor)
+        regions = F.affine(as_boxes(regions, canvas), **affine).as_subclass(Tensor).clamp(0, self.img_size)
+        return image, boxes, regions

@@ -1,0 +1,148 @@
+"""Pascal VOC reader: the devkit layout ``<root>/VOC<year>/{JPEGImages,Annotations,ImageSets/Main}``.
+
+Coordinates: VOC XML gives 1-based, inclusive pixel indices (``xmin=1`` is the first column, ``xmax=W`` the last).
+They become continuous pixel coordinates by subtracting 1 from ``xmin``/``ymin`` only, so a box covering columns
+``xmin..xmax`` spans ``[xmin - 1, xmax]`` and has width ``xmax - xmin + 1``, the width VOC's own tools use.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_det.data.records import (
+    Annotations,
+    ImageEntry,
+    InvalidAnnotationError,
+    InvalidInputLog,
+    ParsedSource,
+    image_size,
+    read_annotations,
+)
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+VOCObject = tuple[str, list[float], bool]
+
+
+def _text(node: ET.Element, tag: str, where: str) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        raise InvalidAnnotationError(f"{where} has no <{tag}>")
+    return child.text.strip()
+
+
+def _number(node: ET.Element, tag: str, where: str) -> float:
+    text = _text(node, tag, where)
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidAnnotationError(f"{where}: <{tag}> is '{text}', not a number") from None
+
+
+def parse_voc_xml(xml_path: str | Path) -> tuple[tuple[int, int] | None, list[VOCObject]]:
+    """``((height, width) or None if absent, [(name, [x1, y1, x2, y2], difficult), ...])`` of one XML file."""
+    xml_path = str(xml_path)
+    try:
+        tree = ET.parse(xml_path)
+    except ET.ParseError as error:
+        line, column = error.position
+        raise InvalidAnnotationError(
+            f"{xml_path}: malformed XML at line {line}, column {column} ({error.msg})"
+        ) from None
+    except OSError as error:
+        raise InvalidAnnotationError(f"cannot read annotation {xml_path}: {error.strerror}") from None
+    annotation = tree.getroot()
+    size_node = annotation.find("size")
+    size = None
+    if size_node is not None:
+        height = int(_number(size_node, "height", f"{xml_path}: <size>"))
+        width = int(_number(size_node, "width", f"{xml_path}: <size>"))
+        size = (height, width) if height > 0 and width > 0 else None
+    objects = []
+    for k, node in enumerate(annotation.iter("object"), start=1):
+        where = f"{xml_path}: object {k}"
+        name = _text(node, "name", where)
+        box_node = node.find("bndbox")
+        if box_node is None:
+            raise InvalidAnnotationError(f"{where} ('{name}') has no <bndbox>")
+        xmin, ymin, xmax, ymax = (_number(box_node, tag, where) for tag in ("xmin", "ymin", "xmax", "ymax"))
+        difficult_node = node.find("difficult")
+        difficult = difficult_node is not None and (difficult_node.text or "0").strip() not in ("0", "")
+        objects.append((name, [xmin - 1, ymin - 1, xmax, ymax], difficult))
+    return size, objects
+
+
+class VOCSource:
+    """The images of one or more ``"<year>/<split>"`` lists, e.g. ``["2007/trainval", "2012/trainval"]``.
+
+    ``"2007/trainval"`` reads ``<root>/VOC2007/ImageSets/Main/trainval.txt``. Image ids are positions in the
+    combined list, since VOC file ids (``2008_000123``) are not numbers.
+    """
+
+    def __init__(self, splits: Sequence[str]) -> None:
+        if isinstance(splits, str):
+            splits = [splits]
+        for split in splits:
+            if split.count("/") != 1:
+                raise ValueError(f"VOC split '{split}' must look like '<year>/<split>', e.g. '2007/trainval'")
+        self.splits = list(splits)
+
+    def __repr__(self) -> str:
+        return f"VOCSource(splits={self.splits})"
+
+    def image_ids(self, root: Path) -> list[tuple[Path, str]]:
+        """``(VOC<year> folder, file id)`` of every listed image, in list order."""
+        listed = []
+        for split in self.splits:
+            year, name = split.split("/")
+            folder = root / f"VOC{year}"
+            list_file = folder / "ImageSets" / "Main" / f"{name}.txt"
+            if not list_file.is_file():
+                raise FileNotFoundError(
+                    f"VOC split list {list_file} not found for split '{split}'. Check data.root "
+                    f"(it must contain VOC{year}/) and the split names."
+                )
+            ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+            listed += [(folder, file_id) for file_id in ids]
+        return listed
+
+    def parse(self, root: Path, invalid: InvalidInputLog) -> ParsedSource:
+        images: list[ImageEntry] = []
+        object_image, boxes, names, difficult, object_ids = [], [], [], [], []
+        for folder, file_id in self.image_ids(root):
+            xml_path = folder / "Annotations" / f"{file_id}.xml"
+            image_path = str(folder / "JPEGImages" / f"{file_id}.jpg")
+            try:
+                size, objects = parse_voc_xml(xml_path)
+                if not os.path.exists(image_path):
+                    raise InvalidAnnotationError(f"{xml_path}: its image {image_path} does not exist")
+            except InvalidAnnotationError as error:
+                invalid.report(
+                    "image", str(error), "repair the XML / add the image, or remove its id from the split list"
+                )
+                continue
+            height, width = size or image_size(image_path)
+            for k, (name, box, hard) in enumerate(objects, start=1):
+                object_image.append(len(images))
+                boxes.append(box)
+                names.append(name)
+                difficult.append(hard)
+                object_ids.append(k)
+            images.append(ImageEntry(image_path, len(images), height, width, str(xml_path)))
+        return ParsedSource.from_lists(images, object_image, boxes, names, difficult, object_ids)
+
+
+def read_voc(
+    root: str | Path,
+    splits: Sequence[str],
+    classes: Sequence[str] | None = VOC_CLASSES,
+    skip_invalid: bool = False,
+) -> Annotations:
+    """Read VOC splits with the 20 VOC classes, a user list, or (``classes=None``) the sorted names found."""
+    return read_annotations(root, [VOCSource(splits)], None if classes is None else list(classes), skip_invalid)

@@ -1,0 +1,90 @@
+"""Small on-disk datasets for tests: a VOC devkit folder and a COCO json, written from plain Python values.
+
+VOC objects are given as written in the XML (1-based inclusive pixel indices); COCO boxes as ``[x, y, w, h]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+VOCObject = tuple[str, tuple[float, float, float, float], bool]  # name, (xmin, ymin, xmax, ymax), difficult
+VOCImage = tuple[int, int, list[VOCObject]]  # height, width, objects
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Many tiny tensor ops (augmentation) run far slower on two threads when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_image(path: Path, height: int, width: int, seed: int = 0) -> None:
+    """A random RGB image (format from the suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def voc_xml(file_name: str, height: int, width: int, objects: list[VOCObject]) -> str:
+    parts = [
+        f"<annotation><filename>{file_name}</filename>",
+        f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>",
+    ]
+    for name, (xmin, ymin, xmax, ymax), difficult in objects:
+        parts.append(
+            f"<object><name>{name}</name><difficult>{int(difficult)}</difficult><bndbox><xmin>{xmin}</xmin>"
+            f"<ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
+        )
+    return "\n".join(parts + ["</annotation>"])
+
+
+def make_voc(root: Path, splits: dict[str, dict[str, VOCImage]]) -> Path:
+    """Write ``{"2007/trainval": {"000001": (h, w, objects), ...}, ...}`` in the VOC devkit layout."""
+    for seed, (split, images) in enumerate(splits.items()):
+        year, name = split.split("/")
+        folder = root / f"VOC{year}"
+        (folder / "Annotations").mkdir(parents=True, exist_ok=True)
+        (folder / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+        for k, (file_id, (height, width, objects)) in enumerate(images.items()):
+            image_path = folder / "JPEGImages" / f"{file_id}.jpg"
+            if not image_path.exists():
+                write_image(image_path, height, width, seed=seed * 1000 + k)
+            (folder / "Annotations" / f"{file_id}.xml").write_text(voc_xml(image_path.name, height, width, objects))
+        (folder / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{i}\n" for i in images))
+    return root
+
+
+def make_coco(
+    root: Path,
+    categories: list[tuple[int, str]],
+    images: list[tuple[int, str, int, int]],
+    annotations: list[tuple[int, int, list[float], int]],
+    name: str = "instances_train.json",
+    image_dir: str = "images",
+) -> Path:
+    """Write ``annotations/<name>`` from ``categories (id, name)``, ``images (id, file_name, h, w)`` and
+    ``annotations (image_id, category_id, [x, y, w, h], iscrowd)``, plus the images; returns the json path."""
+    for k, (_, file_name, height, width) in enumerate(images):
+        if not (root / image_dir / file_name).exists():
+            write_image(root / image_dir / file_name, height, width, seed=k)
+    content = {
+        "images": [{"id": i, "file_name": f, "height": h, "width": w} for i, f, h, w in images],
+        "annotations": [
+            {"id": k + 1, "image_id": image_id, "category_id": category_id, "bbox": bbox,
+             "area": bbox[2] * bbox[3] if len(bbox) == 4 else 0, "iscrowd": crowd}
+            for k, (image_id, category_id, bbox, crowd) in enumerate(annotations)
+        ],
+        "categories": [{"id": i, "name": n, "supercategory": "thing"} for i, n in categories],
+    }
+    path = root / "annotations" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=1))
+    return path

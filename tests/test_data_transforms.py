@@ -1,0 +1,147 @@
+import pytest
+import torch
+from helpers import one_torch_thread
+
+from lightning_det.data.transforms import LetterboxTransform, Sample, YoloTrainTransform, clip_and_filter
+
+SIZE = 416
+pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+NO_AUGMENTATION = dict(mosaic=1.0, scale=0.0, translate=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
+
+
+def make_sample(height, width, boxes, labels, colour=(0, 0, 0), image_id=0, box_colours=None):
+    """A flat image with each box painted in its own colour (so tests can find the box again by colour)."""
+    image = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).repeat(1, height, width)
+    for box, paint in zip(boxes, box_colours or []):
+        x1, y1, x2, y2 = (int(v) for v in box)
+        image[:, y1:y2, x1:x2] = torch.tensor(paint, dtype=torch.uint8).view(3, 1, 1)
+    return Sample(
+        image=image,
+        boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        difficult=torch.zeros(len(labels), dtype=torch.bool),
+        image_id=image_id,
+        path=f"image{image_id}.jpg",
+        orig_size=(height, width),
+    )
+
+
+def test_letterbox_by_hand_and_meta_maps_back_exactly():
+    boxes = [[30.0, 40.0, 150.0, 120.0], [0.0, 0.0, 300.0, 200.0]]
+    sample = make_sample(200, 300, boxes, [1, 2])
+    out = LetterboxTransform(img_size=SIZE)([sample])
+    # 300x200 -> 416 x round(200 * 416 / 300) = 416x277, padded by (416 - 277) // 2 = 69 rows on top
+    scale_x, scale_y, top = 416 / 300, 277 / 200, 69
+    expected = torch.tensor(boxes) * torch.tensor([scale_x, scale_y] * 2) + torch.tensor([0, top] * 2)
+    torch.testing.assert_close(out.boxes, expected, atol=1e-4, rtol=0)
+    assert out.orig_size == (200, 300)
+    torch.testing.assert_close(torch.tensor(out.scale), torch.tensor([scale_x, scale_y]))
+    assert out.pad == (0.0, float(top))
+    back = (out.boxes - torch.tensor(out.pad).repeat(2)) / torch.tensor(out.scale).repeat(2)
+    assert (back - torch.tensor(boxes)).abs().max() < 1e-3
+    assert out.image.shape == (3, SIZE, SIZE) and out.image.dtype == torch.float32
+    pixels = LetterboxTransform(img_size=SIZE).denormalize(out.image[None])[0]
+    assert bool((pixels[:, :top] == 114).all()) and bool((pixels[:, top + 277 :] == 114).all())
+    assert bool((pixels[:, top + 1 : top + 276] == 0).all())
+
+
+def test_letterbox_of_a_tall_image_pads_left_and_right():
+    sample = make_sample(500, 250, [[10.0, 20.0, 110.0, 220.0]], [0])
+    out = LetterboxTransform(img_size=SIZE)([sample])
+    assert out.pad == (float((SIZE - 208) // 2), 0.0)
+    back = (out.boxes - torch.tensor(out.pad).repeat(2)) / torch.tensor(out.scale).repeat(2)
+    assert (back - sample.boxes).abs().max() < 1e-3
+
+
+def test_normalisation_is_pixel_units_and_denormalize_inverts_it():
+    transform = LetterboxTransform(img_size=8, mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 5.0))
+    sample = make_sample(8, 8, [], [], colour=(50, 60, 80))
+    out = transform([sample])
+    torch.testing.assert_close(out.image[:, 0, 0], torch.tensor([20.0, 10.0, 10.0]))
+    assert torch.equal(transform.denormalize(out.image[None])[0], sample.image)
+
+
+def test_horizontal_flip_mirrors_boxes_and_pixels():
+    sample = make_sample(SIZE, SIZE, [[10.0, 50.0, 110.0, 90.0]], [3], box_colours=[(200, 0, 0)])
+    torch.manual_seed(0)
+    flipped = YoloTrainTransform(img_size=SIZE, flip=1.0, **NO_AUGMENTATION)([sample])
+    kept = YoloTrainTransform(img_size=SIZE, flip=0.0, **NO_AUGMENTATION)([sample])
+    torch.testing.assert_close(kept.boxes, sample.boxes)
+    torch.testing.assert_close(flipped.boxes, torch.tensor([[SIZE - 110.0, 50.0, SIZE - 10.0, 90.0]]))
+    assert torch.equal(flipped.image, kept.image.flip(-1))
+    assert flipped.labels.tolist() == [3] and not flipped.mosaic
+
+
+def test_mosaic_tiles_the_canvas_one_quadrant_per_image():
+    """Four images each fully covered by one object: the output boxes must be the four quadrants.
+
+    (``min_visible=0``: a small quadrant shows too little of its object for the default keep rule.)
+    """
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0)]
+    samples = [
+        make_sample(300, 400, [[0.0, 0.0, 400.0, 300.0]], [k], box_colours=[colour], image_id=k)
+        for k, colour in enumerate(colours)
+    ]
+    torch.manual_seed(1)
+    out = YoloTrainTransform(img_size=SIZE, flip=0.0, min_visible=0.0, **NO_AUGMENTATION)(samples)
+    assert out.mosaic and out.image_id == 0 and out.orig_size == (SIZE, SIZE)
+    assert sorted(out.labels.tolist()) == [0, 1, 2, 3]
+    boxes = {label: box for label, box in zip(out.labels.tolist(), out.boxes)}
+    centre_x, centre_y = boxes[0][2:].tolist()
+    assert SIZE / 4 <= centre_x <= 3 * SIZE / 4 and SIZE / 4 <= centre_y <= 3 * SIZE / 4
+    expected = {
+        0: [0, 0, centre_x, centre_y], 1: [centre_x, 0, SIZE, centre_y],
+        2: [0, centre_y, centre_x, SIZE], 3: [centre_x, centre_y, SIZE, SIZE],
+    }
+    pixels = YoloTrainTransform().denormalize(out.image[None])[0]
+    for label, box in boxes.items():
+        torch.testing.assert_close(box, torch.tensor(expected[label], dtype=torch.float32))
+        x1, y1, x2, y2 = (int(v) for v in box)
+        region = pixels[:, y1:y2, x1:x2].reshape(3, -1).float()
+        assert (region - torch.tensor(colours[label]).view(3, 1)).abs().max() <= 1
+
+
+def test_mosaic_keeps_objects_near_the_centre_with_their_labels():
+    """Each object sits in the corner of its image that the mosaic always shows: all survive, unclipped."""
+    corners = [[330.0, 330.0, 400.0, 400.0], [10.0, 330.0, 80.0, 400.0], [330.0, 10.0, 400.0, 80.0],
+               [10.0, 10.0, 80.0, 80.0]]
+    samples = [make_sample(SIZE, SIZE, [box], [k + 5]) for k, box in enumerate(corners)]
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = YoloTrainTransform(img_size=SIZE, flip=0.0, **NO_AUGMENTATION)(samples)
+        assert sorted(out.labels.tolist()) == [5, 6, 7, 8]
+        sides = out.boxes[:, 2:] - out.boxes[:, :2]
+        torch.testing.assert_close(sides, torch.full((4, 2), 70.0))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_augmented_boxes_stay_inside_the_canvas_and_keep_their_labels(seed):
+    torch.manual_seed(seed)
+    samples = [
+        make_sample(240 + 40 * k, 400 - 30 * k, [[5.0, 5.0, 60.0, 90.0], [100.0, 120.0, 230.0, 235.0]],
+                    [k, k + 10], colour=(90, 90, 90))
+        for k in range(4)
+    ]
+    transform = YoloTrainTransform(img_size=SIZE)
+    for out in (transform(samples), transform(samples[:1])):
+        assert out.image.shape == (3, SIZE, SIZE)
+        assert len(out.boxes) == len(out.labels) == len(out.difficult)
+        assert bool((out.boxes >= 0).all() and (out.boxes <= SIZE).all())
+        assert bool(((out.boxes[:, 2:] - out.boxes[:, :2]) >= 2).all())
+        assert set(out.labels.tolist()) <= {label for s in samples for label in s.labels.tolist()}
+
+
+def test_clip_and_filter_rule_by_hand():
+    canvas = torch.tensor([0.0, 0.0, 100.0, 100.0])
+    boxes = torch.tensor([
+        [-10.0, 0.0, 10.0, 10.0],   # half inside: kept, clipped to x1 = 0
+        [-18.0, 0.0, 2.0, 10.0],    # 10% inside: dropped (< 20%)
+        [95.0, 50.0, 101.0, 60.0],  # 5/6 inside: kept
+        [10.0, 99.0, 40.0, 101.5],  # 1 px high after clipping: dropped (< 2 px)
+        [20.0, 20.0, 30.0, 30.0],   # inside the canvas but outside its visible region: dropped
+    ])
+    regions = torch.stack([canvas] * 4 + [torch.tensor([50.0, 50.0, 100.0, 100.0])])
+    clipped, keep = clip_and_filter(boxes, regions, min_size=2.0, min_visible=0.2)
+    assert keep.tolist() == [True, False, True, False, False]
+    torch.testing.assert_close(clipped[keep], torch.tensor([[0.0, 0.0, 10.0, 10.0], [95.0, 50.0, 100.0, 60.0]]))
+
