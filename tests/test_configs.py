@@ -66,8 +66,8 @@ def test_trainers_callbacks_and_loggers_build(tmp_path, trainer):
 
 def test_sample_tuning_applies_only_to_the_sample_pair(tmp_path):
     tuned = composed(tmp_path)
-    assert tuned.data.img_size == 320 and tuned.model.width == 0.5
+    assert tuned.data.img_size == 256 and tuned.model.width == 0.5 and tuned.optimizer.lr == 2e-3
     plain = composed(tmp_path, "data=voc")
-    assert plain.data.img_size == 416 and plain.model.width == 1.0
+    assert plain.data.img_size == 416 and plain.model.width == 1.0 and plain.optimizer.lr == 1e-3
     overridden = composed(tmp_path, "model.width=0.25", "data.img_size=128")
     assert overridden.model.width == 0.25 and overridden.data.img_size == 128
