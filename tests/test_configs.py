@@ -71,3 +71,9 @@ def test_sample_tuning_applies_only_to_the_sample_pair(tmp_path):
     assert plain.data.img_size == 416 and plain.model.width == 1.0 and plain.optimizer.lr == 1e-3
     overridden = composed(tmp_path, "model.width=0.25", "data.img_size=128")
     assert overridden.model.width == 0.25 and overridden.data.img_size == 128
+
+
+def test_ema_callback_composes_on_top_of_the_defaults(tmp_path):
+    cfg = composed(tmp_path, "callbacks=[default,ema]", f"paths.output_dir={tmp_path}")
+    names = {type(c).__name__ for c in build_callbacks(cfg)}
+    assert {"ModelEMA", "ModelCheckpoint", "EarlyStopping"} <= names

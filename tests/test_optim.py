@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_det.optim import constant, cosine, multistep, parameter_groups
+from lightning_det.optim import constant, cosine, exponential, multistep, parameter_groups, polynomial
 
 
 def lrs(scheduler_fn, steps: int, base_lr: float = 0.1, **kwargs) -> list[float]:
@@ -83,3 +83,14 @@ def test_frozen_parameters_are_left_out():
     model.weight.requires_grad_(False)
     decay, no_decay = parameter_groups(model, weight_decay=1e-4)
     assert decay["params"] == [] and [id(p) for p in no_decay["params"]] == [id(model.bias)]
+
+
+def test_exponential_per_epoch_by_hand():
+    seen = lrs(exponential, 5, total_steps=100, steps_per_epoch=2, gamma=0.5)
+    # 0.1 * 0.5 ** (step / 2)
+    assert seen == pytest.approx([0.1, 0.1 * 0.5**0.5, 0.05, 0.1 * 0.5**1.5, 0.025])
+
+
+def test_polynomial_reaches_zero_at_the_end():
+    seen = lrs(polynomial, 5, total_steps=4, steps_per_epoch=2, power=2.0)
+    assert seen == pytest.approx([0.1, 0.1 * 0.75**2, 0.1 * 0.25, 0.1 * 0.25**2, 0.0])

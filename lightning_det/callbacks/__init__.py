@@ -1,5 +1,6 @@
 """Callbacks for what Lightning does not already provide."""
 
+from lightning_det.callbacks.ema import ModelEMA
 from lightning_det.callbacks.image_logger import ValidationImageLogger
 
-__all__ = ["ValidationImageLogger"]
+__all__ = ["ModelEMA", "ValidationImageLogger"]

@@ -1,6 +1,6 @@
 """Optimisation helpers: parameter groups and learning-rate schedules built by Hydra partials."""
 
 from lightning_det.optim.param_groups import parameter_groups
-from lightning_det.optim.schedules import constant, cosine, multistep
+from lightning_det.optim.schedules import constant, cosine, exponential, multistep, polynomial
 
-__all__ = ["parameter_groups", "constant", "cosine", "multistep"]
+__all__ = ["parameter_groups", "constant", "cosine", "exponential", "multistep", "polynomial"]

@@ -67,12 +67,42 @@ class Cosine(Schedule):
         return self.final_factor + (1 - self.final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class Exponential(Schedule):
+    """Multiply by ``gamma`` every epoch (applied smoothly per iteration)."""
+
+    def __init__(self, gamma: float = 0.95, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.gamma = gamma
+
+    def decay(self, step: int) -> float:
+        return self.gamma ** (step / self.steps_per_epoch)
+
+
+class Polynomial(Schedule):
+    """``(1 - progress) ** power`` down to zero at the end of the run (MXNet SSD's and DeepLab's "poly")."""
+
+    def __init__(self, power: float = 0.9, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.power = power
+
+    def decay(self, step: int) -> float:
+        return (1 - min(step, self.total_steps) / self.total_steps) ** self.power
+
+
 def multistep(optimizer: Optimizer, **kwargs) -> LambdaLR:
     return LambdaLR(optimizer, MultiStep(**kwargs))
 
 
 def cosine(optimizer: Optimizer, **kwargs) -> LambdaLR:
     return LambdaLR(optimizer, Cosine(**kwargs))
+
+
+def exponential(optimizer: Optimizer, **kwargs) -> LambdaLR:
+    return LambdaLR(optimizer, Exponential(**kwargs))
+
+
+def polynomial(optimizer: Optimizer, **kwargs) -> LambdaLR:
+    return LambdaLR(optimizer, Polynomial(**kwargs))
 
 
 def constant(optimizer: Optimizer, **kwargs) -> LambdaLR:
