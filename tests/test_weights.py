@@ -1,0 +1,49 @@
+"""init_from: tensors with matching name and shape are loaded; a head for another class count is skipped."""
+
+import pytest
+import torch
+
+from lightning_det.models.weights import load_matching_weights
+from lightning_det.models.yolov3 import YOLOv3
+
+
+def tiny(num_classes: int, seed: int) -> YOLOv3:
+    torch.manual_seed(seed)
+    return YOLOv3(variant="tiny", width=0.125, num_classes=num_classes)
+
+
+def test_an_80_class_checkpoint_initialises_a_20_class_model_except_its_head(tmp_path):
+    source = tiny(80, seed=0)
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "coco.ckpt")
+    target = tiny(20, seed=1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+
+    report = load_matching_weights(target, tmp_path / "coco.ckpt")
+
+    after = target.state_dict()
+    for name, tensor in source.state_dict().items():
+        if tensor.shape == after[name].shape:
+            assert torch.equal(after[name], tensor), name
+        else:
+            assert torch.equal(after[name], before[name]), name
+    assert report.skipped_shape and len(report.loaded) + len(report.skipped_shape) == len(source.state_dict())
+    assert not report.missing and not report.unexpected
+
+
+def test_exclude_patterns_and_plain_state_dicts(tmp_path):
+    source = tiny(3, seed=0)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    target = tiny(3, seed=1)
+    report = load_matching_weights(target, tmp_path / "weights.pt", exclude=[r"^network\.output"])
+    assert report.excluded and all(name.startswith("network.output") for name in report.excluded)
+    assert len(report.loaded) + len(report.excluded) == len(source.state_dict())
+    excluded = report.excluded[0]
+    assert not torch.equal(target.state_dict()[excluded], source.state_dict()[excluded])
+
+
+def test_a_file_without_tensors_is_rejected_with_its_name(tmp_path):
+    torch.save({"optimizer": "sgd"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_matching_weights(tiny(3, seed=0), tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_matching_weights(tiny(3, seed=0), tmp_path / "nothing.pt")
