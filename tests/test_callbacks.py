@@ -4,11 +4,12 @@ import functools
 import math
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_det.callbacks import ModelEMA
+from lightning_det.callbacks import Freeze, ModelEMA
 from lightning_det.models.detector import Detector
 
 
@@ -51,3 +52,64 @@ def test_ema_follows_the_ramped_formula_and_is_what_the_checkpoint_holds(tmp_pat
     assert torch.allclose(checkpoint["state_dict"]["conv.weight"], expected, atol=1e-6)
     assert torch.allclose(checkpoint["current_model_state"]["conv.weight"], record.seen[-1])
     assert not torch.allclose(expected, record.seen[-1], atol=1e-3)
+
+
+class TwoPart(Detector):
+    def __init__(self):
+        super().__init__(
+            num_classes=1,
+            optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+            scheduler={"_target_": "lightning_det.optim.constant", "_partial_": True},
+        )
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4))
+        self.head = torch.nn.Conv2d(4, 1, 1)
+
+    def forward(self, images):
+        return self.head(self.body(images))
+
+    def loss(self, outputs, batch):
+        return {"loss": (outputs - 1).square().mean()}
+
+
+class RecordState(L.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        groups = trainer.optimizers[0].param_groups
+        self.steps.append({
+            "epoch": trainer.current_epoch,
+            "body": pl_module.body[0].weight.detach().clone(),
+            "mean": pl_module.body[1].running_mean.clone(),
+            "head": pl_module.head.weight.detach().clone(),
+            "released_lrs": [g["lr"] for g in groups if any(p is pl_module.body[0].weight for p in g["params"])],
+            "other_lrs": [g["lr"] for g in groups if any(p is pl_module.head.weight for p in g["params"])],
+        })
+
+
+def test_freeze_keeps_weights_and_bn_statistics_then_releases_at_a_lower_lr():
+    torch.manual_seed(0)
+    batches = DataLoader([{"images": torch.randn(4, 3, 6, 6) + 3} for _ in range(3)], batch_size=None)
+    model, record = TwoPart(), RecordState()
+    start = {"body": model.body[0].weight.detach().clone(), "mean": model.body[1].running_mean.clone(),
+             "head": model.head.weight.detach().clone()}
+    freeze = Freeze(pattern=r"^body\.", unfreeze_at_epoch=1, lr_factor=0.1)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[freeze, record])
+    trainer.fit(model, train_dataloaders=batches)
+
+    first, second = [s for s in record.steps if s["epoch"] == 0], [s for s in record.steps if s["epoch"] == 1]
+    assert len(first) == len(second) == 3
+    for step in first:
+        assert torch.equal(step["body"], start["body"]) and torch.equal(step["mean"], start["mean"])
+        assert step["other_lrs"] == [0.1]
+    assert not torch.equal(first[-1]["head"], start["head"])
+    assert not torch.equal(second[-1]["body"], start["body"])
+    assert not torch.equal(second[-1]["mean"], start["mean"])
+    assert second[-1]["released_lrs"] == [pytest.approx(0.01)] and second[-1]["other_lrs"] == [0.1]
+
+
+def test_first_n_freezes_leading_convolutions_with_their_norms():
+    model = TwoPart()
+    modules = Freeze(first_n=1).frozen_modules(model)
+    assert modules == [model.body[0], model.body[1]]

@@ -77,3 +77,12 @@ def test_ema_callback_composes_on_top_of_the_defaults(tmp_path):
     cfg = composed(tmp_path, "callbacks=[default,ema]", f"paths.output_dir={tmp_path}")
     names = {type(c).__name__ for c in build_callbacks(cfg)}
     assert {"ModelEMA", "ModelCheckpoint", "EarlyStopping"} <= names
+
+
+def test_freeze_callback_composes_and_freezes_the_backbone(tmp_path):
+    cfg = composed(tmp_path, "callbacks=[default,freeze]", f"paths.output_dir={tmp_path}", "model.width=0.125")
+    freeze = next(c for c in build_callbacks(cfg) if type(c).__name__ == "Freeze")
+    detector = build_model(cfg, num_classes=2, class_names=["a", "b"])
+    frozen = {id(p) for m in freeze.frozen_modules(detector) for p in m.parameters(recurse=False)}
+    backbone = {id(p) for p in detector.network.backbone.parameters()}
+    assert frozen == backbone

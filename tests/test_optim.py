@@ -72,25 +72,18 @@ def test_no_weight_decay_on_norm_and_bias():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.Linear(2, 2))
     decay, no_decay = parameter_groups(model, weight_decay=5e-4)
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert not decay["frozen"] and not no_decay["frozen"]
     decayed = {id(p) for p in decay["params"]}
     assert decayed == {id(model[0].weight), id(model[2].weight), id(model[3].weight)}
     exempt = {id(p) for p in no_decay["params"]}
     assert exempt == {id(model[1].weight), id(model[1].bias), id(model[2].bias), id(model[3].bias)}
 
 
-def test_frozen_parameters_are_left_out():
+def test_frozen_parameters_get_groups_of_their_own():
     model = nn.Conv2d(3, 4, 3)
     model.weight.requires_grad_(False)
-    decay, no_decay = parameter_groups(model, weight_decay=1e-4)
-    assert decay["params"] == [] and [id(p) for p in no_decay["params"]] == [id(model.bias)]
-
-
-def test_exponential_per_epoch_by_hand():
-    seen = lrs(exponential, 5, total_steps=100, steps_per_epoch=2, gamma=0.5)
-    # 0.1 * 0.5 ** (step / 2)
-    assert seen == pytest.approx([0.1, 0.1 * 0.5**0.5, 0.05, 0.1 * 0.5**1.5, 0.025])
-
-
-def test_polynomial_reaches_zero_at_the_end():
-    seen = lrs(polynomial, 5, total_steps=4, steps_per_epoch=2, power=2.0)
-    assert seen == pytest.approx([0.1, 0.1 * 0.75**2, 0.1 * 0.25, 0.1 * 0.25**2, 0.0])
+    groups = parameter_groups(model, weight_decay=1e-4)
+    assert [(g["frozen"], g["weight_decay"], [id(p) for p in g["params"]]) for g in groups] == [
+        (False, 0.0, [id(model.bias)]),
+        (True, 1e-4, [id(model.weight)]),
+    ]

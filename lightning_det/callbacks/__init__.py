@@ -1,6 +1,7 @@
 """Callbacks for what Lightning does not already provide."""
 
 from lightning_det.callbacks.ema import ModelEMA
+from lightning_det.callbacks.freeze import Freeze
 from lightning_det.callbacks.image_logger import ValidationImageLogger
 
-__all__ = ["ModelEMA", "ValidationImageLogger"]
+__all__ = ["Freeze", "ModelEMA", "ValidationImageLogger"]

@@ -1,0 +1,99 @@
+"""Freeze part of a detector, optionally releasing it at a later epoch with its own learning-rate factor."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import lightning as L
+from lightning.pytorch.callbacks import BaseFinetuning
+from torch import nn
+from torch.optim import Optimizer
+
+log = logging.getLogger(__name__)
+
+
+def leading_conv_modules(model: nn.Module, count: int) -> list[nn.Module]:
+    """The first ``count`` convolutions in registration order, each with the norm layers that follow it."""
+    chosen: list[nn.Module] = []
+    convs = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            convs += 1
+            if convs > count:
+                break
+        if convs and not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
+            chosen.append(module)
+    return chosen
+
+
+class Freeze(BaseFinetuning):
+    """Freeze by module name prefix, by a regex over parameter names, or the first N conv layers.
+
+    Frozen BatchNorm layers stay in eval mode, normalising with their running statistics (mmdet's
+    ``norm_eval``), instead of switching to batch statistics they would no longer learn from.
+    ``unfreeze_at_epoch`` releases everything at that epoch; the released parameters then train at
+    ``lr_factor`` times the learning rate the schedule gives the rest.
+    """
+
+    def __init__(
+        self,
+        modules: list[str] | None = None,
+        pattern: str | None = None,
+        first_n: int | None = None,
+        unfreeze_at_epoch: int | None = None,
+        lr_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not (modules or pattern or first_n):
+            raise ValueError("Freeze needs modules, pattern or first_n")
+        self.module_names = list(modules or [])
+        self.pattern = re.compile(pattern) if pattern else None
+        self.first_n = first_n
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.lr_factor = lr_factor
+        self.frozen_norms: list[nn.Module] = []
+        self.released = False
+
+    def frozen_modules(self, pl_module: L.LightningModule) -> list[nn.Module]:
+        modules = [pl_module.get_submodule(name) for name in self.module_names]
+        if self.first_n:
+            modules += leading_conv_modules(pl_module, self.first_n)
+        if self.pattern:
+            modules += [
+                module
+                for prefix, module in pl_module.named_modules()
+                if any(self.pattern.search(f"{prefix}.{name}".lstrip(".")) for name, _ in module.named_parameters(recurse=False))
+            ]
+        return self.flatten_modules(modules)
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        modules = self.frozen_modules(pl_module)
+        self.freeze(modules, train_bn=False)
+        self.frozen_norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        frozen = sum(p.numel() for m in modules for p in m.parameters(recurse=False))
+        log.info("Freeze: %d parameters in %d modules frozen", frozen, len(modules))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if not self.released:
+            for norm in self.frozen_norms:
+                norm.eval()
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        if self.released or self.unfreeze_at_epoch is None or epoch < self.unfreeze_at_epoch:
+            return
+        self.make_trainable(self.frozen_modules(pl_module))
+        for norm in self.frozen_norms:
+            norm.train()
+        scheduler = next(
+            (config.scheduler for config in pl_module.trainer.lr_scheduler_configs
+             if config.scheduler.optimizer is optimizer), None,
+        )
+        for index, group in enumerate(optimizer.param_groups):
+            if group.get("frozen"):
+                group["frozen"] = False
+                group["lr"] *= self.lr_factor
+                if scheduler is not None:
+                    scheduler.base_lrs[index] *= self.lr_factor
+        self.released = True
+        log.info("Freeze: released at epoch %d with lr factor %g", epoch, self.lr_factor)
