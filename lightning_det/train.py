@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_det.models.detector import NonFiniteLossError
-from lightning_det.models.weights import load_matching_weights
+from lightning_det.models.weights import initialise_from
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule.setup("fit")
     model = build_model(cfg, num_classes=datamodule.num_classes, class_names=list(datamodule.classes))
     if cfg.get("init_from"):
-        load_matching_weights(model, cfg.init_from, exclude=list(cfg.get("init_exclude") or []))
+        initialise_from(model, cfg.init_from, list(cfg.get("init_exclude") or []), cfg.get("init_cutoff"))
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
     return datamodule, model, trainer
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lightning_det.models.weights import load_matching_weights
+from lightning_det.models.weights import initialise_from, load_matching_weights
+from lightning_det.models.yolov3.darknet_weights import save_darknet_weights
 from lightning_det.models.yolov3 import YOLOv3
 
 
@@ -47,3 +48,18 @@ def test_a_file_without_tensors_is_rejected_with_its_name(tmp_path):
         load_matching_weights(tiny(3, seed=0), tmp_path / "bad.pt")
     with pytest.raises(FileNotFoundError, match="nothing.pt"):
         load_matching_weights(tiny(3, seed=0), tmp_path / "nothing.pt")
+
+
+def test_init_from_reads_darknet_files_through_the_detector(tmp_path):
+    source, target = tiny(3, seed=0), tiny(3, seed=1)
+    save_darknet_weights(source.network, tmp_path / "yolov3-tiny.weights")
+    initialise_from(target, tmp_path / "yolov3-tiny.weights")
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(a, b), name
+
+
+def test_init_from_a_foreign_file_without_a_reader_is_refused(tmp_path):
+    (tmp_path / "model.weights").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="reads no other format"):
+        initialise_from(torch.nn.Linear(2, 2), tmp_path / "model.weights")

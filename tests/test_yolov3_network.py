@@ -126,3 +126,14 @@ def test_prediction_bias_starts_at_the_priors():
     # about 8 objects in a 640 px image: per stride-32 cell 8 / 20^2 = 0.02; class 0.6 / 19.01
     assert torch.allclose(bias[:, 4].sigmoid(), torch.full((3,), 0.02 / 1.02), atol=1e-6)
     assert torch.allclose(bias[:, 5:].exp(), torch.full((3, 20), 0.6 / 19.01))
+
+
+def test_tiny_stride_one_pool_ignores_the_missing_neighbours_like_darknet():
+    from lightning_det.models.backbones.darknet import DarknetTiny
+
+    pad_and_pool = DarknetTiny(width=0.125).to_stride32[2:4]
+    x = torch.full((1, 1, 3, 3), -5.0)
+    x[0, 0, 0, 0] = -7.0
+    out = pad_and_pool(x)
+    # each output is the max of the up-to-four inputs that exist; a zero pad would put 0 in the last row/column
+    assert out.shape == x.shape and torch.equal(out, torch.full_like(x, -5.0))

@@ -37,6 +37,30 @@ class TransferReport:
         return "\n".join(lines)
 
 
+def is_torch_file(path: Path) -> bool:
+    """``torch.save`` writes a zip archive (or, before 1.6, a pickle); anything else is another framework's format."""
+    with path.open("rb") as f:
+        start = f.read(2)
+    return start == b"PK" or start[:1] == b"\x80"
+
+
+def initialise_from(
+    model: nn.Module, path: str | Path, exclude: list[str] | tuple[str, ...] = (), cutoff: int | None = None
+) -> None:
+    """``init_from``: a PyTorch checkpoint or state dict by matching names and shapes; any other file through the
+    model's own ``load_foreign_weights`` (YOLOv3 reads Darknet ``.weights``), ``cutoff`` conv layers at most."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: no file at {path}")
+    if is_torch_file(path):
+        load_matching_weights(model, path, exclude)
+    elif hasattr(model, "load_foreign_weights"):
+        header = model.load_foreign_weights(str(path), cutoff)
+        log.info("init_from %s: read %s", path, header)
+    else:
+        raise ValueError(f"init_from: {path} is not a PyTorch file and {type(model).__name__} reads no other format")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A Lightning checkpoint's ``state_dict`` or a plain state dict file, loaded without executing code."""
     path = Path(path)

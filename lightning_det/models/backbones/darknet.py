@@ -81,8 +81,8 @@ class DarknetTiny(nn.Module):
     """The backbone of YOLOv3-tiny: seven 3x3 convs with max-pools; returns the maps at strides 16 and 32.
 
     The sixth pool keeps the resolution (size 2, stride 1, so the 13x13 map of a 416 input stays 13x13). Darknet
-    skips the missing right and bottom neighbours; here, as in the usual PyTorch ports, a one-pixel zero pad on
-    those sides stands in for them (it differs only where a whole 2x2 window is negative).
+    skips the missing right and bottom neighbours; a one-pixel pad of -inf on those sides does exactly that, so
+    Darknet weights give Darknet's outputs (a zero pad, as in many ports, differs where a window is negative).
     """
 
     def __init__(self, width: float = 1.0) -> None:
@@ -95,7 +95,7 @@ class DarknetTiny(nn.Module):
         self.to_stride32 = nn.Sequential(
             nn.MaxPool2d(2, 2),
             ConvBNAct(c[4], c[5], 3),
-            nn.ZeroPad2d((0, 1, 0, 1)),
+            nn.ConstantPad2d((0, 1, 0, 1), float("-inf")),
             nn.MaxPool2d(2, 1),
             ConvBNAct(c[5], c[6], 3),
         )

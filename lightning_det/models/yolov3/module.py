@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_det.models.detector import Detections, Detector
 from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS, PredictionGrid, anchors_tensor, make_grid
+from lightning_det.models.yolov3.darknet_weights import load_darknet_weights
 from lightning_det.models.yolov3.decode import YOLOv3Decoder
 from lightning_det.models.yolov3.loss import YOLOv3Loss
 from lightning_det.models.yolov3.network import build_network
@@ -90,6 +91,10 @@ class YOLOv3(Detector):
 
     def decode(self, outputs: list[Tensor], batch: dict[str, Any]) -> Detections:
         return self.decoder(flatten(outputs), self.grid(outputs), tuple(batch["images"].shape[-2:]))
+
+    def load_foreign_weights(self, path: str, cutoff: int | None = None) -> dict[str, int]:
+        """``init_from`` for Darknet ``.weights`` files (``cutoff=52`` reads only the Darknet-53 backbone)."""
+        return load_darknet_weights(self.network, path, cutoff)
 
 
 def flatten(outputs: list[Tensor]) -> Tensor:

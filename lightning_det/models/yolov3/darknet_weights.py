@@ -1,0 +1,94 @@
+"""Read and write Darknet's binary ``.weights`` files for YOLOv3, YOLOv3-tiny and the Darknet-53 backbone.
+
+The format: a header of int32 ``major, minor, revision`` and the number of images seen (int64 from version
+0.2 on, int32 before), then for every convolutional layer in cfg order either the BatchNorm ``beta, gamma,
+running mean, running variance`` or the conv bias, followed by the conv weights, all float32. Nothing names the
+layers, so the only check is the byte count: a file that is too short or too long for the network is refused.
+A ``cutoff`` reads or writes only the first N conv layers, as in ``darknet53.conv.74`` (the 52 backbone convs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_det.models.backbones.darknet import ConvBNAct, Darknet53, DarknetTiny
+from lightning_det.models.yolov3.network import YOLOv3Network, YOLOv3TinyNetwork
+
+Layer = tuple[nn.Conv2d, nn.BatchNorm2d | None]
+HEADER_VERSION = (0, 2, 0)
+
+
+def _conv_layers(*modules: nn.Module) -> list[Layer]:
+    """Conv layers of ``modules`` in registration order, each with its BatchNorm (or None for a biased conv)."""
+    layers = []
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, ConvBNAct):
+                layers.append((sub[0], sub[1]))
+            elif isinstance(sub, nn.Conv2d) and sub.bias is not None:
+                layers.append((sub, None))
+    return layers
+
+
+def darknet_layers(network: nn.Module) -> list[Layer]:
+    """The conv layers in the order of Darknet's cfg, which visits each head level before the next lateral."""
+    if isinstance(network, (Darknet53, DarknetTiny)):
+        return _conv_layers(network)
+    if isinstance(network, YOLOv3Network):
+        return _conv_layers(
+            network.backbone,
+            network.conv_sets[0], network.outputs[0], network.laterals[0],
+            network.conv_sets[1], network.outputs[1], network.laterals[1],
+            network.conv_sets[2], network.outputs[2],
+        )
+    if isinstance(network, YOLOv3TinyNetwork):
+        return _conv_layers(network.backbone, network.neck32, network.output32, network.lateral, network.output16)
+    raise TypeError(f"no Darknet layer order for {type(network).__name__}")
+
+
+def _tensors(conv: nn.Conv2d, norm: nn.BatchNorm2d | None) -> list[torch.Tensor]:
+    """The tensors of one layer in file order."""
+    head = [norm.bias, norm.weight, norm.running_mean, norm.running_var] if norm is not None else [conv.bias]
+    return [*head, conv.weight]
+
+
+def load_darknet_weights(network: nn.Module, path: str | Path, cutoff: int | None = None) -> dict[str, int]:
+    """Fill ``network`` from a ``.weights`` file; returns the header (``major, minor, revision, seen``)."""
+    path = Path(path)
+    layers = darknet_layers(network)[:cutoff]
+    with path.open("rb") as f:
+        major, minor, revision = np.fromfile(f, dtype=np.int32, count=3)
+        seen_type = np.int64 if major * 10 + minor >= 2 else np.int32
+        seen = np.fromfile(f, dtype=seen_type, count=1)
+        values = np.fromfile(f, dtype=np.float32)
+    if len(seen) != 1:
+        raise ValueError(f"{path}: too short for a Darknet weights header")
+    expected = sum(t.numel() for layer in layers for t in _tensors(*layer))
+    if values.size != expected and (cutoff is None or values.size < expected):
+        raise ValueError(
+            f"{path}: holds {values.size} weights but the network's {len(layers)} conv layers take {expected}: "
+            "check the variant, the class count (model head) and the anchor count, or pass a cutoff to read "
+            "only the backbone"
+        )
+    offset = 0
+    with torch.no_grad():
+        for layer in layers:
+            for tensor in _tensors(*layer):
+                chunk = values[offset: offset + tensor.numel()]
+                tensor.copy_(torch.from_numpy(chunk.copy()).view_as(tensor))
+                offset += tensor.numel()
+    return {"major": int(major), "minor": int(minor), "revision": int(revision), "seen": int(seen[0])}
+
+
+def save_darknet_weights(network: nn.Module, path: str | Path, cutoff: int | None = None, seen: int = 0) -> None:
+    """Write ``network`` (or its first ``cutoff`` conv layers) as a version 0.2 ``.weights`` file."""
+    with Path(path).open("wb") as f:
+        np.array(HEADER_VERSION, dtype=np.int32).tofile(f)
+        np.array([seen], dtype=np.int64).tofile(f)
+        for layer in darknet_layers(network)[:cutoff]:
+            for tensor in _tensors(*layer):
+                tensor.detach().cpu().numpy().astype(np.float32).tofile(f)
