@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_det.callbacks import Freeze, ModelEMA
+from lightning_det.callbacks import Freeze, ModelEMA, MultiScale
 from lightning_det.models.detector import Detector
 
 
@@ -113,3 +113,35 @@ def test_first_n_freezes_leading_convolutions_with_their_norms():
     model = TwoPart()
     modules = Freeze(first_n=1).frozen_modules(model)
     assert modules == [model.body[0], model.body[1]]
+
+
+class RecordInputs(Detector):
+    def __init__(self):
+        super().__init__(num_classes=1, optimizer=functools.partial(torch.optim.SGD, lr=0.01))
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+        self.seen = []
+
+    def forward(self, images):
+        return self.conv(images)
+
+    def loss(self, outputs, batch):
+        self.seen.append((tuple(batch["images"].shape[-2:]), batch["labels"][0, 0, 1:5].clone()))
+        return {"loss": outputs.mean()}
+
+
+def test_multiscale_changes_the_input_size_every_n_batches_and_scales_the_boxes():
+    torch.manual_seed(0)
+    box = torch.tensor([[[0.0, 32.0, 64.0, 96.0, 160.0, 0.0]]])
+    batches = DataLoader([{"images": torch.rand(1, 3, 320, 320), "labels": box} for _ in range(40)], batch_size=None)
+    model = RecordInputs()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[MultiScale(every_n_batches=4)])
+    trainer.fit(model, train_dataloaders=batches)
+
+    sizes = [size for size, _ in model.seen]
+    assert len(set(sizes)) > 2
+    for start in range(0, 40, 4):
+        assert len(set(sizes[start:start + 4])) == 1  # constant within each group of 4 batches
+    for (h, w), boxes in model.seen:
+        assert h == w and h % 32 == 0 and 0.67 * 320 <= h <= 1.5 * 320
+        assert torch.allclose(boxes, box[0, 0, 1:5] * h / 320)

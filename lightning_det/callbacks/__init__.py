@@ -3,5 +3,6 @@
 from lightning_det.callbacks.ema import ModelEMA
 from lightning_det.callbacks.freeze import Freeze
 from lightning_det.callbacks.image_logger import ValidationImageLogger
+from lightning_det.callbacks.multiscale import MultiScale
 
-__all__ = ["Freeze", "ModelEMA", "ValidationImageLogger"]
+__all__ = ["Freeze", "ModelEMA", "MultiScale", "ValidationImageLogger"]
