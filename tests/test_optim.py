@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_det.optim import constant, cosine, exponential, multistep, parameter_groups, polynomial
+from lightning_det.optim import constant, cosine, exponential, multistep, parameter_groups, plateau, polynomial
 
 
 def lrs(scheduler_fn, steps: int, base_lr: float = 0.1, **kwargs) -> list[float]:
@@ -87,3 +87,15 @@ def test_frozen_parameters_get_groups_of_their_own():
         (False, 0.0, [id(model.bias)]),
         (True, 1e-4, [id(model.weight)]),
     ]
+
+
+def test_plateau_reduces_after_patience_epochs_without_improvement():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    config = plateau(optimizer, monitor="val/mAP", mode="max", factor=0.1, patience=1)
+    assert config["monitor"] == "val/mAP" and config["interval"] == "epoch"
+    seen = []
+    for value in (0.3, 0.5, 0.5, 0.5, 0.6, 0.6, 0.6):
+        config["scheduler"].step(value)
+        seen.append(optimizer.param_groups[0]["lr"])
+    # 0.5 improves; two epochs without improvement (> patience 1) -> x0.1; 0.6 improves; two more -> x0.1
+    assert seen == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001])

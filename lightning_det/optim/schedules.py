@@ -11,7 +11,7 @@ import bisect
 import math
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 
 class Schedule:
@@ -108,3 +108,16 @@ def polynomial(optimizer: Optimizer, **kwargs) -> LambdaLR:
 def constant(optimizer: Optimizer, **kwargs) -> LambdaLR:
     """No decay; the warm-up still applies."""
     return LambdaLR(optimizer, Schedule(**kwargs))
+
+
+def plateau(
+    optimizer: Optimizer, monitor: str, mode: str = "max", factor: float = 0.1, patience: int = 3,
+    min_lr: float = 0.0, **_: object,
+) -> dict:
+    """``ReduceLROnPlateau`` on a validation value, checked after every validation epoch (keras-yolo3's stage 2).
+
+    Returned as a Lightning scheduler config because it needs the monitored value; it has no warm-up (the
+    run-length arguments other schedules take are accepted and unused).
+    """
+    scheduler = ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience, min_lr=min_lr)
+    return {"scheduler": scheduler, "interval": "epoch", "monitor": monitor, "strict": True}
