@@ -40,8 +40,28 @@ def build_model(cfg: DictConfig, num_classes: int, class_names: list[str]) -> L.
     )
 
 
+def apply_nominal_batch_size(cfg: DictConfig) -> None:
+    """Accumulate gradients up to ``nominal_batch_size`` images per optimizer step, scaling weight decay to match.
+
+    With gradients summed over ``accumulate`` batches, one step sees ``batch * devices * accumulate`` images; the
+    decay is multiplied by that over the nominal size so its strength per image stays the recipe's (Ultralytics).
+    """
+    nominal = cfg.get("nominal_batch_size")
+    if not nominal:
+        return
+    devices = cfg.trainer.get("devices", 1)
+    world = (devices if isinstance(devices, int) and devices > 0 else 1) * cfg.trainer.get("num_nodes", 1)
+    per_step = cfg.data.batch_size * world
+    accumulate = max(round(nominal / per_step), 1)
+    cfg.trainer.accumulate_grad_batches = accumulate
+    if cfg.optimizer.get("weight_decay"):
+        cfg.optimizer.weight_decay = cfg.optimizer.weight_decay * per_step * accumulate / nominal
+    log.info("nominal batch %d: accumulating %d batches of %d", nominal, accumulate, per_step)
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data first: the class list (possibly inferred from the annotations) sizes the model's head."""
+    apply_nominal_batch_size(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lightning_det.train import build_callbacks, build_loggers, build_model
+from lightning_det.train import apply_nominal_batch_size, build_callbacks, build_loggers, build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -90,3 +90,14 @@ def test_freeze_callback_composes_and_freezes_the_backbone(tmp_path):
     frozen = {id(p) for m in freeze.frozen_modules(detector) for p in m.parameters(recurse=False)}
     backbone = {id(p) for p in detector.network.backbone.parameters()}
     assert frozen == backbone
+
+
+@pytest.mark.parametrize("batch, devices, accumulate, decay_factor", [(16, 1, 4, 1.0), (24, 1, 3, 24 * 3 / 64),
+                                                                      (8, 2, 4, 1.0), (100, 1, 1, 100 / 64)])
+def test_nominal_batch_size_sets_accumulation_and_scales_weight_decay(tmp_path, batch, devices, accumulate,
+                                                                      decay_factor):
+    cfg = composed(tmp_path, "optimizer=sgd", "nominal_batch_size=64", f"data.batch_size={batch}",
+                   f"trainer.devices={devices}")
+    apply_nominal_batch_size(cfg)
+    assert cfg.trainer.accumulate_grad_batches == accumulate
+    assert cfg.optimizer.weight_decay == pytest.approx(5e-4 * decay_factor)
