@@ -61,7 +61,6 @@ def apply_nominal_batch_size(cfg: DictConfig) -> None:
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data first: the class list (possibly inferred from the annotations) sizes the model's head."""
-    apply_nominal_batch_size(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -76,6 +75,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured; returns the best monitored score, its checkpoint and the final validation metrics."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    apply_nominal_batch_size(cfg)
     OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True)
 

@@ -148,3 +148,14 @@ def test_default_sample_run_learns(tmp_path):
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-5000:]
     assert max(scalars(tmp_path / "run")["val/mAP"]) > 0.5
+
+
+def test_mixed_precision_accumulation_clipping_ema_and_multiscale_together(tmp_path):
+    train(tmp_path, *small_sample(tmp_path), "trainer.precision=bf16-mixed", "nominal_batch_size=16",
+          "trainer.gradient_clip_val=1.0", "callbacks=[default,ema,multiscale]", "callbacks.multiscale.every_n_batches=1")
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # 16 images in batches of 4, accumulated 4 at a time: one optimizer step per epoch
+    assert checkpoint["global_step"] == 2
+    assert "current_model_state" in checkpoint  # the EMA weights are the checkpoint's state_dict
+    resolved = OmegaConf.load(tmp_path / "run" / "config_resolved.yaml")
+    assert resolved.trainer.precision == "bf16-mixed" and resolved.trainer.accumulate_grad_batches == 4
