@@ -1,0 +1,44 @@
+"""Print YOLOv3 anchors clustered on the configured training set, with their best possible recall.
+
+    python -m lightning_det.anchors data=voc data.root=/data/VOCdevkit model=yolov3
+    python -m lightning_det.anchors data.classes=null model=yolov3_tiny data.img_size=608
+
+Uses the same config as ``train.py``: the data group picks the training set, the model its number of levels
+and anchors per level, ``data.img_size`` the input size and ``model.iou_t`` the recall threshold.
+"""
+
+from __future__ import annotations
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lightning_det.models.yolov3.anchor_clustering import anchor_fitness, kmeans_anchors, letterboxed_sizes
+from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS, anchors_tensor
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    records = datamodule.dataset("train").records
+    wh = letterboxed_sizes(
+        [torch.as_tensor(r.boxes) for r in records], [(r.height, r.width) for r in records], cfg.data.img_size
+    )
+    current = anchors_tensor(cfg.model.get("anchors") or DEFAULT_ANCHORS[cfg.model.variant])
+    levels, per_level = current.shape[:2]
+    anchors = kmeans_anchors(wh, levels * per_level, seed=cfg.seed)
+    iou_t = cfg.model.get("iou_t", 0.2)
+    rows = [("configured", current.reshape(-1, 2)), ("clustered", anchors)]
+    print(f"{len(wh)} training boxes at img_size {cfg.data.img_size}, iou_t {iou_t}")
+    for name, table in rows:
+        fit = anchor_fitness(wh, table, iou_t)
+        print(f"{name:>10}: mean best IoU {fit['mean_iou']:.3f}, best possible recall {fit['best_possible_recall']:.3f}")
+    print("model:\n  anchors:")
+    for level in anchors.round().int().view(levels, per_level * 2).tolist():
+        print(f"    - {level}")
+
+
+if __name__ == "__main__":
+    main()
