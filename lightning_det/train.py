@@ -72,7 +72,37 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train as configured; returns the best monitored score, its checkpoint and the final validation metrics."""
+    """Train as configured; with ``stages`` (e.g. ``experiment=yolov3_two_stage``), one training per stage, each
+    starting from the previous stage's best weights. Returns the last stage's result."""
+    if not cfg.get("stages"):
+        return run_stage(cfg)
+    result: dict[str, Any] = {}
+    for number, overrides in enumerate(cfg.stages, start=1):
+        stage = stage_config(cfg, overrides, Path(cfg.paths.output_dir) / f"stage{number}")
+        if result.get("best_model_path"):
+            stage.init_from = result["best_model_path"]
+        log.info("stage %d of %d", number, len(cfg.stages))
+        result = run_stage(stage)
+    return result
+
+
+def stage_config(cfg: DictConfig, overrides: DictConfig, output_dir: Path) -> DictConfig:
+    """``cfg`` with one stage's overrides: an object with its own ``_target_`` replaces the node, other values
+    merge into it (so a stage can switch the scheduler or change only ``optimizer.lr``)."""
+    stage = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"])
+    for key, value in overrides.items():
+        if OmegaConf.is_dict(value) and "_target_" in value:
+            stage[key] = value
+        elif OmegaConf.is_dict(value) and OmegaConf.is_dict(stage.get(key)):
+            stage[key] = OmegaConf.merge(stage[key], value)
+        else:
+            stage[key] = value
+    stage.paths.output_dir = str(output_dir)
+    return stage
+
+
+def run_stage(cfg: DictConfig) -> dict[str, Any]:
+    """One training run: fit, then validate the best checkpoint."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     apply_nominal_batch_size(cfg)

@@ -159,3 +159,21 @@ def test_mixed_precision_accumulation_clipping_ema_and_multiscale_together(tmp_p
     assert "current_model_state" in checkpoint  # the EMA weights are the checkpoint's state_dict
     resolved = OmegaConf.load(tmp_path / "run" / "config_resolved.yaml")
     assert resolved.trainer.precision == "bf16-mixed" and resolved.trainer.accumulate_grad_batches == 4
+
+
+def test_two_stage_experiment_freezes_then_continues_from_the_first_stage(tmp_path):
+    done = train(
+        tmp_path, *small_sample(tmp_path), "experiment=yolov3_two_stage", "model=yolov3_tiny", "model.width=0.25",
+        "stages.0.trainer.max_epochs=1", "stages.1.trainer.max_epochs=1", "stages.0.data.batch_size=8",
+        "stages.1.data.batch_size=4",
+    )
+    first = torch.load(tmp_path / "run" / "stage1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    second = torch.load(tmp_path / "run" / "stage2" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # Adam keeps state only for parameters that received gradients: stage 1 kept the body frozen
+    assert len(first["optimizer_states"][0]["state"]) < len(second["optimizer_states"][0]["state"])
+    batch_sizes = [OmegaConf.load(tmp_path / "run" / s / "config_resolved.yaml").data.batch_size
+                   for s in ("stage1", "stage2")]
+    assert batch_sizes == [8, 4]
+    assert first["hyper_parameters"]["optimizer"]["lr"] == 1e-3 and second["hyper_parameters"]["optimizer"]["lr"] == 1e-4
+    assert second["lr_schedulers"][0]["patience"] == 3
+    assert f"init_from {tmp_path / 'run' / 'stage1' / 'checkpoints'}" in done.stdout + done.stderr
