@@ -65,6 +65,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_model(cfg, num_classes=datamodule.num_classes, class_names=list(datamodule.classes))
+    model.inference_pipeline = OmegaConf.to_container(cfg.data.val_transform, resolve=True)
     if cfg.get("init_from"):
         initialise_from(model, cfg.init_from, list(cfg.get("init_exclude") or []), cfg.get("init_cutoff"))
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)

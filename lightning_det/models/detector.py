@@ -90,6 +90,8 @@ class Detector(L.LightningModule):
             as_callable(metric)(num_classes=num_classes, class_names=self.class_names) if metric else None
         )
         self.nonfinite_loss: str | None = None
+        # The evaluation transform's config, saved with checkpoints so inference needs no training config.
+        self.inference_pipeline: dict[str, Any] | None = None
 
     # --- hooks a subclass implements -------------------------------------------------------------------------
     def loss(self, outputs: Any, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -174,6 +176,14 @@ class Detector(L.LightningModule):
         log.error(self.nonfinite_loss)
         self.trainer.should_stop = True
         return None
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["detector_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["inference_pipeline"] = self.inference_pipeline
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.inference_pipeline = checkpoint.get("inference_pipeline")
 
     # --- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

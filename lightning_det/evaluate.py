@@ -1,0 +1,107 @@
+"""Score a checkpoint on a dataset with the VOC07, VOC area and COCO metrics, and write result files.
+
+    python -m lightning_det.evaluate ckpt_path=<checkpoint> data=voc data.root=/data/VOCdevkit
+
+Writes, in the run directory, ``voc/comp4_det_test_<class>.txt`` (the VOC devkit's per-class format: image id,
+score, 1-based box) and ``coco_results.json`` (COCO's results format with the dataset's category ids).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lightning_det.inference import load_detector
+from lightning_det.metrics import COCOMeanAP, VOCMeanAP
+from lightning_det.models.detector import Detections, labels_to_targets
+
+log = logging.getLogger(__name__)
+
+
+def metric_table(class_names: list[str], results: dict[str, dict[str, torch.Tensor]]) -> str:
+    """Per-class AP of every metric side by side, then the summary values."""
+    names = list(results)
+    width = max(8, *(len(c) for c in class_names))
+    lines = [f"{'class':<{width}}" + "".join(f"  {n:>9}" for n in names)]
+    for index, name in enumerate(class_names):
+        values = [results[n]["AP_per_class"][index].item() for n in names]
+        lines.append(f"{name:<{width}}" + "".join("        -  " if math.isnan(v) else f"  {v:9.4f}" for v in values))
+    lines.append(f"{'mAP':<{width}}" + "".join(f"  {results[n]['mAP'].item():9.4f}" for n in names))
+    extra = {k: v for k, v in results["coco"].items() if k not in ("mAP", "AP_per_class")}
+    lines.append("coco: " + "  ".join(f"{k}={v.item():.4f}" for k, v in extra.items()))
+    return "\n".join(lines)
+
+
+def write_voc_results(folder: Path, class_names: list[str], stems: list[str], detections: Detections) -> None:
+    """One file per class, lines ``<image> <score> <x1> <y1> <x2> <y2>`` in the devkit's 1-based pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines: dict[int, list[str]] = {c: [] for c in range(len(class_names))}
+    for stem, det in zip(stems, detections):
+        for (x1, y1, x2, y2), score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            lines[label].append(f"{stem} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}\n")
+    for label, name in enumerate(class_names):
+        (folder / f"comp4_det_test_{name}.txt").write_text("".join(lines[label]))
+
+
+def coco_results(image_ids: list[int], detections: Detections, category_ids: list[int]) -> list[dict]:
+    return [
+        {"image_id": image_id, "category_id": category_ids[label], "score": round(score, 6),
+         "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]}
+        for image_id, det in zip(image_ids, detections)
+        for (x1, y1, x2, y2), score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())
+    ]
+
+
+@torch.inference_mode()
+def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
+    model, pipeline = load_detector(cfg.ckpt_path)
+    model.to(cfg.device)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    if list(datamodule.classes) != model.class_names:
+        raise ValueError(
+            f"the checkpoint's classes {model.class_names} differ from the dataset's {list(datamodule.classes)}: "
+            "set data.classes to the checkpoint's list"
+        )
+    datamodule.val_transform = pipeline
+    n = model.num_classes
+    metrics = {
+        "voc07": VOCMeanAP(n, use_07_metric=True, plus_one=True),
+        "voc": VOCMeanAP(n),
+        "coco": COCOMeanAP(n),
+    }
+    all_detections, image_ids, stems = [], [], []
+    for batch in datamodule.test_dataloader():
+        batch = model.transfer_batch_to_device(batch, model.device, 0)
+        detections = model.predict_step(batch, 0)
+        targets = labels_to_targets(batch["labels"], batch["meta"])
+        for metric in metrics.values():
+            metric.update(detections, targets)
+        all_detections += [{k: v.cpu() for k, v in d.items()} for d in detections]
+        image_ids += batch["meta"]["image_id"].tolist()
+        stems += [Path(p).stem for p in batch["meta"]["path"]]
+
+    output = Path(cfg.paths.output_dir)
+    write_voc_results(output / "voc", model.class_names, stems, all_detections)
+    category_ids = datamodule.label_to_category_id or list(range(n))
+    (output / "coco_results.json").write_text(json.dumps(coco_results(image_ids, all_detections, category_ids)))
+    results = {name: metric.compute() for name, metric in metrics.items()}
+    log.info("%d images\n%s", len(image_ids), metric_table(model.class_names, results))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

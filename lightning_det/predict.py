@@ -1,0 +1,72 @@
+"""Detect objects in images with a trained checkpoint: drawn images and a json of detections.
+
+    python -m lightning_det.predict ckpt_path=<checkpoint> input=<image or folder>
+
+Boxes are in original-image pixels; the json lists, per image, ``boxes`` (xyxy), ``scores`` and class ``labels``
+(names). Everything the checkpoint needs (classes, image pipeline, decoding settings) is stored in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.utils import draw_bounding_boxes
+
+from lightning_det.inference import image_batch, load_detector
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+def image_files(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            return files
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+    raise FileNotFoundError(f"input {source} is neither an image file nor a folder")
+
+
+@torch.inference_mode()
+def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: int, device: str) -> dict[str, dict]:
+    """Detections per image path, in original-image pixels, above ``score_thresh``."""
+    model, pipeline = load_detector(ckpt_path)
+    model.to(device)
+    results = {}
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start: start + batch_size]
+        batch = model.transfer_batch_to_device(image_batch(chunk, pipeline), torch.device(device), 0)
+        for path, det in zip(chunk, model.predict_step(batch, 0)):
+            keep = det["scores"] >= score_thresh
+            results[str(path)] = {
+                "boxes": det["boxes"][keep].cpu().tolist(),
+                "scores": det["scores"][keep].cpu().tolist(),
+                "labels": [model.class_names[i] for i in det["labels"][keep].tolist()],
+            }
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    paths = image_files(Path(cfg.input))
+    results = predict(cfg.ckpt_path, paths, cfg.score_thresh, cfg.batch_size, cfg.device)
+    output = Path(cfg.paths.output_dir)
+    for path, det in results.items():
+        image = decode_image(path, mode=ImageReadMode.RGB)
+        captions = [f"{name} {score:.2f}" for name, score in zip(det["labels"], det["scores"])]
+        boxes = torch.tensor(det["boxes"]).reshape(-1, 4)
+        write_png(draw_bounding_boxes(image, boxes, labels=captions, colors="red", width=2), str(output / f"{Path(path).stem}.png"))
+    (output / "detections.json").write_text(json.dumps(results, indent=1))
+    log.info("%d images, %d detections -> %s", len(results), sum(len(d["scores"]) for d in results.values()), output)
+
+
+if __name__ == "__main__":
+    main()

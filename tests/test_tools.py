@@ -1,0 +1,81 @@
+"""evaluate and predict on a checkpoint the tests train, through their real command lines."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["circle", "square", "triangle", "ring", "cross", "star"]
+
+
+def command(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Train briefly at 128 px, then evaluate (asking for 320 px on the command line: the checkpoint's own
+    pipeline must win) and predict two validation images."""
+    tmp = tmp_path_factory.mktemp("tools")
+    data = [f"data.root={tmp / 'sample'}", "data.prepare.num_train=16", "data.prepare.num_val=8",
+            "data.num_workers=0", "data.persistent_workers=false"]
+    command("train.py", "model.width=0.25", "trainer.max_epochs=2", "data.batch_size=4", "data.img_size=128", *data,
+            f"paths.log_dir={tmp / 'logs'}", f"hydra.run.dir={tmp / 'run'}")
+    checkpoint = next((tmp / "run" / "checkpoints").glob("best-*.ckpt"))
+    evaluated = command("-m", "lightning_det.evaluate", f"ckpt_path={checkpoint}", *data, "data.img_size=320",
+                        f"hydra.run.dir={tmp / 'evaluate'}")
+    (tmp / "evaluate" / "stdout.txt").write_text(evaluated.stdout + evaluated.stderr)
+
+    voc = tmp / "sample" / "VOCsample"
+    inputs = tmp / "inputs"
+    inputs.mkdir()
+    for stem in (voc / "ImageSets" / "Main" / "val.txt").read_text().split()[:2]:
+        (inputs / f"{stem}.jpg").write_bytes((voc / "JPEGImages" / f"{stem}.jpg").read_bytes())
+    command("-m", "lightning_det.predict", f"ckpt_path={checkpoint}", f"input={inputs}", "score_thresh=0.0",
+            f"hydra.run.dir={tmp / 'predict'}")
+    return tmp
+
+
+def voc_result_scores(folder: Path) -> dict[tuple[str, str], list[float]]:
+    scores: dict[tuple[str, str], list[float]] = {}
+    for name in CLASSES:
+        for line in (folder / f"comp4_det_test_{name}.txt").read_text().splitlines():
+            stem, score, x1, y1, x2, y2 = line.split()
+            assert float(x1) >= 1.0 and float(y1) >= 1.0 and float(x2) >= float(x1) - 1
+            scores.setdefault((stem, name), []).append(float(score))
+    return scores
+
+
+def test_evaluate_prints_every_metric_and_writes_result_files(runs):
+    text = (runs / "evaluate" / "stdout.txt").read_text()
+    assert re.search(r"class\s+voc07\s+voc\s+coco", text) and "AP50=" in text
+    assert all(re.search(rf"^{name}\s", text, re.MULTILINE) for name in CLASSES)
+    lines = voc_result_scores(runs / "evaluate" / "voc")
+    results = json.loads((runs / "evaluate" / "coco_results.json").read_text())
+    assert len(results) == sum(len(v) for v in lines.values()) > 0
+    assert all(r["bbox"][2] >= 0 and r["bbox"][3] >= 0 and 0 <= r["category_id"] < 6 for r in results)
+
+
+def test_predict_matches_evaluate_and_stays_in_original_pixels(runs):
+    detections = json.loads((runs / "predict" / "detections.json").read_text())
+    from_evaluate = voc_result_scores(runs / "evaluate" / "voc")
+    assert len(detections) == 2
+    for path, det in detections.items():
+        stem = Path(path).stem
+        width, height = Image.open(path).size
+        assert (runs / "predict" / f"{stem}.png").is_file()
+        assert all(0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height for x1, y1, x2, y2 in det["boxes"])
+        for name in CLASSES:
+            predicted = sorted(s for s, label in zip(det["scores"], det["labels"]) if label == name)
+            evaluated = sorted(from_evaluate.get((stem, name), []))
+            assert len(predicted) == len(evaluated) and np.allclose(predicted, evaluated, atol=2e-6), (stem, name)
