@@ -177,3 +177,21 @@ def test_two_stage_experiment_freezes_then_continues_from_the_first_stage(tmp_pa
     assert first["hyper_parameters"]["optimizer"]["lr"] == 1e-3 and second["hyper_parameters"]["optimizer"]["lr"] == 1e-4
     assert second["lr_schedulers"][0]["patience"] == 3
     assert f"init_from {tmp_path / 'run' / 'stage1' / 'checkpoints'}" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_multirun_grid_writes_a_summary_table(tmp_path):
+    args = [sys.executable, "train.py", "-m", *TINY, *small_sample(tmp_path), "trainer.max_epochs=1",
+            "model.width=0.125,0.25", "optimizer.lr=1e-3,2e-3", f"paths.log_dir={tmp_path / 'logs'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    lines = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
+    assert lines[0].startswith("| job | overrides | best val/mAP")
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [row[0] for row in rows] == ["| 0", "| 1", "| 2", "| 3"]
+    assert {row[1] for row in rows} == {f"model.width={w} optimizer.lr={lr}"
+                                        for w in ("0.125", "0.25") for lr in ("0.001", "0.002")}
+    for row in rows:
+        assert row[3] == "COMPLETED" and float(row[2]) >= 0.0
+        assert Path(row[4].rstrip(" |")).is_file()
