@@ -17,6 +17,21 @@ from lightning_det.models.weights import initialise_from
 log = logging.getLogger(__name__)
 
 
+def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
+    """The run's settings as flat scalars for TensorBoard's hparams tab, so runs compare by best score."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        elif isinstance(node, (int, float, str, bool)):
+            flat[prefix] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return {k: v for k, v in flat.items() if k.split(".")[0] in ("model", "optimizer", "scheduler", "data", "trainer")}
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
 
@@ -120,6 +135,9 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     final = trainer.validate(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
     metrics = {k: float(v) for k, v in (final[0] if final else {}).items()}
     best_score = metrics.get(cfg.monitor)
+    if best_score is not None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hyperparameters(cfg), metrics={f"best/{cfg.monitor}": best_score})
     if trainer.is_global_zero:
         log.info("best checkpoint: %s", best_path or "(none saved)")
         log.info("%s of the best checkpoint: %s", cfg.monitor, "n/a" if best_score is None else f"{best_score:.4f}")

@@ -69,7 +69,8 @@ def test_sample_run_writes_config_checkpoints_and_tensorboard(tmp_path):
     assert "val/mAP" in tags and len(tags["val/mAP"]) >= 2
     assert any(tag.startswith("val_AP/") for tag in tags)
     assert any(tag.startswith("lr-") for tag in tags)
-    assert "val/images" in tags
+    assert "val/images" in tags and "train/first_batch" in tags
+    assert "best/val/mAP" in tags  # the hparams tab's metric
     assert "val/mAP of the best checkpoint" in done.stdout + done.stderr
 
 

@@ -10,8 +10,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 
+def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
+    """The run's TensorBoard logger, on rank zero only."""
+    if not trainer.is_global_zero:
+        return None
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
 class ValidationImageLogger(L.Callback):
-    """Logs a grid of the first validation batch: ground truth in green, detections above ``score_thresh`` in red.
+    """Logs a grid of the first validation batch: ground truth in green, detections above ``score_thresh`` in red;
+    and once, the first training batch with its labels, as augmented (``train/first_batch``).
 
     Seeing boxes is the quickest check that labels, letterboxing and decoding agree; a falling loss alone
     does not show a transposed box or an off-by-a-stride anchor.
@@ -21,12 +29,23 @@ class ValidationImageLogger(L.Callback):
         self.max_images = max_images
         self.score_thresh = score_thresh
 
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int
+    ) -> None:
+        logger = tensorboard(trainer)
+        if logger is None or trainer.global_step != 1:
+            return
+        n = min(self.max_images, batch["images"].shape[0])
+        no_detections = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}] * n
+        images = trainer.datamodule.denormalize(batch["images"][:n])
+        logger.experiment.add_image("train/first_batch", self.render(images, batch["labels"][:n], no_detections, pl_module))
+
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if batch_idx != 0 or trainer.sanity_checking or logger is None or not trainer.is_global_zero:
+        logger = tensorboard(trainer)
+        if batch_idx != 0 or trainer.sanity_checking or logger is None:
             return
         n = min(self.max_images, batch["images"].shape[0])
         images = batch["images"][:n]
