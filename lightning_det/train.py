@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.log_hyperparams(hyperparameters(cfg), metrics={f"best/{cfg.monitor}": best_score})
     if trainer.is_global_zero:
+        (output_dir / "final_metrics.json").write_text(json.dumps({"checkpoint": best_path, **metrics}, indent=1))
         log.info("best checkpoint: %s", best_path or "(none saved)")
         log.info("%s of the best checkpoint: %s", cfg.monitor, "n/a" if best_score is None else f"{best_score:.4f}")
     return {"best_score": best_score, "best_model_path": best_path, "metrics": metrics}
