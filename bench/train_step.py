@@ -30,12 +30,13 @@ NUM_CLASSES = 20  # Pascal VOC
 log = logging.getLogger(__name__)
 
 
-def from_config(name: str) -> Callable[[], tuple[Detector, int]]:
-    """A builder for ``conf/model/<name>.yaml``: the model for ``NUM_CLASSES`` and the config's ``data.img_size``."""
+def from_config(name: str, img_size: int | None = None) -> Callable[[], tuple[Detector, int]]:
+    """A builder for ``conf/model/<name>.yaml``: the model for ``NUM_CLASSES`` and the config's ``data.img_size``
+    (or ``img_size``, for pipelines that resize by the shorter side, e.g. Faster R-CNN's 600 -> 608 padded)."""
 
     def build() -> tuple[Detector, int]:
         cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-        return instantiate(cfg.model, num_classes=NUM_CLASSES), int(cfg.data.img_size)
+        return instantiate(cfg.model, num_classes=NUM_CLASSES), img_size or int(cfg.data.img_size)
 
     return build
 
@@ -51,6 +52,10 @@ class Case:
 CASES = [
     Case("yolov3_tiny", from_config("yolov3_tiny"), batch_size=4),
     Case("yolov3", from_config("yolov3"), batch_size=2),
+    Case("ssd300", from_config("ssd300"), batch_size=2),
+    Case("ssdlite", from_config("ssdlite"), batch_size=4),
+    Case("faster_rcnn_mobilenet", from_config("faster_rcnn_mobilenet", img_size=608), batch_size=1),
+    Case("faster_rcnn_mobilenet", from_config("faster_rcnn_mobilenet", img_size=608), batch_size=4),
 ]
 
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lightning_det.data.transforms import Sample
 
 
-def collate_detection(samples: list[Sample], label_pad_width: int | None = None) -> dict[str, Any]:
+def collate_detection(
+    samples: list[Sample], label_pad_width: int | None = None, size_divisor: int = 1
+) -> dict[str, Any]:
     """Stack images and pad label rows ``(class, x1, y1, x2, y2, difficult)`` with ``class = -1``.
 
     ``label_pad_width`` fixes ``P`` (useful for static shapes, e.g. compiled models); ``None`` pads to the
-    batch's largest object count (at least 1).
+    batch's largest object count (at least 1). Images of different sizes (Faster R-CNN keeps aspect ratios) are
+    padded with zeros at the bottom/right to the batch's largest height and width, rounded up to a multiple
+    of ``size_divisor``; pixel coordinates do not move, so each image's ``scale``/``pad`` stays valid.
     """
     counts = torch.tensor([len(s.labels) for s in samples])
     width = label_pad_width if label_pad_width is not None else max(1, int(counts.max()))
@@ -35,7 +40,7 @@ def collate_detection(samples: list[Sample], label_pad_width: int | None = None)
     labels[..., 0] = -1
     labels[torch.arange(width) < counts.unsqueeze(1)] = rows
     return {
-        "images": torch.stack([s.image for s in samples]),
+        "images": pad_and_stack([s.image for s in samples], size_divisor),
         "labels": labels,
         "meta": {
             "image_id": torch.tensor([s.image_id for s in samples], dtype=torch.long),
@@ -46,3 +51,13 @@ def collate_detection(samples: list[Sample], label_pad_width: int | None = None)
             "mosaic": torch.tensor([s.mosaic for s in samples], dtype=torch.bool),
         },
     }
+
+
+def pad_and_stack(images: list[Tensor], size_divisor: int = 1) -> Tensor:
+    """``[3, H_i, W_i]`` images -> ``[B, 3, H, W]``, zero-padded bottom/right to the rounded-up largest size."""
+    height, width = (max(sizes) for sizes in zip(*(image.shape[-2:] for image in images)))
+    height, width = (-(-side // size_divisor) * size_divisor for side in (height, width))
+    batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    for target, image in zip(batch, images):  # a copy per image: the sizes differ, so it cannot be one op
+        target[:, : image.shape[-2], : image.shape[-1]] = image
+    return batch

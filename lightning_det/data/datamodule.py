@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_det.data.collate import collate_detection
-from lightning_det.data.dataset import DetectionDataset, MosaicSampler
+from lightning_det.data.dataset import AspectRatioBatchSampler, DetectionDataset, MosaicSampler
 from lightning_det.data.records import AnnotationRecord, AnnotationSource, read_annotations
 from lightning_det.data.transforms import DetectionTransform, LetterboxTransform, YoloTrainTransform
 
@@ -43,6 +43,8 @@ class DetectionDataModule(L.LightningDataModule):
         keep_difficult_in_training: keep difficult/crowd objects in training labels (flagged in column 5);
             validation always keeps them, flagged, so metrics ignore them.
         seed: for the ``val_split`` hold-out and the training order.
+        size_divisor: images of a batch are padded (bottom/right) to the largest size rounded up to this.
+        group_aspect_ratio: training batches hold only landscape or only portrait images (less padding).
     """
 
     def __init__(
@@ -66,6 +68,8 @@ class DetectionDataModule(L.LightningDataModule):
         skip_invalid: bool = False,
         keep_difficult_in_training: bool = False,
         seed: int = 0,
+        size_divisor: int = 1,
+        group_aspect_ratio: bool = False,
     ) -> None:
         super().__init__()
         if val is None and val_split is None:
@@ -86,11 +90,12 @@ class DetectionDataModule(L.LightningDataModule):
         self.train_transform = train_transform or YoloTrainTransform(img_size=img_size)
         self.val_transform = val_transform or LetterboxTransform(img_size=img_size)
         self._check_transforms()
-        self.collate = partial(collate_detection, label_pad_width=label_pad_width)
+        self.collate = partial(collate_detection, label_pad_width=label_pad_width, size_divisor=size_divisor)
         self.close_mosaic = close_mosaic
         self.skip_invalid = skip_invalid
         self.keep_difficult_in_training = keep_difficult_in_training
         self.seed = seed
+        self.group_aspect_ratio = group_aspect_ratio
         self.records: dict[str, list[AnnotationRecord]] = {}  # per role: train, val, test
         self._source_records: dict[str, list[AnnotationRecord]] = {}  # per configured source
         self._mosaic_override: bool | None = None
@@ -192,17 +197,20 @@ class DetectionDataModule(L.LightningDataModule):
     def _loader(self, dataset: DetectionDataset, **kwargs: Any) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            **{"batch_size": self.batch_size, **kwargs},
             collate_fn=self.collate,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
         sampler = MosaicSampler(len(dataset), self.mosaic_enabled, shuffle=True, seed=self.seed)
+        if self.group_aspect_ratio:
+            landscape = [record.width >= record.height for record in dataset.records]
+            batches = AspectRatioBatchSampler(sampler, landscape, self.batch_size)
+            return self._loader(dataset, batch_sampler=batches, batch_size=1)
         return self._loader(dataset, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -73,3 +73,31 @@ class MosaicSampler(Sampler[tuple[int, bool]]):
         order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
         mosaic = bool(self.mosaic_enabled())
         return iter([(index, mosaic) for index in order.tolist()])
+
+
+class AspectRatioBatchSampler(Sampler[list[tuple[int, bool]]]):
+    """Batches of images on the same side of square (landscape vs portrait), so padding to a common size wastes
+    little: fills one batch per group from ``sampler``'s order and yields each batch as soon as it is full;
+    the groups' leftovers come last, as smaller batches."""
+
+    def __init__(self, sampler: MosaicSampler, landscape: list[bool], batch_size: int) -> None:
+        self.sampler = sampler
+        self.landscape = landscape
+        self.batch_size = batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        wide = sum(self.landscape)
+        return sum(-(-count // self.batch_size) for count in (wide, len(self.landscape) - wide))
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        pending: dict[bool, list[tuple[int, bool]]] = {True: [], False: []}
+        for item in self.sampler:
+            group = pending[self.landscape[item[0]]]
+            group.append(item)
+            if len(group) == self.batch_size:
+                yield group.copy()
+                group.clear()
+        yield from (group for group in pending.values() if group)

@@ -7,11 +7,16 @@ from lightning_det.data.transforms.common import (
     clip_and_filter,
     letterbox,
 )
+from lightning_det.data.transforms.rcnn import RCNNTransform
+from lightning_det.data.transforms.ssd import SSDEvalTransform, SSDTrainTransform
 from lightning_det.data.transforms.yolo import YoloTrainTransform
 
 __all__ = [
     "DetectionTransform",
     "LetterboxTransform",
+    "RCNNTransform",
+    "SSDEvalTransform",
+    "SSDTrainTransform",
     "Sample",
     "YoloTrainTransform",
     "clip_and_filter",

@@ -1,0 +1,70 @@
+"""The Faster R-CNN pipeline: resize so the shorter side is ``min_size`` (the longer at most ``max_size``), flip.
+
+Images keep their aspect ratio, so a batch holds differently shaped images; the collate function pads them
+bottom/right to a common size, which leaves the ``scale``/``pad`` mapping of each image valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from lightning_det.data.transforms.common import DetectionTransform, Sample, as_boxes
+
+
+def resize_shorter_side(
+    image: Tensor, boxes: Tensor, min_size: int, max_size: int
+) -> tuple[tv_tensors.Image, tv_tensors.BoundingBoxes, tuple[float, float]]:
+    """Scale by ``min(min_size / shorter, max_size / longer)``; returns image, boxes and the exact ``(sx, sy)``."""
+    height, width = image.shape[-2:]
+    ratio = min(min_size / min(height, width), max_size / max(height, width))
+    new_h, new_w = max(1, round(height * ratio)), max(1, round(width * ratio))
+    resized = F.resize(tv_tensors.Image(image), [new_h, new_w], antialias=True)
+    moved = F.resize(as_boxes(boxes, (height, width)), [new_h, new_w])
+    return resized, moved, (new_w / width, new_h / height)
+
+
+class RCNNTransform(DetectionTransform):
+    """Resize by the shorter side and flip horizontally with probability ``flip`` (0 for evaluation).
+
+    Without a flip, ``scale`` maps the boxes back to the original image (evaluation); a flipped image is an
+    augmented view and describes its own canvas (identity mapping), as every training transform does.
+    Normalisation defaults to the ImageNet mean/std of torchvision's backbones.
+    """
+
+    def __init__(
+        self,
+        min_size: int = 600,
+        max_size: int = 1000,
+        flip: float = 0.0,
+        mean: Sequence[float] = (123.675, 116.28, 103.53),
+        std: Sequence[float] = (58.395, 57.12, 57.375),
+    ) -> None:
+        super().__init__(mean=mean, std=std)
+        if min_size > max_size:
+            raise ValueError(f"min_size={min_size} is larger than max_size={max_size}")
+        self.min_size = min_size
+        self.max_size = max_size
+        self.flip = flip
+
+    def __call__(self, samples: list[Sample]) -> Sample:
+        (sample,) = samples
+        image, boxes, scale = resize_shorter_side(sample.image, sample.boxes, self.min_size, self.max_size)
+        flipped = self.flip > 0 and bool(torch.rand(()) < self.flip)
+        if flipped:
+            image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
+        canvas = tuple(image.shape[-2:])
+        return Sample(
+            image=self.normalize(image.as_subclass(Tensor)),
+            boxes=boxes.as_subclass(Tensor),
+            labels=sample.labels,
+            difficult=sample.difficult,
+            image_id=sample.image_id,
+            path=sample.path,
+            orig_size=canvas if flipped else sample.orig_size,
+            scale=(1.0, 1.0) if flipped else scale,
+        )

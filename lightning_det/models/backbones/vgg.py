@@ -1,0 +1,71 @@
+"""The reduced VGG16 of SSD: VGG16's convolutions, pool5 3x3 stride 1, atrous fc6 and 1x1 fc7 as convolutions.
+
+Outputs conv4_3 (stride 8, L2-normalised with a learnable per-channel scale) and fc7 (stride 16), the two
+feature maps SSD predicts from before its extra layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# VGG16's convolution widths; "M" is a 2x2 max pool (ceil mode, so 75 -> 38 at SSD300's third pool).
+VGG16_LAYERS: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+
+
+class L2Norm(nn.Module):
+    """Normalise each location's channel vector to unit length, then scale per channel (initially ``scale``).
+
+    conv4_3's activations are much larger than the later layers'; normalising them lets one learning rate suit
+    every prediction layer.
+    """
+
+    def __init__(self, channels: int, scale: float = 20.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((channels,), scale))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1, eps=1e-10) * self.weight.view(1, -1, 1, 1)
+
+
+def scaled(channels: int, width: float) -> int:
+    """``channels * width`` rounded up to a multiple of 8 (``width`` 1.0 is the published network)."""
+    return max(8, -(-int(channels * width) // 8) * 8)
+
+
+def conv_stack(layers: list[int | str], in_channels: int, width: float) -> nn.Sequential:
+    modules: list[nn.Module] = []
+    for item in layers:
+        if item == "M":
+            modules.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+        else:
+            out = scaled(int(item), width)
+            modules += [nn.Conv2d(in_channels, out, 3, padding=1), nn.ReLU(inplace=True)]
+            in_channels = out
+    return nn.Sequential(*modules)
+
+
+class ReducedVGG16(nn.Module):
+    """``forward(images) -> [conv4_3 (L2-normalised), fc7]``; ``out_channels`` = ``[512, 1024]`` x ``width``."""
+
+    def __init__(self, width: float = 1.0, l2_scale: float = 20.0) -> None:
+        super().__init__()
+        split = VGG16_LAYERS.index("M", VGG16_LAYERS.index(512))  # the pool after conv4_3
+        conv4_3, fc = scaled(512, width), scaled(1024, width)
+        self.out_channels = [conv4_3, fc]
+        self.to_conv4_3 = conv_stack(VGG16_LAYERS[:split], 3, width)
+        self.l2_norm = L2Norm(conv4_3, l2_scale)
+        self.to_fc7 = nn.Sequential(
+            nn.MaxPool2d(2, 2, ceil_mode=True),
+            *conv_stack(VGG16_LAYERS[split + 1 :], conv4_3, width),
+            nn.MaxPool2d(3, 1, padding=1),  # pool5: 3x3 stride 1 keeps stride 16
+            nn.Conv2d(scaled(512, width), fc, 3, padding=6, dilation=6),  # fc6, atrous
+            nn.ReLU(inplace=True),
+            nn.Conv2d(fc, fc, 1),  # fc7
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        conv4_3 = self.to_conv4_3(images)
+        return [self.l2_norm(conv4_3), self.to_fc7(conv4_3)]

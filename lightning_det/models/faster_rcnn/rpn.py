@@ -1,0 +1,98 @@
+"""The region proposal network: anchors, the objectness/box head, and batched proposal filtering."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
+
+
+class RPNOutputs(NamedTuple):
+    """Raw RPN predictions for every anchor of the padded batch, levels concatenated in anchor order."""
+
+    objectness: Tensor  # [B, A] logits
+    deltas: Tensor  # [B, A, 4] box regression relative to the anchors
+    anchors: Tensor  # [A, 4] xyxy in batch pixels, shared by every image of the padded batch
+    anchor_level: Tensor  # [A] feature level of each anchor
+
+
+def rank_within_images(image: Tensor) -> Tensor:
+    """For rows already sorted by descending score, each row's rank among the rows of its own image."""
+    order = torch.sort(image, stable=True).indices
+    counts = torch.bincount(image)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(image)
+    rank[order] = torch.arange(len(image), device=image.device) - starts[image[order]]
+    return rank
+
+
+class RegionProposalNetwork(nn.Module):
+    """Anchors of ``sizes`` x ``aspect_ratios`` (h/w) per feature level, torchvision's ``RPNHead``, and the
+    proposal filter: per level the ``pre_nms_top_n`` best anchors, decode, clip, drop boxes smaller than
+    ``min_size``, NMS at ``nms_thresh`` per level, then the ``post_nms_top_n`` best per image. The top-N values
+    are ``(train, test)`` pairs chosen by the module's mode."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        sizes: Sequence[Sequence[int]],
+        aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        pre_nms_top_n: tuple[int, int] = (12000, 6000),
+        post_nms_top_n: tuple[int, int] = (2000, 300),
+        nms_thresh: float = 0.7,
+        min_size: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        sizes = tuple(tuple(s) for s in sizes)
+        self.anchor_generator = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
+        self.head = RPNHead(in_channels, self.anchor_generator.num_anchors_per_location()[0])
+        self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.pre_nms_top_n = tuple(pre_nms_top_n)
+        self.post_nms_top_n = tuple(post_nms_top_n)
+        self.nms_thresh = nms_thresh
+        self.min_size = min_size
+
+    def forward(self, images: Tensor, features: list[Tensor]) -> RPNOutputs:
+        logits, regression = self.head(features)
+        batch = images.shape[0]
+        objectness = torch.cat([o.permute(0, 2, 3, 1).reshape(batch, -1) for o in logits], 1)
+        deltas = torch.cat([r.view(batch, -1, 4, *r.shape[-2:]).permute(0, 3, 4, 1, 2).reshape(batch, -1, 4)
+                            for r in regression], 1)
+        image_list = ImageList(images[:1], [tuple(images.shape[-2:])])
+        anchors = self.anchor_generator(image_list, [f[:1] for f in features])[0]
+        per_level = torch.tensor([o[0].numel() for o in logits], device=images.device)
+        level = torch.arange(len(logits), device=images.device).repeat_interleave(per_level)
+        return RPNOutputs(objectness, deltas, anchors, level)
+
+    @torch.no_grad()
+    def propose(self, outputs: RPNOutputs, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Proposals of the whole batch, flattened: boxes ``[K, 4]`` and their image index ``[K]``."""
+        mode = 0 if self.training else 1
+        pre_nms, post_nms = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
+        objectness, level = outputs.objectness.detach(), outputs.anchor_level
+        batch = objectness.shape[0]
+        candidates = []
+        for lvl in range(int(level.max()) + 1):  # a handful of feature levels
+            index = (level == lvl).nonzero()[:, 0]
+            top = objectness[:, index].topk(min(pre_nms, len(index)), dim=1).indices
+            candidates.append(index[top])
+        anchor_index = torch.cat(candidates, 1)  # [B, N]
+        scores = objectness.gather(1, anchor_index).flatten()
+        deltas = outputs.deltas.detach().gather(1, anchor_index.unsqueeze(-1).expand(-1, -1, 4)).view(-1, 4)
+        boxes = self.box_coder.decode_single(deltas, outputs.anchors[anchor_index.flatten()])
+        boxes = clip_boxes_to_image(boxes, image_size)
+        image = torch.arange(batch, device=boxes.device).repeat_interleave(anchor_index.shape[1])
+        keep = remove_small_boxes(boxes, self.min_size)
+        boxes, scores, image = boxes[keep], scores[keep], image[keep]
+        groups = image * (int(level.max()) + 1) + level[anchor_index.flatten()][keep]
+        keep = batched_nms(boxes, scores, groups, self.nms_thresh)
+        keep = keep[scores[keep].argsort(descending=True)]
+        keep = keep[rank_within_images(image[keep]) < post_nms]
+        return boxes[keep], image[keep]

@@ -1,0 +1,67 @@
+"""Turning SSD's raw outputs into detections: softmax scores, box decoding, per-class NMS for the whole batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from lightning_det.models.ssd.targets import decode as decode_offsets
+from lightning_det.models.yolov3.decode import rank_within_group
+
+
+class SSDDecoder:
+    """Scores, thresholds and one ``batched_nms`` call for a whole batch.
+
+    Args:
+        conf_thresh: drop (box, class) candidates scoring at or below this.
+        nms_thresh: IoU above which a lower-scored box of the same class (and image) is suppressed.
+        nms_topk: candidates per image entering NMS, best first (the reference's 400).
+        keep_topk: detections kept per image after NMS, best first (the reference's 200).
+        force_suppress: suppress across classes too (class-agnostic NMS).
+        variances: the box coding's variances (see ``targets.py``).
+    """
+
+    def __init__(
+        self,
+        conf_thresh: float = 0.01,
+        nms_thresh: float = 0.45,
+        nms_topk: int = 400,
+        keep_topk: int = 200,
+        force_suppress: bool = False,
+        variances: tuple[float, float] = (0.1, 0.2),
+    ) -> None:
+        self.conf_thresh = conf_thresh
+        self.nms_thresh = nms_thresh
+        self.nms_topk = nms_topk
+        self.keep_topk = keep_topk
+        self.force_suppress = force_suppress
+        self.variances = variances
+
+    def __call__(
+        self, loc: Tensor, conf: Tensor, priors: Tensor, image_size: tuple[int, int]
+    ) -> list[dict[str, Tensor]]:
+        """``loc [B, N, 4]``, ``conf [B, N, C + 1]`` raw -> per image ``{"boxes", "scores", "labels"}``, batch pixels."""
+        batch, _, channels = conf.shape
+        num_classes = channels - 1
+        boxes = clip_boxes_to_image(decode_offsets(loc, priors, self.variances), image_size)
+        scores = conf.softmax(-1)[..., 1:].flatten(1)  # [B, N * C]: every (box, foreground class) pair
+
+        scores, candidate = scores.topk(min(self.nms_topk, scores.shape[1]), dim=1)
+        image = torch.arange(batch, device=conf.device)[:, None].expand_as(candidate)
+        above = scores > self.conf_thresh
+        scores, candidate, image = scores[above], candidate[above], image[above]
+        box_index, labels = candidate // num_classes, candidate % num_classes
+        boxes = boxes[image, box_index]
+
+        groups = image if self.force_suppress else image * num_classes + labels
+        keep = batched_nms(boxes, scores, groups, self.nms_thresh)  # sorted by decreasing score
+        keep = keep[image[keep].argsort(stable=True)]  # grouped by image, still best first within each
+        keep = keep[rank_within_group(image[keep], batch) < self.keep_topk]
+
+        counts = torch.bincount(image[keep], minlength=batch).tolist()
+        return [
+            {"boxes": b, "scores": s, "labels": c}
+            for b, s, c in zip(boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts))
+        ]
+

@@ -1,0 +1,113 @@
+"""SSD networks: a backbone giving two maps, extra layers halving the resolution, and per-map prediction heads.
+
+- ``ssd300`` / ``ssd512``: reduced VGG16 (conv4_3 + fc7) and the paper's extra layers (4 for 300, 5 for 512),
+  3x3 convolutional heads (torchvision's ``SSDHead``).
+- ``ssdlite``: MobileNetV3-Large (two maps) and four depthwise-separable extra blocks, depthwise-separable heads
+  (torchvision's ``SSDLiteHead``).
+``width`` multiplies every channel count (rounded up to multiples of 8); 1.0 is the published network. The VGG
+body and the extra layers get Xavier-uniform weights and zero biases; the heads keep torchvision's init (Xavier for
+``SSDHead``), MobileNetV3 its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import Tensor, nn
+from torchvision.models.detection.ssd import SSDHead
+from torchvision.models.detection.ssdlite import SSDLiteHead
+from torchvision.ops import Conv2dNormActivation
+
+from lightning_det.models.backbones.mobilenet import SSDLITE_NORM, MobileNetV3Features
+from lightning_det.models.backbones.vgg import ReducedVGG16, scaled
+
+# Extra layers of the VGG variants: (1x1 width, 3x3 width, 3x3 stride, 3x3 padding), then SSD512's 4x4 last layer.
+VGG_EXTRAS = {
+    "ssd300": [(256, 512, 2, 1), (128, 256, 2, 1), (128, 256, 1, 0), (128, 256, 1, 0)],
+    "ssd512": [(256, 512, 2, 1), (128, 256, 2, 1), (128, 256, 2, 1), (128, 256, 2, 1), (128, 256, 1, 1)],
+}
+SSDLITE_EXTRAS = [512, 256, 256, 128]
+VARIANTS = ("ssd300", "ssd512", "ssdlite")
+
+
+def vgg_extras(variant: str, in_channels: int, width: float) -> nn.ModuleList:
+    blocks = []
+    for k, (reduce, out, stride, padding) in enumerate(VGG_EXTRAS[variant]):
+        reduce, out = scaled(reduce, width), scaled(out, width)
+        kernel = 4 if variant == "ssd512" and k == len(VGG_EXTRAS[variant]) - 1 else 3
+        blocks.append(
+            nn.Sequential(
+                nn.Conv2d(in_channels, reduce, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(reduce, out, kernel, stride=stride, padding=padding), nn.ReLU(inplace=True),
+            )
+        )
+        in_channels = out
+    return nn.ModuleList(blocks)
+
+
+def separable_extra(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 reduce to half, 3x3 depthwise stride 2, 1x1 expand: SSDLite's cheap halving block."""
+    middle = out_channels // 2
+    return nn.Sequential(
+        Conv2dNormActivation(in_channels, middle, 1, norm_layer=SSDLITE_NORM, activation_layer=nn.ReLU6),
+        Conv2dNormActivation(middle, middle, 3, stride=2, groups=middle, norm_layer=SSDLITE_NORM,
+                             activation_layer=nn.ReLU6),
+        Conv2dNormActivation(middle, out_channels, 1, norm_layer=SSDLITE_NORM, activation_layer=nn.ReLU6),
+    )
+
+
+class SSDOutputs(NamedTuple):
+    loc: Tensor  # [B, N, 4] box offsets from the default boxes
+    conf: Tensor  # [B, N, C + 1] class logits, background first
+    feature_sizes: list[tuple[int, int]]  # (h, w) of each prediction map, for laying out the default boxes
+
+
+class SSDNetwork(nn.Module):
+    """``forward(images) -> SSDOutputs``: predictions for every default box, in ``priors.py``'s order."""
+
+    def __init__(self, variant: str, num_classes: int, boxes_per_location: Sequence[int], width: float = 1.0,
+                 l2_scale: float = 20.0) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown SSD variant {variant!r}: use one of {', '.join(VARIANTS)}")
+        lite = variant == "ssdlite"
+        if lite:
+            self.backbone: nn.Module = MobileNetV3Features(width)
+            extra_channels = [scaled(out, width) for out in SSDLITE_EXTRAS]
+            self.extras = nn.ModuleList(
+                separable_extra(c_in, c_out)
+                for c_in, c_out in zip([self.backbone.out_channels[-1], *extra_channels], extra_channels)
+            )
+        else:
+            self.backbone = ReducedVGG16(width, l2_scale)
+            self.extras = vgg_extras(variant, self.backbone.out_channels[-1], width)
+            extra_channels = [scaled(out, width) for _, out, _, _ in VGG_EXTRAS[variant]]
+            xavier_init(self.backbone)  # no batch norm in VGG: Xavier keeps a from-scratch start trainable
+        xavier_init(self.extras)
+        channels = [*self.backbone.out_channels, *extra_channels]
+        if len(boxes_per_location) != len(channels):
+            raise ValueError(
+                f"{variant} predicts from {len(channels)} feature maps but the default-box config describes "
+                f"{len(boxes_per_location)}: give one aspect-ratio list per map"
+            )
+        boxes, outputs = list(boxes_per_location), num_classes + 1
+        self.head: nn.Module = (
+            SSDLiteHead(channels, boxes, outputs, SSDLITE_NORM) if lite else SSDHead(channels, boxes, outputs)
+        )
+
+    def forward(self, images: Tensor) -> SSDOutputs:
+        features = self.backbone(images)
+        for block in self.extras:
+            features.append(block(features[-1]))
+        outputs = self.head(features)
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        return SSDOutputs(outputs["bbox_regression"], outputs["cls_logits"], sizes)
+
+
+def xavier_init(module: nn.Module) -> None:
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)

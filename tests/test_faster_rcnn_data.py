@@ -1,0 +1,70 @@
+"""The Faster R-CNN pipeline: shorter-side resize with exact meta, padded collate, aspect-ratio grouping."""
+
+import torch
+
+from lightning_det.data import AspectRatioBatchSampler, MosaicSampler, collate_detection
+from lightning_det.data.transforms import RCNNTransform, Sample
+
+
+def sample(height: int, width: int, boxes: list[list[float]]) -> Sample:
+    return Sample(
+        image=torch.randint(0, 256, (3, height, width), dtype=torch.uint8),
+        boxes=torch.tensor(boxes, dtype=torch.float32),
+        labels=torch.zeros(len(boxes), dtype=torch.long),
+        difficult=torch.zeros(len(boxes), dtype=torch.bool),
+        image_id=0,
+        path=f"{height}x{width}.jpg",
+        orig_size=(height, width),
+    )
+
+
+def test_shorter_side_goes_to_min_size_unless_the_longer_exceeds_max_size():
+    transform = RCNNTransform(min_size=60, max_size=100)
+    wide = transform([sample(30, 45, [[3, 6, 30, 24]])])
+    assert tuple(wide.image.shape[-2:]) == (60, 90)
+    assert wide.boxes.tolist() == [[6, 12, 60, 48]]
+    very_wide = transform([sample(20, 80, [[8, 4, 40, 10]])])  # 60/20 = 3 would make 240 > 100: ratio 100/80
+    assert tuple(very_wide.image.shape[-2:]) == (25, 100)
+    assert very_wide.scale == (100 / 80, 25 / 20)
+
+
+def test_eval_meta_maps_boxes_back_to_the_original():
+    original = [[5.0, 7.0, 33.0, 21.0]]
+    out = RCNNTransform(min_size=50, max_size=200)([sample(30, 41, original)])
+    sx, sy = out.scale
+    mapped = (out.boxes - torch.tensor(out.pad).repeat(2)) / torch.tensor([sx, sy, sx, sy])
+    assert torch.allclose(mapped, torch.tensor(original), atol=1e-4)
+
+
+def test_flip_mirrors_boxes_in_the_resized_image():
+    torch.manual_seed(0)
+    out = RCNNTransform(min_size=40, max_size=100, flip=1.0)([sample(40, 50, [[0, 0, 10, 20]])])
+    assert out.boxes.tolist() == [[40, 0, 50, 20]]
+    assert out.scale == (1.0, 1.0) and out.orig_size == (40, 50)
+
+
+def test_collate_pads_bottom_right_to_a_multiple_of_the_divisor():
+    transform = RCNNTransform(min_size=40, max_size=100)
+    samples = [transform([sample(40, 70, [[1, 1, 9, 9]])]), transform([sample(70, 40, [[2, 2, 8, 8]])])]
+    batch = collate_detection(samples, size_divisor=32)
+    assert tuple(batch["images"].shape) == (2, 3, 96, 96)
+    assert torch.equal(batch["images"][0, :, :40, :70], samples[0].image)
+    assert torch.equal(batch["images"][1, :, :70, :40], samples[1].image)
+    assert batch["images"][0, :, 40:].abs().sum() == 0 and batch["images"][1, :, :, 40:].abs().sum() == 0
+    assert batch["labels"][1, 0, 1:5].tolist() == samples[1].boxes[0].tolist()
+
+
+def test_collate_keeps_equal_sizes_unpadded_by_default():
+    samples = [sample(32, 48, [[1, 1, 5, 5]]) for _ in range(2)]
+    for s in samples:
+        s.image = s.image.float()
+    assert tuple(collate_detection(samples)["images"].shape) == (2, 3, 32, 48)
+
+
+def test_aspect_ratio_batches_hold_one_orientation_and_cover_every_image_once():
+    landscape = [True, False, True, True, False, False, False, True, True]
+    sampler = MosaicSampler(len(landscape), lambda: False, shuffle=True, seed=3)
+    batches = list(AspectRatioBatchSampler(sampler, landscape, batch_size=2))
+    assert len(batches) == len(AspectRatioBatchSampler(sampler, landscape, batch_size=2)) == 3 + 2
+    assert sorted(index for batch in batches for index, _ in batch) == list(range(len(landscape)))
+    assert all(len({landscape[index] for index, _ in batch}) == 1 for batch in batches)

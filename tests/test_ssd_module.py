@@ -1,0 +1,88 @@
+"""SSD as a whole: the reference SSD300 parameter count, layouts, decoding, and a few steps that lower the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import one_torch_thread
+
+from lightning_det.models.ssd import SSD
+from lightning_det.models.ssd.decode import SSDDecoder
+from lightning_det.models.ssd.targets import encode
+
+SSD300_RATIOS = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
+
+pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+
+
+def conv(c_in: int, c_out: int, kernel: int) -> int:
+    return c_in * c_out * kernel * kernel + c_out
+
+
+def test_ssd300_vgg16_has_the_reference_parameter_count():
+    vgg = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+           (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+    count = sum(conv(i, o, 3) for i, o in vgg)
+    count += conv(512, 1024, 3) + conv(1024, 1024, 1)  # fc6 (atrous), fc7
+    count += 512  # L2Norm scale of conv4_3
+    count += conv(1024, 256, 1) + conv(256, 512, 3) + conv(512, 128, 1) + conv(128, 256, 3)
+    count += conv(256, 128, 1) + conv(128, 256, 3) + conv(256, 128, 1) + conv(128, 256, 3)
+    sources, boxes = [512, 1024, 512, 256, 256, 256], [4, 6, 6, 6, 4, 4]
+    count += sum(conv(c, b * 4, 3) + conv(c, b * 21, 3) for c, b in zip(sources, boxes))
+    model = SSD(variant="ssd300", num_classes=20, aspect_ratios=SSD300_RATIOS)
+    assert sum(p.numel() for p in model.parameters()) == count == 26_285_486  # ssd.pytorch's published figure
+
+
+def test_layouts_at_the_default_sizes():
+    ssd300 = SSD(variant="ssd300", width=0.125, num_classes=3, aspect_ratios=SSD300_RATIOS).eval()
+    outputs = ssd300(torch.zeros(1, 3, 300, 300))
+    assert outputs.loc.shape == (1, 8732, 4) and outputs.conf.shape == (1, 8732, 4)
+    ssd512 = SSD(variant="ssd512", width=0.125, num_classes=3, aspect_ratios=[[2], *[[2, 3]] * 4, [2], [2]]).eval()
+    outputs = ssd512(torch.zeros(1, 3, 512, 512))
+    assert outputs.feature_sizes == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    assert outputs.loc.shape[1] == 24564
+    ssdlite = SSD(variant="ssdlite", width=0.25, num_classes=3, aspect_ratios=[[2, 3]] * 6).eval()
+    assert ssdlite(torch.zeros(1, 3, 320, 320)).feature_sizes == [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
+
+
+def test_decoder_keeps_per_class_boxes_and_force_suppress_merges_classes():
+    priors = torch.tensor([[50.0, 50, 40, 40], [52, 50, 40, 40], [150, 150, 40, 40]])
+    boxes = torch.tensor([[30.0, 30, 70, 70], [32, 30, 72, 70], [130, 130, 170, 170]])
+    loc = encode(boxes, priors)[None]
+    logits = torch.full((1, 3, 3), -10.0)
+    logits[0, 0, 1], logits[0, 1, 2], logits[0, 2, 1] = 5.0, 4.0, 3.0  # two overlapping boxes of different classes
+    per_class = SSDDecoder(conf_thresh=0.5)(loc, logits, priors, (200, 200))[0]
+    assert sorted(per_class["labels"].tolist()) == [0, 0, 1]
+    torch.testing.assert_close(per_class["boxes"][0], boxes[0])
+    merged = SSDDecoder(conf_thresh=0.5, force_suppress=True)(loc, logits, priors, (200, 200))[0]
+    assert merged["labels"].tolist() == [0, 0] and torch.equal(merged["boxes"][1], boxes[2])
+    top1 = SSDDecoder(conf_thresh=0.5, keep_topk=1)(loc.repeat(2, 1, 1), logits.repeat(2, 1, 1), priors, (200, 200))
+    assert [len(d["scores"]) for d in top1] == [1, 1] and top1[1]["scores"][0] > 0.9
+
+
+def test_a_few_steps_lower_the_loss_and_detections_come_out_in_original_pixels():
+    torch.manual_seed(0)
+    model = SSD(variant="ssdlite", width=0.25, num_classes=3, aspect_ratios=[[2, 3]] * 6, s_min=0.15, s_max=0.8)
+    labels = torch.tensor([[[0, 10, 12, 60, 70, 0], [2, 70, 60, 120, 110, 0]],
+                           [[1, 30, 30, 100, 90, 0], [-1, 0, 0, 0, 0, 0]]])
+    batch = {
+        "images": torch.randn(2, 3, 128, 128),
+        "labels": labels,
+        "meta": {"scale": torch.tensor([[0.5, 0.5], [1.0, 2.0]]), "pad": torch.zeros(2, 2),
+                 "orig_size": torch.tensor([[256, 256], [64, 128]])},
+    }
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(8):
+        losses = model.loss(model(batch["images"]), batch)
+        first = losses if first is None else first
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    assert losses["loss"] < 0.8 * first["loss"]
+    assert set(losses) == {"loss", "loc", "conf", "ce", "smooth_l1"}
+    model.eval()
+    with torch.no_grad():
+        detections = model.predict_step(batch, 0)
+    assert detections[0]["boxes"].max() <= 256 and detections[1]["boxes"][:, [1, 3]].max() <= 64
+    assert detections[0]["labels"].max() < 3 and len(detections[0]["boxes"]) <= 200
