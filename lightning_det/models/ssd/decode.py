@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 
+from lightning_det.models.postprocess import suppress_and_split
 from lightning_det.models.ssd.targets import decode as decode_offsets
-from lightning_det.models.yolov3.decode import rank_within_group
 
 
 class SSDDecoder:
@@ -54,14 +54,7 @@ class SSDDecoder:
         box_index, labels = candidate // num_classes, candidate % num_classes
         boxes = boxes[image, box_index]
 
-        groups = image if self.force_suppress else image * num_classes + labels
-        keep = batched_nms(boxes, scores, groups, self.nms_thresh)  # sorted by decreasing score
-        keep = keep[image[keep].argsort(stable=True)]  # grouped by image, still best first within each
-        keep = keep[rank_within_group(image[keep], batch) < self.keep_topk]
-
-        counts = torch.bincount(image[keep], minlength=batch).tolist()
-        return [
-            {"boxes": b, "scores": s, "labels": c}
-            for b, s, c in zip(boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts))
-        ]
+        return suppress_and_split(
+            boxes, scores, labels, image, batch, num_classes, self.nms_thresh, self.keep_topk, self.force_suppress
+        )
 

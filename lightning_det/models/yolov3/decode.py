@@ -11,8 +11,9 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 
+from lightning_det.models.postprocess import suppress_and_split
 from lightning_det.models.yolov3.anchors import PredictionGrid
 
 # Cap on tw, th before exp (torchvision's bbox_xform_clip): a box at most 62.5x its anchor, and never inf.
@@ -76,20 +77,7 @@ class YOLOv3Decoder:
             box_index, labels = candidate, best_class[image, candidate]
         boxes = boxes[image, box_index]
 
-        groups = image if self.force_suppress else image * num_classes + labels
-        keep = batched_nms(boxes, scores, groups, self.nms_thresh)  # sorted by decreasing score
-        keep = keep[image[keep].argsort(stable=True)]  # grouped by image, still best first within each
-        keep = keep[rank_within_group(image[keep], batch) < self.nms_topk]
+        return suppress_and_split(
+            boxes, scores, labels, image, batch, num_classes, self.nms_thresh, self.nms_topk, self.force_suppress
+        )
 
-        counts = torch.bincount(image[keep], minlength=batch).tolist()
-        return [
-            {"boxes": b, "scores": s, "labels": c}
-            for b, s, c in zip(boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts))
-        ]
-
-
-def rank_within_group(group: Tensor, num_groups: int) -> Tensor:
-    """0, 1, 2, ... restarting at each group, for a ``group`` tensor sorted ascending."""
-    counts = torch.bincount(group, minlength=num_groups)
-    starts = counts.cumsum(0) - counts
-    return torch.arange(len(group), device=group.device) - starts[group]
