@@ -67,8 +67,13 @@ def test_padded_batch_of_two_aspect_ratios(batch):
 
 
 def train_steps(model: FasterRCNN, batch: dict, steps: int, lr: float) -> None:
-    """Adam steps on one batch; the same anchor/RoI samples every step, so the objective is fixed."""
+    """Adam steps on one batch; the same anchor/RoI samples every step, so the objective is fixed.
+
+    The rate decays to zero (cosine) so the weights settle: at a constant rate the last steps still jump, and where
+    they land depends on float summation order (thread count), which made the trained-detections check flaky.
+    """
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     model.train()
     for _ in range(steps):
         torch.manual_seed(123)
@@ -76,6 +81,7 @@ def train_steps(model: FasterRCNN, batch: dict, steps: int, lr: float) -> None:
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
+        schedule.step()
 
 
 def test_a_few_steps_lower_all_four_losses(batch):
@@ -95,7 +101,7 @@ def test_a_few_steps_lower_all_four_losses(batch):
 @pytest.mark.slow
 def test_trained_detections_land_on_each_images_own_object(batch):
     model = small_model()
-    train_steps(model, batch, steps=100, lr=1e-3)
+    train_steps(model, batch, steps=150, lr=1e-3)
     model.eval()
     with torch.no_grad():
         detections = model.predict_step(batch, 0)
