@@ -91,7 +91,7 @@ def test_frozen_parameters_get_groups_of_their_own():
 
 def test_plateau_reduces_after_patience_epochs_without_improvement():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    config = plateau(optimizer, monitor="val/mAP", mode="max", factor=0.1, patience=1)
+    (config,) = plateau(optimizer, monitor="val/mAP", mode="max", factor=0.1, patience=1)  # no warm-up asked
     assert config["monitor"] == "val/mAP" and config["interval"] == "epoch"
     seen = []
     for value in (0.3, 0.5, 0.5, 0.5, 0.6, 0.6, 0.6):
@@ -99,3 +99,20 @@ def test_plateau_reduces_after_patience_epochs_without_improvement():
         seen.append(optimizer.param_groups[0]["lr"])
     # 0.5 improves; two epochs without improvement (> patience 1) -> x0.1; 0.6 improves; two more -> x0.1
     assert seen == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001])
+
+
+def test_plateau_after_burn_in_keeps_a_reduction_made_during_the_warm_up():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    warmup, reduce = plateau(optimizer, monitor="val/mAP", factor=0.1, patience=0, total_steps=100,
+                             steps_per_epoch=2, warmup_steps=6, warmup_power=1.0)
+    assert (warmup["interval"], reduce["interval"]) == ("step", "epoch")
+    seen = []
+    for value in (0.5, 0.4, 0.6, 0.6):  # epoch 1 is worse than epoch 0 -> x0.1 (patience 0)
+        for _ in range(2):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            warmup["scheduler"].step()
+        reduce["scheduler"].step(value)
+    # linear warm-up over 6 steps (0.1 * i / 6), the reduction after step 3 scaling the rest of it
+    expected = [0.0, 0.1 / 6, 0.2 / 6, 0.3 / 6, 0.01 * 4 / 6, 0.01 * 5 / 6, 0.01, 0.01]
+    assert seen == pytest.approx(expected)

@@ -116,12 +116,15 @@ def test_voc_folder_with_inferred_classes_and_a_plateau_schedule(tmp_path):
     root = voc_folder(tmp_path / "VOCdevkit")
     done = train(
         tmp_path, "data=voc", f"data.root={root}", "data.classes=null", "data.train.splits=[2007/trainval]",
-        "data.val.splits=[2007/test]", "scheduler=plateau",
+        "data.val.splits=[2007/test]", "scheduler=plateau", "scheduler.warmup_steps=2",
     )
     assert "bird" in done.stdout + done.stderr  # the inferred class list is reported
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["hyper_parameters"]["class_names"] == ["bird", "cat", "dog"]
-    assert checkpoint["lr_schedulers"][0]["mode"] == "max"  # ReduceLROnPlateau stepped on val/mAP
+    burn_in, reduce = checkpoint["lr_schedulers"]
+    assert burn_in["schedule"]["warmup_steps"] == 2
+    assert burn_in["last_epoch"] == checkpoint["global_step"] > 0  # stepped once per iteration
+    assert reduce["mode"] == "max"  # ReduceLROnPlateau stepped on val/mAP
 
 
 def test_coco_folder(tmp_path):

@@ -1,8 +1,9 @@
-"""Step the learning rate down at a chosen epoch, first going back to the best weights so far.
+"""Go back to the best weights so far when the learning rate steps down.
 
-The Faster R-CNN reference recipe does this (reload the best-mAP model after epoch 9, lr x0.1): a plateau
-after the drop starts from the best point rather than from wherever the last epoch ended. Any detector can
-use it.
+The Faster R-CNN reference recipe reloads the best-mAP model after epoch 9 and drops the lr x0.1: training at
+the lower rate starts from the best point rather than from wherever the last epoch ended. ``ReloadBestAndDecay``
+is that recipe (the callback makes the drop); ``RestoreBestOnDecay`` does the reload whenever the configured
+scheduler drops the lr (a multistep milestone, a plateau reduction). Any detector can use either.
 """
 
 from __future__ import annotations
@@ -33,13 +34,7 @@ class ReloadBestAndDecay(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch != self.epoch:
             return
-        best = best_checkpoint_path(trainer)
-        if best:
-            state = torch.load(best, map_location=pl_module.device, weights_only=True)["state_dict"]
-            pl_module.load_state_dict(state)
-            rank_zero_info(f"epoch {self.epoch}: reloaded the best weights from {best}")
-        else:
-            log.warning("epoch %d: no best checkpoint saved yet; decaying the lr of the current weights", self.epoch)
+        reload_best(trainer, pl_module, f"epoch {self.epoch}")
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] *= self.factor
@@ -48,6 +43,39 @@ class ReloadBestAndDecay(L.Callback):
             if hasattr(scheduler, "base_lrs"):
                 scheduler.base_lrs = [lr * self.factor for lr in scheduler.base_lrs]
         rank_zero_info(f"epoch {self.epoch}: learning rate x{self.factor}")
+
+
+class RestoreBestOnDecay(L.Callback):
+    """Reload the best checkpoint's weights whenever the scheduler has just decayed the learning rate.
+
+    A decay is a fall of the largest learning rate of the trained (not frozen) parameter groups to at most
+    ``drop_ratio`` times its value at the previous step: multistep milestones and plateau reductions qualify,
+    the smooth per-step cosine, exponential or polynomial decay does not. The check runs before each training
+    batch, so the first step at the lower rate already starts from the best weights. Optimizer state is kept.
+    """
+
+    def __init__(self, drop_ratio: float = 0.5) -> None:
+        if not 0 < drop_ratio < 1:
+            raise ValueError(f"drop_ratio must be in (0, 1), got {drop_ratio}")
+        self.drop_ratio = drop_ratio
+        self.previous_lr: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int) -> None:
+        lr = max((g["lr"] for o in trainer.optimizers for g in o.param_groups if not g.get("frozen")), default=0.0)
+        if self.previous_lr is not None and lr <= self.previous_lr * self.drop_ratio:
+            reload_best(trainer, pl_module, f"lr {self.previous_lr:.3g} -> {lr:.3g} at step {trainer.global_step}")
+        self.previous_lr = lr
+
+
+def reload_best(trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> None:
+    """Load the best checkpoint's weights into ``pl_module`` (a warning when none has been saved yet)."""
+    best = best_checkpoint_path(trainer)
+    if not best:
+        log.warning("%s: no best checkpoint saved yet; going on with the current weights", when)
+        return
+    state = torch.load(best, map_location=pl_module.device, weights_only=True)["state_dict"]
+    pl_module.load_state_dict(state)
+    rank_zero_info(f"{when}: reloaded the best weights from {best}")
 
 
 def best_checkpoint_path(trainer: L.Trainer) -> str:

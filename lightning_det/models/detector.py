@@ -196,6 +196,8 @@ class Detector(L.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
         scheduler = self.scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-        if not isinstance(scheduler, dict):  # per-iteration schedules; plateau comes as Lightning's config dict
+        if isinstance(scheduler, list):  # plateau: Lightning configs of its warm-up and its per-epoch reduction
+            return [optimizer], scheduler
+        if not isinstance(scheduler, dict):  # per-iteration schedules
             scheduler = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -11,7 +11,7 @@ import bisect
 import math
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
 
 class Schedule:
@@ -110,14 +110,48 @@ def constant(optimizer: Optimizer, **kwargs) -> LambdaLR:
     return LambdaLR(optimizer, Schedule(**kwargs))
 
 
+class BurnIn(LRScheduler):
+    """The warm-up of ``schedule`` alone, applied on top of whatever else sets the rate.
+
+    Each step scales the current lr by the warm-up's growth since the last step instead of setting it from the
+    base lr, so a reduction made meanwhile by another scheduler (``ReduceLROnPlateau``) is kept. After the
+    warm-up it leaves the lr alone.
+    """
+
+    def __init__(self, optimizer: Optimizer, schedule: Schedule) -> None:
+        self.schedule = schedule
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        step = self.last_epoch
+        now = self.schedule.warmup(step)
+        before = self.schedule.warmup(step - 1) if step > 0 else 0.0
+        if before == 0.0:  # the start (the lr is 0 there: nothing to keep)
+            return [group["initial_lr"] * now for group in self.optimizer.param_groups]
+        return [group["lr"] * now / before for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """Plain data only (the schedule as its attributes), so checkpoints load with ``weights_only``."""
+        state = {key: value for key, value in self.__dict__.items() if key not in ("optimizer", "schedule")}
+        return {**state, "schedule": dict(vars(self.schedule))}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        vars(self.schedule).update(state.pop("schedule"))
+        self.__dict__.update(state)
+
+
 def plateau(
     optimizer: Optimizer, monitor: str, mode: str = "max", factor: float = 0.1, patience: int = 3,
-    min_lr: float = 0.0, **_: object,
-) -> dict:
-    """``ReduceLROnPlateau`` on a validation value, checked after every validation epoch (keras-yolo3's stage 2).
+    min_lr: float = 0.0, total_steps: int = 1, steps_per_epoch: int = 1, **warmup: float,
+) -> list[dict]:
+    """``ReduceLROnPlateau`` on a validation value, checked after every validation epoch (keras-yolo3's stage 2),
+    after the burn-in warm-up when one is configured (``warmup_epochs``/``warmup_steps``, as the other schedules).
 
-    Returned as a Lightning scheduler config because it needs the monitored value; it has no warm-up (the
-    run-length arguments other schedules take are accepted and unused).
+    Returned as Lightning scheduler configs: the per-step warm-up, if any, then the per-epoch reduction, which
+    needs the monitored value.
     """
+    schedule = Schedule(total_steps, steps_per_epoch, **warmup)
+    burn_in = [{"scheduler": BurnIn(optimizer, schedule), "interval": "step"}] if schedule.warmup_steps else []
     scheduler = ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience, min_lr=min_lr)
-    return {"scheduler": scheduler, "interval": "epoch", "monitor": monitor, "strict": True}
+    return [*burn_in, {"scheduler": scheduler, "interval": "epoch", "monitor": monitor, "strict": True}]
