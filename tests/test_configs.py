@@ -56,9 +56,11 @@ def test_optimizers_and_schedulers_build(tmp_path, optimizer, scheduler):
     params = [torch.nn.Parameter(torch.zeros(2, 2))]
     built = instantiate(cfg.optimizer)([{"params": params}])
     schedule = instantiate(cfg.scheduler)(built, total_steps=100, steps_per_epoch=10)
-    if isinstance(schedule, dict):  # plateau: Lightning's config, checked after validation on the monitor
-        assert schedule["monitor"] == cfg.monitor and schedule["interval"] == "epoch"
-        assert built.param_groups[0]["lr"] == cfg.optimizer.lr
+    if isinstance(schedule, list):  # plateau: Lightning's config, checked after validation on the monitor
+        *burn_in, reduce = schedule  # a per-step burn-in first when warm-up is configured (the sample tuning)
+        assert reduce["monitor"] == cfg.monitor and reduce["interval"] == "epoch"
+        warmup_start = burn_in[0]["scheduler"].schedule.warmup(0) if burn_in else 1.0
+        assert built.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr * warmup_start)
     else:
         assert built.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr * schedule.lr_lambdas[0](0))
 

@@ -7,7 +7,9 @@ from helpers import make_coco, make_voc, one_torch_thread
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lightning_det.data import COCOSource, DetectionDataModule, VOCSource, read_voc
+from torch.utils.data import DistributedSampler
+
+from lightning_det.data import COCOSource, DetectionDataModule, SortedAspectRatioBatchSampler, VOCSource, read_voc
 from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
@@ -75,6 +77,37 @@ def test_val_meta_maps_labels_back_to_the_original_annotations(voc_root):
         assert rows[:, 5].bool().tolist() == record.difficult.tolist()  # difficult objects are kept in val
         assert meta["orig_size"][i].tolist() == [record.height, record.width]
         assert meta["image_id"][i] == record.image_id and meta["path"][i] == record.path
+
+
+def test_rect_eval_batches_similar_shapes_at_their_own_aspect_ratio(voc_root):
+    transform = LetterboxTransform(img_size=SIZE, rect=True, stride=32)
+    datamodule = data_module(voc_root, batch_size=1, rect_eval=True, val_transform=transform, size_divisor=32)
+    datamodule.setup("validate")
+    batches = list(datamodule.val_dataloader())
+    # v0 50x80 -> 60x96 padded to 64x96; v2 45x45 -> 96x96; v1 70x40 -> 96x55 padded to 96x64: by height / width
+    assert [Path(b["meta"]["path"][0]).stem for b in batches] == ["v0", "v2", "v1"]
+    assert [tuple(b["images"].shape[-2:]) for b in batches] == [(64, 96), (96, 96), (96, 64)]
+    assert batches[0]["meta"]["pad"][0].tolist() == [0, 2] and batches[2]["meta"]["pad"][0].tolist() == [4, 0]
+    records = {Path(r.path).stem: r for r in read_voc(voc_root, ["2007/val"], classes=CLASSES).records[0]}
+    for batch in batches:
+        rows, meta = batch["labels"][0], batch["meta"]
+        rows = rows[rows[:, 0] >= 0]
+        original = (rows[:, 1:5] - meta["pad"][0].repeat(2)) / meta["scale"][0].repeat(2)
+        expected = torch.from_numpy(records[Path(meta["path"][0]).stem].boxes).reshape(-1, 4)
+        torch.testing.assert_close(original, expected, atol=1e-3, rtol=0)
+
+
+def test_sorted_batches_cover_each_process_share_once():
+    aspect_ratios = [1.5, 0.5, 1.0, 0.75, 2.0]
+    seen = []
+    for rank in range(2):
+        share = DistributedSampler(range(5), num_replicas=2, rank=rank, shuffle=False)
+        batches = list(SortedAspectRatioBatchSampler(share, 2, aspect_ratios=aspect_ratios))
+        flat = [i for batch in batches for i in batch]
+        assert [aspect_ratios[i] for i in flat] == sorted(aspect_ratios[i] for i in share)
+        assert len(batches) == len(SortedAspectRatioBatchSampler(share, 2, aspect_ratios=aspect_ratios))
+        seen += flat
+    assert sorted(seen) == [0, 0, 1, 2, 3, 4]  # DistributedSampler repeats one index to even the shares
 
 
 def test_difficult_objects_leave_training_unless_kept(voc_root):

@@ -64,7 +64,7 @@ def test_collate_keeps_equal_sizes_unpadded_by_default():
 def test_aspect_ratio_batches_hold_one_orientation_and_cover_every_image_once():
     landscape = [True, False, True, True, False, False, False, True, True]
     sampler = MosaicSampler(len(landscape), lambda: False, shuffle=True, seed=3)
-    batches = list(AspectRatioBatchSampler(sampler, landscape, batch_size=2))
-    assert len(batches) == len(AspectRatioBatchSampler(sampler, landscape, batch_size=2)) == 3 + 2
+    batches = list(AspectRatioBatchSampler(sampler, batch_size=2, landscape=landscape))
+    assert len(batches) == len(AspectRatioBatchSampler(sampler, batch_size=2, landscape=landscape)) == 3 + 2
     assert sorted(index for batch in batches for index, _ in batch) == list(range(len(landscape)))
     assert all(len({landscape[index] for index, _ in batch}) == 1 for batch in batches)

@@ -127,3 +127,23 @@ def test_anchors_may_be_given_as_pairs():
     )
     assert torch.equal(flat.anchors, pairs.anchors)
     assert flat.anchors[1, 2].tolist() == [3.0, 4.0]
+
+
+def test_rectangular_inputs_get_a_grid_of_their_own_shape():
+    """Rectangular evaluation (data.rect_eval) feeds 64 x 96 batches: cells span the width, not a square."""
+    model = YOLOv3(variant="tiny", width=0.125, num_classes=3).eval()
+    batch = synthetic_batch()
+    batch["images"] = torch.rand(2, 3, 64, 96)
+    batch["labels"][1, 0, 1:5] = torch.tensor([70.0, 20.0, 94.0, 60.0])  # an object right of x = 64
+    with torch.no_grad():
+        outputs = model(batch["images"])
+        grid = model.grid(outputs)
+        losses = model.loss(outputs, batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    for stride in (32, 16):
+        cells = grid.cell_xy[grid.stride == stride]
+        assert cells.max(0).values.tolist() == [96 // stride - 1, 64 // stride - 1]
+    model.decoder.conf_thresh = 0.0
+    boxes = model.decode(outputs, batch)[0]["boxes"]
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    assert centres[:, 0].max() > 64 and centres[:, 1].max() <= 64

@@ -3,7 +3,12 @@
 from lightning_det.data.coco import COCOSource, read_coco
 from lightning_det.data.collate import collate_detection
 from lightning_det.data.datamodule import DetectionDataModule
-from lightning_det.data.dataset import AspectRatioBatchSampler, DetectionDataset, MosaicSampler
+from lightning_det.data.dataset import (
+    AspectRatioBatchSampler,
+    DetectionDataset,
+    MosaicSampler,
+    SortedAspectRatioBatchSampler,
+)
 from lightning_det.data.records import (
     AnnotationRecord,
     Annotations,
@@ -17,6 +22,7 @@ from lightning_det.data.voc import VOC_CLASSES, VOCSource, read_voc
 __all__ = [
     "AnnotationRecord",
     "AspectRatioBatchSampler",
+    "SortedAspectRatioBatchSampler",
     "Annotations",
     "COCOSource",
     "DetectionDataModule",

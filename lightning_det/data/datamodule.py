@@ -12,10 +12,15 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 
 from lightning_det.data.collate import collate_detection
-from lightning_det.data.dataset import AspectRatioBatchSampler, DetectionDataset, MosaicSampler
+from lightning_det.data.dataset import (
+    AspectRatioBatchSampler,
+    DetectionDataset,
+    MosaicSampler,
+    SortedAspectRatioBatchSampler,
+)
 from lightning_det.data.records import AnnotationRecord, AnnotationSource, read_annotations
 from lightning_det.data.transforms import DetectionTransform, LetterboxTransform, YoloTrainTransform
 
@@ -45,6 +50,8 @@ class DetectionDataModule(L.LightningDataModule):
         seed: for the ``val_split`` hold-out and the training order.
         size_divisor: images of a batch are padded (bottom/right) to the largest size rounded up to this.
         group_aspect_ratio: training batches hold only landscape or only portrait images (less padding).
+        rect_eval: evaluation batches hold images of similar aspect ratio, taken in order of height / width, for
+            transforms that keep the aspect ratio (``LetterboxTransform(rect=True)``, ``RCNNTransform``).
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class DetectionDataModule(L.LightningDataModule):
         seed: int = 0,
         size_divisor: int = 1,
         group_aspect_ratio: bool = False,
+        rect_eval: bool = False,
     ) -> None:
         super().__init__()
         if val is None and val_split is None:
@@ -96,6 +104,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.keep_difficult_in_training = keep_difficult_in_training
         self.seed = seed
         self.group_aspect_ratio = group_aspect_ratio
+        self.rect_eval = rect_eval
         self.records: dict[str, list[AnnotationRecord]] = {}  # per role: train, val, test
         self._source_records: dict[str, list[AnnotationRecord]] = {}  # per configured source
         self._mosaic_override: bool | None = None
@@ -209,15 +218,22 @@ class DetectionDataModule(L.LightningDataModule):
         sampler = MosaicSampler(len(dataset), self.mosaic_enabled, shuffle=True, seed=self.seed)
         if self.group_aspect_ratio:
             landscape = [record.width >= record.height for record in dataset.records]
-            batches = AspectRatioBatchSampler(sampler, landscape, self.batch_size)
+            batches = AspectRatioBatchSampler(sampler, self.batch_size, landscape=landscape)
             return self._loader(dataset, batch_sampler=batches, batch_size=1)
         return self._loader(dataset, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), shuffle=False)
+        return self._eval_loader(self.dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), shuffle=False)
+        return self._eval_loader(self.dataset("test"))
+
+    def _eval_loader(self, dataset: DetectionDataset) -> DataLoader:
+        if not self.rect_eval:
+            return self._loader(dataset, shuffle=False)
+        aspect_ratios = [record.height / record.width for record in dataset.records]
+        batches = SortedAspectRatioBatchSampler(SequentialSampler(dataset), self.batch_size, aspect_ratios=aspect_ratios)
+        return self._loader(dataset, batch_sampler=batches, batch_size=1)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -1,11 +1,12 @@
-"""A map-style dataset of annotation records, and the sampler that switches mosaic from the main process."""
+"""A map-style dataset of annotation records, the sampler that switches mosaic from the main process, and the
+batch samplers that keep images of similar shape together."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from lightning_det.data.records import AnnotationRecord, load_image
 from lightning_det.data.transforms import DetectionTransform, Sample
@@ -75,29 +76,52 @@ class MosaicSampler(Sampler[tuple[int, bool]]):
         return iter([(index, mosaic) for index in order.tolist()])
 
 
-class AspectRatioBatchSampler(Sampler[list[tuple[int, bool]]]):
+class AspectRatioBatchSampler(BatchSampler):
     """Batches of images on the same side of square (landscape vs portrait), so padding to a common size wastes
     little: fills one batch per group from ``sampler``'s order and yields each batch as soon as it is full;
-    the groups' leftovers come last, as smaller batches."""
+    the groups' leftovers come last, as smaller batches. A ``BatchSampler`` with a ``sampler`` argument, so
+    Lightning can put a distributed sampler under it."""
 
-    def __init__(self, sampler: MosaicSampler, landscape: list[bool], batch_size: int) -> None:
-        self.sampler = sampler
+    def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool = False,
+                 landscape: Sequence[bool] = ()) -> None:
+        super().__init__(sampler, batch_size, drop_last)
         self.landscape = landscape
-        self.batch_size = batch_size
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        wide = sum(self.landscape)
-        return sum(-(-count // self.batch_size) for count in (wide, len(self.landscape) - wide))
+        wide = sum(self.landscape[index(item)] for item in self.sampler)
+        return sum(-(-count // self.batch_size) for count in (wide, len(self.sampler) - wide))
 
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
-        pending: dict[bool, list[tuple[int, bool]]] = {True: [], False: []}
+    def __iter__(self) -> Iterator[list]:
+        pending: dict[bool, list] = {True: [], False: []}
         for item in self.sampler:
-            group = pending[self.landscape[item[0]]]
+            group = pending[self.landscape[index(item)]]
             group.append(item)
             if len(group) == self.batch_size:
                 yield group.copy()
                 group.clear()
         yield from (group for group in pending.values() if group)
+
+
+class SortedAspectRatioBatchSampler(BatchSampler):
+    """Evaluation batches of images with nearly the same shape (Ultralytics' rectangular evaluation): the indices
+    ``sampler`` yields (this process's share under DDP) sorted by height / width and cut into consecutive
+    batches, so aspect-preserving inputs pad to a common size with few extra pixels."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool = False,
+                 aspect_ratios: Sequence[float] = ()) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.aspect_ratios = aspect_ratios
+
+    def __iter__(self) -> Iterator[list]:
+        order = sorted(self.sampler, key=lambda item: self.aspect_ratios[index(item)])
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        yield from (order[start : start + self.batch_size] for start in range(0, stop, self.batch_size))
+
+
+def index(item: int | tuple[int, bool]) -> int:
+    """The dataset index of a sampler item (an index, or ``(index, mosaic_allowed)`` from MosaicSampler)."""
+    return item[0] if isinstance(item, tuple) else item

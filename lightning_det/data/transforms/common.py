@@ -60,12 +60,14 @@ def resize_to_fit(image: Tensor, boxes: Tensor, size: int) -> Resized:
     return Resized(resized, moved, (new_w / width, new_h / height), (0, 0))
 
 
-def letterbox(image: Tensor, boxes: Tensor, size: int, fill: int = 114) -> Resized:
-    """Resize to fit a ``size`` x ``size`` square and pad the rest evenly with ``fill``."""
+def letterbox(image: Tensor, boxes: Tensor, size: int, fill: int = 114, stride: int | None = None) -> Resized:
+    """Resize to fit a ``size`` x ``size`` square and pad the rest evenly with ``fill``; with ``stride``, pad
+    only up to the next multiple of it on each side (the smallest rectangle the network takes)."""
     resized = resize_to_fit(image, boxes, size)
     new_h, new_w = resized.image.shape[-2:]
-    left, top = (size - new_w) // 2, (size - new_h) // 2
-    padding = [left, top, size - new_w - left, size - new_h - top]
+    height, width = (size, size) if stride is None else (-(-side // stride) * stride for side in (new_h, new_w))
+    left, top = (width - new_w) // 2, (height - new_h) // 2
+    padding = [left, top, width - new_w - left, height - new_h - top]
     return Resized(
         F.pad(resized.image, padding, fill=fill), F.pad(resized.boxes, padding), resized.scale, (left, top)
     )
@@ -117,16 +119,25 @@ class DetectionTransform:
 
 
 class LetterboxTransform(DetectionTransform):
-    """Evaluation: letterbox to ``img_size`` with grey (114) padding, no augmentation; meta maps back exactly."""
+    """Evaluation: letterbox to ``img_size`` with grey (114) padding, no augmentation; meta maps back exactly.
 
-    def __init__(self, img_size: int = 416, fill: int = 114, **normalization: Sequence[float]) -> None:
+    ``rect``: the longer side becomes ``img_size`` and the shorter is padded only to a multiple of ``stride``,
+    so a 4:3 image is evaluated at 416 x 320 rather than 416 x 416 (with ``DetectionDataModule(rect_eval=True)``
+    batching images of similar shape together).
+    """
+
+    def __init__(
+        self, img_size: int = 416, fill: int = 114, rect: bool = False, stride: int = 32,
+        **normalization: Sequence[float],
+    ) -> None:
         super().__init__(**normalization)
         self.img_size = img_size
         self.fill = fill
+        self.stride = stride if rect else None
 
     def __call__(self, samples: list[Sample]) -> Sample:
         (sample,) = samples
-        boxed = letterbox(sample.image, sample.boxes, self.img_size, self.fill)
+        boxed = letterbox(sample.image, sample.boxes, self.img_size, self.fill, self.stride)
         return Sample(
             image=self.normalize(boxed.image.as_subclass(Tensor)),
             boxes=boxed.boxes.as_subclass(Tensor),
