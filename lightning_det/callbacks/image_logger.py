@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from lightning_det.drawing import draw_labels
+
 
 def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
     """The run's TensorBoard logger, on rank zero only."""
@@ -18,8 +20,9 @@ def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
 
 
 class ValidationImageLogger(L.Callback):
-    """Logs a grid of the first validation batch: ground truth in green, detections above ``score_thresh`` in red;
-    and once, the first training batch with its labels, as augmented (``train/first_batch``).
+    """Logs a grid of the first validation batch: ground truth in green (difficult in orange), detections above
+    ``score_thresh`` in red; and once, the first training batch with its labels, as augmented
+    (``train/first_batch``).
 
     Seeing boxes is the quickest check that labels, letterboxing and decoding agree; a falling loss alone
     does not show a transposed box or an off-by-a-stride anchor.
@@ -60,8 +63,7 @@ class ValidationImageLogger(L.Callback):
         names = pl_module.class_names
         drawn = []
         for image, rows, det in zip(images.cpu(), labels.cpu(), detections):
-            rows = rows[rows[:, 0] >= 0]
-            image = draw_bounding_boxes(image, rows[:, 1:5], colors="lime", width=1)
+            image = draw_labels(image, rows, names)
             keep = det["scores"] >= self.score_thresh
             captions = [f"{names[c]} {s:.2f}" for c, s in zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
             image = draw_bounding_boxes(image, det["boxes"][keep].cpu(), labels=captions, colors="red", width=1)

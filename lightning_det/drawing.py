@@ -1,0 +1,17 @@
+"""Boxes on images, shared by the TensorBoard image logger, the dataset browser and predict."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+from torchvision.utils import draw_bounding_boxes
+
+
+def draw_labels(image: Tensor, rows: Tensor, class_names: Sequence[str], width: int = 1) -> Tensor:
+    """Label rows ``(class, x1, y1, x2, y2, difficult)`` of the batch contract on a ``uint8 [3, H, W]`` image,
+    named by class: padding rows skipped, difficult (ignored) objects in orange, the rest in green."""
+    rows = rows[rows[:, 0] >= 0].cpu()
+    captions = [class_names[int(c)] for c in rows[:, 0].tolist()]
+    colours = ["orange" if difficult else "lime" for difficult in rows[:, 5].tolist()]
+    return draw_bounding_boxes(image.cpu(), rows[:, 1:5], labels=captions, colors=colours, width=width)
