@@ -347,3 +347,18 @@ def test_merge_state_equals_one_instance():
     second.update(preds[15:], targets[15:])
     second.merge_state(first)  # torchmetrics puts the incoming state first: images keep their order for ties
     torch.testing.assert_close(second.compute()["AP_per_class"], whole.compute()["AP_per_class"], equal_nan=True)
+
+
+def test_pr_counts_at_score_thresholds_by_hand():
+    metric = VOCMeanAP(num_classes=2, pr_thresholds=11)
+    truth = {"boxes": torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30.0]]), "labels": torch.tensor([0, 0])}
+    found = {"boxes": torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30.0]]),
+             "scores": torch.tensor([0.95, 0.65, 0.35]), "labels": torch.tensor([0, 0, 0])}
+    metric.update([found], [truth])
+    counts = metric.compute()["pr_counts"]
+    assert counts.shape == (2, 11, 3)
+    # (TP, FP, missed) counting detections scoring >= 0.0, 0.1, ..., 1.0: the hit at 0.95, the miss at 0.65, the
+    # hit at 0.35
+    expected = [[2, 1, 0]] * 4 + [[1, 1, 1]] * 3 + [[1, 0, 1]] * 3 + [[0, 0, 2]]
+    assert counts[0].tolist() == expected
+    assert counts[1].abs().sum() == 0  # class 1: no objects, no detections

@@ -47,7 +47,7 @@ def train(tmp_path: Path, *overrides: str, run: str = "run", expect_ok: bool = T
 def scalars(run_dir: Path) -> dict[str, list[float]]:
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     values = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-    values.update({tag: [] for tag in events.Tags()["images"]})
+    values.update({tag: [] for tag in events.Tags()["images"] + events.Tags()["tensors"]})  # tensors: PR curves
     return values
 
 
@@ -71,6 +71,9 @@ def test_sample_run_writes_config_checkpoints_and_tensorboard(tmp_path):
         assert f"train/{term}_step" in tags and f"val/{term}" in tags, sorted(tags)
     assert "val/mAP" in tags and len(tags["val/mAP"]) >= 2
     assert any(tag.startswith("val_AP/") for tag in tags)
+    sample_classes = {"circle", "square", "triangle", "ring", "cross", "star"}
+    pr_curves = {tag.removeprefix("val_PR/") for tag in tags if tag.startswith("val_PR/")}
+    assert pr_curves and pr_curves <= sample_classes
     assert any(tag.startswith("lr-") for tag in tags)
     assert "val/images" in tags and "train/first_batch" in tags
     assert "best/val/mAP" in tags  # the hparams tab's metric

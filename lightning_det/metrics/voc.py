@@ -43,8 +43,10 @@ class VOCMeanAP(PerClassVector, Metric):
 
     ``update(preds, targets)`` takes per image ``{"boxes" [N, 4] xyxy, "scores" [N], "labels" [N]}`` and
     ``{"boxes" [M, 4], "labels" [M], "difficult" [M] bool}`` (``difficult`` may be left out: none are).
-    ``compute()`` returns ``"mAP"``, ``"AP_per_class"`` (``[num_classes]``, NaN where a class has no positives)
-    and ``"recall"`` (mean over those classes of the recall reached with every detection).
+    ``compute()`` returns ``"mAP"``, ``"AP_per_class"`` (``[num_classes]``, NaN where a class has no positives),
+    ``"recall"`` (mean over those classes of the recall reached with every detection) and ``"pr_counts"``
+    (``[num_classes, pr_thresholds, 3]``: true positives, false positives and missed objects counting the
+    detections scoring at least ``i / (pr_thresholds - 1)``: the points of a precision-recall curve per class).
 
     Inputs are stored as float32: scores that differ only beyond float32 precision count as ties. Under DDP the
     ranks' images are gathered rank after rank, so exact score ties *between images* may be ordered differently
@@ -68,6 +70,7 @@ class VOCMeanAP(PerClassVector, Metric):
         use_difficult: bool = False,
         plus_one: bool = False,
         class_names: list[str] | None = None,
+        pr_thresholds: int = 101,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -82,6 +85,7 @@ class VOCMeanAP(PerClassVector, Metric):
         self.use_07_metric = use_07_metric
         self.use_difficult = use_difficult
         self.plus_one = plus_one
+        self.pr_thresholds = pr_thresholds
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         for name in ("detections", "ground_truths", "boxes_per_image"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -160,6 +164,7 @@ class VOCMeanAP(PerClassVector, Metric):
             "mAP": ap.nanmean().float(),
             "AP_per_class": ap.float(),
             "recall": recall.mean().float() if has_positives.any() else torch.tensor(torch.nan),
+            "pr_counts": _threshold_counts(scores[ranked], curve, self.pr_thresholds).float(),
         }
 
 
@@ -169,6 +174,7 @@ class _Curve:
     def __init__(self, is_tp: Tensor, labels: Tensor, positives: Tensor, num_classes: int) -> None:
         self.is_tp = is_tp
         self.labels = labels
+        self.positives = positives
         self.per_class = torch.bincount(labels, minlength=num_classes)
         self.start = torch.cumsum(self.per_class, 0) - self.per_class
         self.true_positives_per_class = torch.bincount(labels, weights=is_tp.double(), minlength=num_classes)
@@ -178,6 +184,19 @@ class _Curve:
         self.precision = cumulative_tp / (position + 1)
         self.recall = cumulative_tp / positives[labels]
         self.envelope = _segmented_reverse_cummax(self.precision, labels, num_classes)
+
+
+def _threshold_counts(scores: Tensor, curve: _Curve, thresholds: int) -> Tensor:
+    """``[C, thresholds, 3]`` (TP, FP, FN) over the detections scoring at least each threshold ``i / (T - 1)``."""
+    top = (scores * (thresholds - 1)).floor().clamp(max=thresholds - 1).long()  # the last threshold each one reaches
+    counted = top >= 0
+    cells = (curve.labels * thresholds + top)[counted]
+    size = curve.per_class.numel() * thresholds
+    tp = torch.bincount(cells, weights=curve.is_tp[counted].double(), minlength=size)
+    fp = torch.bincount(cells, weights=1.0 - curve.is_tp[counted].double(), minlength=size)
+    at_least = torch.stack((tp, fp), -1).view(-1, thresholds, 2).flip(1).cumsum(1).flip(1)
+    missed = curve.positives[:, None] - at_least[..., 0]
+    return torch.cat((at_least, missed.unsqueeze(-1)), -1)
 
 
 def _concat(items: Detections, key: str, columns: int, kind: str) -> tuple[Tensor, list[int]]:

@@ -135,7 +135,10 @@ class Detector(L.LightningModule):
         results = self.val_metric.compute()
         self.val_metric.reset()
         per_class = results.pop("AP_per_class", None)
+        pr_counts = results.pop("pr_counts", None)
         scalars = {f"val/{k}": v.float() for k, v in results.items() if v.numel() == 1}
+        if pr_counts is not None and not self.trainer.sanity_checking:
+            self.log_pr_curves(pr_counts)
         self.log_dict(scalars, sync_dist=False)
         if per_class is not None:
             self.log_dict(
@@ -144,6 +147,23 @@ class Detector(L.LightningModule):
             self.last_per_class_ap = per_class.cpu()
             if not self.trainer.sanity_checking:
                 log.info("\n%s", self.per_class_table(per_class, scalars))
+
+    def log_pr_curves(self, counts: Tensor) -> None:
+        """Per-class precision-recall curves for TensorBoard's PR tab (``val_PR/<class>``) from the metric's
+        (TP, FP, missed) counts at rising score thresholds; classes without objects are left out."""
+        tp, fp, missed = counts.double().cpu().unbind(-1)
+        precision = tp / (tp + fp).clamp(min=1)
+        recall = tp / (tp + missed).clamp(min=1)
+        for logger in self.loggers:
+            if not hasattr(logger.experiment, "add_pr_curve_raw"):
+                continue
+            for index, name in enumerate(self.class_names):
+                if tp[index, 0] + missed[index, 0] == 0:
+                    continue
+                logger.experiment.add_pr_curve_raw(
+                    f"val_PR/{name}", tp[index], fp[index], torch.zeros_like(tp[index]), missed[index],
+                    precision[index], recall[index], global_step=self.global_step, num_thresholds=counts.shape[1],
+                )
 
     def per_class_table(self, per_class: Tensor, scalars: dict[str, Tensor]) -> str:
         """A text table of AP per class with the epoch's summary values, for the console."""
