@@ -145,7 +145,7 @@ class Detector(L.LightningModule):
                 {f"val_AP/{name}": ap for name, ap in zip(self.class_names, per_class.float()) if not ap.isnan()}
             )
             self.last_per_class_ap = per_class.cpu()
-            if not self.trainer.sanity_checking:
+            if not self.trainer.sanity_checking and self.trainer.is_global_zero:  # synchronised: print it once
                 log.info("\n%s", self.per_class_table(per_class, scalars))
 
     def log_pr_curves(self, counts: Tensor) -> None:
