@@ -68,3 +68,24 @@ def test_aspect_ratio_batches_hold_one_orientation_and_cover_every_image_once():
     assert len(batches) == len(AspectRatioBatchSampler(sampler, batch_size=2, landscape=landscape)) == 3 + 2
     assert sorted(index for batch in batches for index, _ in batch) == list(range(len(landscape)))
     assert all(len({landscape[index] for index, _ in batch}) == 1 for batch in batches)
+
+
+def test_lightning_puts_a_distributed_sampler_under_the_aspect_ratio_batches():
+    """What Lightning does to a training loader under DDP (its own re-instantiation, as in trainer=ddp)."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader
+
+    landscape = [True, False, True, True, False, False, False, True]
+    with _replace_dunder_methods(BatchSampler), _replace_dunder_methods(DataLoader, "dataset"):
+        sampler = MosaicSampler(len(landscape), lambda: False, shuffle=False)
+        loader = DataLoader(range(8), batch_sampler=AspectRatioBatchSampler(sampler, 2, landscape=landscape))
+    seen = []
+    for rank in range(2):
+        share = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=False)
+        batches = list(_update_dataloader(loader, share, mode=RunningStage.TRAINING).batch_sampler)
+        assert all(len({landscape[i] for i, _ in batch}) == 1 for batch in batches)
+        seen += [i for batch in batches for i, _ in batch]
+    assert sorted(seen) == list(range(8))  # each rank a half, together every image once
