@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_det.models.detector import NonFiniteLossError
@@ -138,7 +139,10 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     best_score = metrics.get(cfg.monitor)
     if best_score is not None:
         for logger in trainer.loggers:
-            logger.log_hyperparams(hyperparameters(cfg), metrics={f"best/{cfg.monitor}": best_score})
+            if isinstance(logger, TensorBoardLogger):  # the hparams tab: each run's settings with its best score
+                logger.log_hyperparams(hyperparameters(cfg), metrics={f"best/{cfg.monitor}": best_score})
+            else:
+                logger.log_hyperparams(hyperparameters(cfg))
     if trainer.is_global_zero:
         (output_dir / "final_metrics.json").write_text(json.dumps({"checkpoint": best_path, **metrics}, indent=1))
         log.info("best checkpoint: %s", best_path or "(none saved)")

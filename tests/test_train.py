@@ -138,7 +138,8 @@ def test_coco_folder(tmp_path):
              (2, 3, [70, 40, 40, 40], 0), (3, 3, [20, 20, 30, 30], 0)]
     make_coco(root, categories, images, boxes, name="instances_train2017.json", image_dir="train2017")
     make_coco(root, categories, images, boxes, name="instances_val2017.json", image_dir="val2017")
-    train(tmp_path, "data=coco", f"data.root={root}", "metric=coco")
+    train(tmp_path, "data=coco", f"data.root={root}", "metric=coco", "logger=many")
+    assert (tmp_path / "run" / "csv" / "hparams.yaml").is_file()  # the CSV logger beside TensorBoard
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["hyper_parameters"]["class_names"] == ["car", "person"]
     assert "val/AP50" in scalars(tmp_path / "run")
