@@ -3,12 +3,16 @@
 import hydra
 from omegaconf import DictConfig
 
+from lightning_det.search import search
 from lightning_det.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the best validation score so Hydra sweepers can optimise it."""
+    """Returns the best validation score so Hydra sweepers can optimise it. With ``hparams_search=<name>``, runs
+    (or resumes) that Optuna search instead of one training."""
+    if cfg.get("hparams_search"):
+        return search(cfg)["best_score"]
     return run(cfg)["best_score"]
 
 
