@@ -1,7 +1,8 @@
 """The reduced VGG16 of SSD: VGG16's convolutions, pool5 3x3 stride 1, atrous fc6 and 1x1 fc7 as convolutions.
 
 Outputs conv4_3 (stride 8, L2-normalised with a learnable per-channel scale) and fc7 (stride 16), the two
-feature maps SSD predicts from before its extra layers.
+feature maps SSD predicts from before its extra layers. ``torchvision_mapping`` loads torchvision's ImageNet VGG16
+into it, turning fc6/fc7 into the atrous conv6 and 1x1 conv7 as SSD's authors did.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_det.models.backbones.pretrained import Mapping
 
 # VGG16's convolution widths; "M" is a 2x2 max pool (ceil mode, so 75 -> 38 at SSD300's third pool).
 VGG16_LAYERS: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
@@ -69,3 +72,49 @@ class ReducedVGG16(nn.Module):
     def forward(self, images: Tensor) -> list[Tensor]:
         conv4_3 = self.to_conv4_3(images)
         return [self.l2_norm(conv4_3), self.to_fc7(conv4_3)]
+
+    def torchvision_mapping(self) -> Mapping:
+        """conv1_1 .. conv5_3 take torchvision ``vgg16().features``' convolutions in order; fc6 and fc7 take its
+        first two classifier layers, decimated (``fc6_to_conv6``, ``fc7_to_conv7``). The L2 scale keeps its init."""
+        ours = [name for name, module in self.named_modules() if isinstance(module, nn.Conv2d)]
+        theirs = [f"features.{index}" for index in torchvision_conv_positions(VGG16_LAYERS)]
+        theirs += ["classifier.0", "classifier.3"]
+        names = {f"{a}.{leaf}": f"{b}.{leaf}" for a, b in zip(ours, theirs, strict=True) for leaf in ("weight", "bias")}
+        fc6, fc7 = ours[-2:]
+        convert = {
+            f"{fc6}.weight": fc6_to_conv6, f"{fc6}.bias": every_fourth_unit,
+            f"{fc7}.weight": fc7_to_conv7, f"{fc7}.bias": every_fourth_unit,
+        }
+        return Mapping(names, convert)
+
+
+def torchvision_conv_positions(layers: list[int | str]) -> list[int]:
+    """Index in torchvision's ``features`` of each convolution: a convolution and its ReLU take two places, a
+    max pool one."""
+    positions, index = [], 0
+    for item in layers:
+        if item != "M":
+            positions.append(index)
+        index += 1 if item == "M" else 2
+    return positions
+
+
+def fc6_to_conv6(weight: Tensor) -> Tensor:
+    """VGG16's fc6 ``[4096, 512*7*7]`` -> conv6 ``[1024, 512, 3, 3]``: every 4th output unit, and taps 0, 3, 6
+    of the 7x7 window. With pool5 at stride 1 instead of 2, dilation 6 puts those taps where fc6 saw them. Other
+    shapes pass through (and are then reported as not fitting)."""
+    if weight.shape != (4096, 512 * 7 * 7):
+        return weight
+    return weight.view(4096, 512, 7, 7)[::4, :, ::3, ::3]
+
+
+def fc7_to_conv7(weight: Tensor) -> Tensor:
+    """VGG16's fc7 ``[4096, 4096]`` -> conv7 ``[1024, 1024, 1, 1]``: every 4th output and every 4th input unit."""
+    if weight.shape != (4096, 4096):
+        return weight
+    return weight[::4, ::4, None, None]
+
+
+def every_fourth_unit(bias: Tensor) -> Tensor:
+    """fc6 / fc7 biases ``[4096]`` -> ``[1024]``, the units the decimated weights keep."""
+    return bias[::4] if bias.shape == (4096,) else bias

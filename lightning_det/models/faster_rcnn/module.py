@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from lightning_det.models.backbones.pretrained import forget_weights_file
 from lightning_det.models.detector import Detections, Detector
 from lightning_det.models.faster_rcnn.decode import decode_detections
 from lightning_det.models.faster_rcnn.loss import roi_losses, rpn_losses
@@ -39,6 +40,13 @@ class FasterRCNN(Detector):
         frozen_blocks: VGG16 conv blocks kept frozen (the reference freezes the first two).
         representation: width of the two-layer MLP box head of the FPN backbones (VGG16 uses fc6/fc7, 4096).
         fpn_channels: FPN width of ``mobilenet_v3_fpn`` (torchvision uses 256; narrower is much faster on CPU).
+        backbone_weights: ImageNet weights for the backbone (torchvision's vgg16, resnet50 or mobilenet_v3_large):
+            a torchvision-format state dict file (e.g. ``resnet50-11ad3fa6.pth``) or a torchvision weights name
+            (``IMAGENET1K_V1``, ``DEFAULT``, ``ResNet50_Weights.IMAGENET1K_V2``) read from torch.hub's cache or
+            downloaded. VGG16 also fills its fc6/fc7 box head. ``None``: random initialisation.
+        pretrained_layout: frozen batch norm and frozen first stages for the FPN backbones (torchvision's
+            fine-tuning layout); ``None`` = whether ``backbone_weights`` is given. Checkpoints record it, so a
+            detector rebuilt from one needs no weights file.
         anchor_sizes: per feature level, anchor sides in input pixels; ``None`` = the backbone's default
             (VGG16: 128, 256, 512 = scales 8, 16, 32 at stride 16).
         aspect_ratios: anchor height / width ratios, the same on every level.
@@ -60,6 +68,8 @@ class FasterRCNN(Detector):
         frozen_blocks: int = 2,
         representation: int = 1024,
         fpn_channels: int = 256,
+        backbone_weights: str | None = None,
+        pretrained_layout: bool | None = None,
         anchor_sizes: Sequence[Sequence[int]] | None = None,
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         rpn_positive_iou: float = 0.7,
@@ -87,7 +97,10 @@ class FasterRCNN(Detector):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        network = build_network(backbone, frozen_blocks, representation, fpn_channels)
+        self.pretrained_layout = backbone_weights is not None if pretrained_layout is None else pretrained_layout
+        network = build_network(
+            backbone, frozen_blocks, representation, fpn_channels, backbone_weights, self.pretrained_layout
+        )
         self.backbone = network.backbone
         self.rpn = RegionProposalNetwork(
             network.out_channels,
@@ -117,6 +130,10 @@ class FasterRCNN(Detector):
         )
         self.rpn_confusion = MulticlassConfusionMatrix(num_classes=2)
         self.roi_confusion = MulticlassConfusionMatrix(num_classes=self.num_classes + 1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        forget_weights_file(checkpoint, pretrained_layout=self.pretrained_layout)
 
     def forward(self, images: Tensor) -> FasterRCNNOutputs:
         features = self.backbone(images)

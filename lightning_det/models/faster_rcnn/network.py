@@ -1,6 +1,11 @@
 """The three Faster R-CNN networks: backbone features, anchor layout, and the RoI box head that goes with them.
 
-Built from torchvision parts with random initialisation (nothing is downloaded); ``init_from`` can load weights.
+Built from torchvision parts with random initialisation; ``backbone_weights`` loads torchvision's ImageNet VGG16 /
+ResNet-50 / MobileNetV3-Large (a file, or a weights name from torch.hub's cache), ``init_from`` any other weights.
+With ImageNet weights the FPN backbones take torchvision's fine-tuning layout (``pretrained_layout``): frozen batch
+norm (``FrozenBatchNorm2d``: the statistics and affine of ImageNet stay fixed, as small detection batches would
+estimate them badly) and the first stages frozen (ResNet-50: conv1 and layer1; MobileNetV3: all but the last three
+stages). Without weights every layer trains with ordinary batch norm.
 """
 
 from __future__ import annotations
@@ -12,9 +17,20 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, vgg16
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from lightning_det.models.backbones.pretrained import load_torchvision_weights, renamed
+
 VGG_BLOCK_ENDS = (5, 10, 17, 24, 31)  # layer count of torchvision's vgg16().features up to each max-pool
+TRAINABLE_STAGES = 3  # torchvision's default for fine-tuning an ImageNet ResNet / MobileNet in a detector
+# Per backbone: the torchvision network its ImageNet weights come from, and how its tensor names map onto ours
+# (the VGG16 box head is fc6/fc7, the classifier's first two layers).
+TORCHVISION_SOURCES = {
+    "vgg16": ("vgg16", {"backbone.body.": "features.", "box_head.1.": "classifier.0.", "box_head.3.": "classifier.3."}),
+    "resnet50_fpn": ("resnet50", {"backbone.body.": ""}),
+    "mobilenet_v3_fpn": ("mobilenet_v3_large", {"backbone.body.": "features."}),
+}
 
 
 @dataclass
@@ -33,9 +49,9 @@ class Network:
 class VGGFeatures(nn.Module):
     """VGG16 conv1_1 .. conv5_3 (stride 16) as the single feature map ``"0"``."""
 
-    def __init__(self, frozen_blocks: int) -> None:
+    def __init__(self, features: nn.Sequential, frozen_blocks: int) -> None:
         super().__init__()
-        self.body = vgg16(weights=None).features[: VGG_BLOCK_ENDS[-1] - 1]  # drop the last max-pool
+        self.body = features[: VGG_BLOCK_ENDS[-1] - 1]  # drop the last max-pool
         for parameter in self.body[: VGG_BLOCK_ENDS[frozen_blocks - 1] if frozen_blocks else 0].parameters():
             parameter.requires_grad_(False)
 
@@ -43,37 +59,63 @@ class VGGFeatures(nn.Module):
         return OrderedDict([("0", self.body(images))])
 
 
-def vgg16_fc_head() -> nn.Sequential:
+def vgg16_fc_head(classifier: nn.Sequential) -> nn.Sequential:
     """fc6 and fc7 of VGG16 (without dropout, as in the reference implementation) as the RoI head."""
-    classifier = vgg16(weights=None).classifier
     return nn.Sequential(nn.Flatten(1), classifier[0], nn.ReLU(inplace=True), classifier[3], nn.ReLU(inplace=True))
 
 
-def mobilenet_v3_fpn(fpn_channels: int) -> BackboneWithFPN:
+def mobilenet_v3_fpn(fpn_channels: int, pretrained_layout: bool = False) -> BackboneWithFPN:
     """MobileNetV3-Large with an FPN of ``fpn_channels`` on its last two stages (strides 16 and 32) plus a max-pooled
     level (stride 64): torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` layout with a choosable FPN width."""
-    body = mobilenet_v3_large(weights=None, norm_layer=nn.BatchNorm2d).features
+    norm = FrozenBatchNorm2d if pretrained_layout else nn.BatchNorm2d
+    body = mobilenet_v3_large(weights=None, norm_layer=norm).features
     stage_ends = [0] + [i for i, block in enumerate(body) if getattr(block, "_is_cn", False)] + [len(body) - 1]
+    if pretrained_layout:
+        body[: stage_ends[-TRAINABLE_STAGES]].requires_grad_(False)
     return_layers = {str(stage_ends[-2]): "0", str(stage_ends[-1]): "1"}
     in_channels = [body[stage_ends[-2]].out_channels, body[stage_ends[-1]].out_channels]
     return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=LastLevelMaxPool())
 
 
-def build_network(name: str, frozen_blocks: int = 2, representation: int = 1024, fpn_channels: int = 256) -> Network:
+def build_network(
+    name: str,
+    frozen_blocks: int = 2,
+    representation: int = 1024,
+    fpn_channels: int = 256,
+    backbone_weights: str | None = None,
+    pretrained_layout: bool = False,
+) -> Network:
     """``vgg16`` (conv5_3 + fc6/fc7, ``frozen_blocks`` first conv blocks frozen), ``resnet50_fpn`` (256-channel
     FPN) or ``mobilenet_v3_fpn`` (an FPN of ``fpn_channels``); the FPN ones get a two-layer MLP RoI head of
-    width ``representation``."""
+    width ``representation``. ``backbone_weights``: ImageNet weights; ``pretrained_layout``: the layout that
+    goes with them (see the module docstring)."""
+    if name not in TORCHVISION_SOURCES:
+        raise ValueError(f"unknown Faster R-CNN backbone {name!r}: use vgg16, resnet50_fpn or mobilenet_v3_fpn")
+    network = network_of(name, frozen_blocks, representation, fpn_channels, pretrained_layout)
+    if backbone_weights is not None:
+        architecture, prefixes = TORCHVISION_SOURCES[name]
+        parts = nn.ModuleDict({"backbone": network.backbone, "box_head": network.box_head})
+        load_torchvision_weights(parts, backbone_weights, architecture, renamed(parts, prefixes))
+    return network
+
+
+def network_of(
+    name: str, frozen_blocks: int, representation: int, fpn_channels: int, pretrained_layout: bool
+) -> Network:
     if name == "vgg16":
-        return Network(VGGFeatures(frozen_blocks), 512, ["0"], vgg16_fc_head(), 4096, ((128, 256, 512),))
+        vgg = vgg16(weights=None)
+        head = vgg16_fc_head(vgg.classifier)
+        return Network(VGGFeatures(vgg.features, frozen_blocks), 512, ["0"], head, 4096, ((128, 256, 512),))
     if name == "resnet50_fpn":
-        # Random init trains every stage with ordinary batch norm; frozen BN only makes sense with pretrained weights.
         backbone = resnet_fpn_backbone(
-            backbone_name="resnet50", weights=None, trainable_layers=5, norm_layer=nn.BatchNorm2d
+            backbone_name="resnet50",
+            weights=None,
+            trainable_layers=TRAINABLE_STAGES if pretrained_layout else 5,
+            norm_layer=FrozenBatchNorm2d if pretrained_layout else nn.BatchNorm2d,
         )
         sizes = ((32,), (64,), (128,), (256,), (512,))
         return Network(backbone, 256, ["0", "1", "2", "3"], TwoMLPHead(256 * 49, representation), representation, sizes)
-    if name == "mobilenet_v3_fpn":
-        sizes = ((32, 64, 128, 256, 512),) * 3
-        head = TwoMLPHead(fpn_channels * 49, representation)
-        return Network(mobilenet_v3_fpn(fpn_channels), fpn_channels, ["0", "1"], head, representation, sizes)
-    raise ValueError(f"unknown Faster R-CNN backbone {name!r}: use vgg16, resnet50_fpn or mobilenet_v3_fpn")
+    sizes = ((32, 64, 128, 256, 512),) * 3
+    head = TwoMLPHead(fpn_channels * 49, representation)
+    backbone = mobilenet_v3_fpn(fpn_channels, pretrained_layout)
+    return Network(backbone, fpn_channels, ["0", "1"], head, representation, sizes)

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_det.models.backbones.pretrained import forget_weights_file
 from lightning_det.models.detector import Detections, Detector
 from lightning_det.models.ssd.decode import SSDDecoder
 from lightning_det.models.ssd.loss import MultiBoxLoss
@@ -22,6 +23,10 @@ class SSD(Detector):
         variant: ``"ssd300"``, ``"ssd512"`` or ``"ssdlite"`` (see ``network.py``).
         width: channel multiplier (rounded up to multiples of 8); 1.0 is the published network.
         l2_scale: initial scale of the L2-normalised conv4_3 (VGG variants).
+        backbone_weights: ImageNet weights for the backbone (VGG16 for ssd300/ssd512, MobileNetV3-Large for
+            ssdlite), width 1.0 only: a torchvision-format state dict file (e.g. ``vgg16-397923af.pth``) or a
+            torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``, ``VGG16_Weights.IMAGENET1K_V1``) read from
+            torch.hub's cache or downloaded. ``None``: random initialisation.
         aspect_ratios: per feature map, the ratios besides 1 (each adds a box and its transpose).
         min_sizes, max_sizes: per feature map, default-box sizes in input pixels; ``None``: the linear scale
             rule from ``s_min`` to ``s_max`` of the input side.
@@ -38,6 +43,7 @@ class SSD(Detector):
         variant: str = "ssd300",
         width: float = 1.0,
         l2_scale: float = 20.0,
+        backbone_weights: str | None = None,
         aspect_ratios: Sequence[Sequence[float]] = ([2], [2, 3], [2, 3], [2, 3], [2], [2]),
         min_sizes: Sequence[float] | None = None,
         max_sizes: Sequence[float] | None = None,
@@ -59,7 +65,7 @@ class SSD(Detector):
         super().__init__(**kwargs)
         self.aspect_ratios = [list(r) for r in aspect_ratios]
         self.network = SSDNetwork(
-            variant, self.num_classes, boxes_per_location(self.aspect_ratios), width, l2_scale
+            variant, self.num_classes, boxes_per_location(self.aspect_ratios), width, l2_scale, backbone_weights
         )
         if (min_sizes is None) != (max_sizes is None):
             raise ValueError("give both min_sizes and max_sizes, or neither (the linear scale rule is then used)")
@@ -76,6 +82,10 @@ class SSD(Detector):
 
     def forward(self, images: Tensor) -> SSDOutputs:
         return self.network(images)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        forget_weights_file(checkpoint)
 
     def priors(self, outputs: SSDOutputs, image_size: tuple[int, int]) -> Tensor:
         """Default boxes ``[N, 4]`` (cx, cy, w, h) in input pixels, built once per input and map size."""

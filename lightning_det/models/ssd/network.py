@@ -6,7 +6,8 @@
   (torchvision's ``SSDLiteHead``).
 ``width`` multiplies every channel count (rounded up to multiples of 8); 1.0 is the published network. The VGG
 body and the extra layers get Xavier-uniform weights and zero biases; the heads keep torchvision's init (Xavier for
-``SSDHead``), MobileNetV3 its own.
+``SSDHead``), MobileNetV3 its own. ``backbone_weights`` then loads torchvision's ImageNet VGG16 / MobileNetV3-Large
+into the backbone (width 1.0 only); batch norm keeps training either way, as in torchvision's SSDLite.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.ops import Conv2dNormActivation
 
 from lightning_det.models.backbones.mobilenet import SSDLITE_NORM, MobileNetV3Features
+from lightning_det.models.backbones.pretrained import load_torchvision_weights
 from lightning_det.models.backbones.vgg import ReducedVGG16, scaled
 
 # Extra layers of the VGG variants: (1x1 width, 3x3 width, 3x3 stride, 3x3 padding), then SSD512's 4x4 last layer.
@@ -67,10 +69,13 @@ class SSDNetwork(nn.Module):
     """``forward(images) -> SSDOutputs``: predictions for every default box, in ``priors.py``'s order."""
 
     def __init__(self, variant: str, num_classes: int, boxes_per_location: Sequence[int], width: float = 1.0,
-                 l2_scale: float = 20.0) -> None:
+                 l2_scale: float = 20.0, backbone_weights: str | None = None) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown SSD variant {variant!r}: use one of {', '.join(VARIANTS)}")
+        if backbone_weights is not None and width != 1.0:
+            raise ValueError(f"backbone_weights: ImageNet weights fit the published network only, but width={width}; "
+                             "set model.width=1.0 or drop backbone_weights")
         lite = variant == "ssdlite"
         if lite:
             self.backbone: nn.Module = MobileNetV3Features(width)
@@ -85,6 +90,10 @@ class SSDNetwork(nn.Module):
             extra_channels = [scaled(out, width) for _, out, _, _ in VGG_EXTRAS[variant]]
             xavier_init(self.backbone)  # no batch norm in VGG: Xavier keeps a from-scratch start trainable
         xavier_init(self.extras)
+        if backbone_weights is not None:
+            architecture = "mobilenet_v3_large" if lite else "vgg16"
+            mapping = self.backbone.torchvision_mapping()
+            load_torchvision_weights(self.backbone, backbone_weights, architecture, mapping)
         channels = [*self.backbone.out_channels, *extra_channels]
         if len(boxes_per_location) != len(channels):
             raise ValueError(
