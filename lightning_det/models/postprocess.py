@@ -1,31 +1,87 @@
-"""Non-maximum suppression over a whole batch and the split into per-image detections, shared by detectors."""
+"""Non-maximum suppression over a whole batch, then per-image detections in one of two layouts: a list of
+variable-length dicts (training, evaluation, prediction) or fixed-shape padded tensors (exported models).
+
+Both layouts come from the same selection, written with tensor operations only (no Python numbers read from the
+data), so that it traces into ONNX and TorchScript graphs unchanged.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+# Sort key of a kept candidate: image * IMAGE_KEY + its position in score order. Unique while a batch has fewer
+# candidates than this, so any sort (ONNX's TopK is not stable) orders by image, then best first.
+IMAGE_KEY = 2**40
+# The label of the padding rows of ``PaddedDetections`` (as in the batch label contract).
+PAD_LABEL = -1
 
-def rank_within_group(group: Tensor, num_groups: int) -> Tensor:
-    """0, 1, 2, ... restarting at each group, for a ``group`` tensor sorted ascending."""
-    counts = torch.bincount(group, minlength=num_groups)
-    starts = counts.cumsum(0) - counts
-    return torch.arange(len(group), device=group.device) - starts[group]
+
+class PaddedDetections(NamedTuple):
+    """Fixed-shape detections of a batch: the first ``num_detections[b]`` rows of image ``b`` are its detections,
+    best first; the rows after them hold zero boxes, zero scores and label ``PAD_LABEL``."""
+
+    boxes: Tensor  # [B, K, 4] xyxy, batch-image pixels
+    scores: Tensor  # [B, K]
+    labels: Tensor  # [B, K] long
+    num_detections: Tensor  # [B] long
+
+
+def best_per_image(
+    boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, batch: int, num_classes: int,
+    nms_thresh: float, max_per_image: int, class_agnostic: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One ``batched_nms`` call for every candidate of the batch (grouped by image, and by class unless
+    ``class_agnostic``), then the best ``max_per_image`` of each image.
+
+    Returns the kept candidates' indices grouped by image and best first within each, their rank within their
+    image, and the number kept per image ``[batch]``.
+    """
+    groups = image if class_agnostic else image * num_classes + labels
+    keep = batched_nms(boxes, scores, groups, nms_thresh)  # sorted by decreasing score
+    position = torch.ones_like(keep).cumsum(0)
+    keep = keep[(image[keep] * IMAGE_KEY + position).argsort()]
+    owner = image[keep]
+    member = owner[:, None] == torch.arange(batch, device=keep.device)  # [kept, batch]
+    counts = member.sum(0)
+    rank = torch.ones_like(keep).cumsum(0) - 1 - (counts.cumsum(0) - counts)[owner]
+    within = rank < max_per_image
+    return keep[within], rank[within], (member & within[:, None]).sum(0)
 
 
 def suppress_and_split(
     boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, batch: int, num_classes: int,
     nms_thresh: float, max_per_image: int, class_agnostic: bool = False,
 ) -> list[dict[str, Tensor]]:
-    """One ``batched_nms`` call for every candidate of the batch (grouped by image, and by class unless
-    ``class_agnostic``), then the best ``max_per_image`` of each image as ``{"boxes", "scores", "labels"}``."""
-    groups = image if class_agnostic else image * num_classes + labels
-    keep = batched_nms(boxes, scores, groups, nms_thresh)  # sorted by decreasing score
-    keep = keep[image[keep].argsort(stable=True)]  # grouped by image, still best first within each
-    keep = keep[rank_within_group(image[keep], batch) < max_per_image]
-    counts = torch.bincount(image[keep], minlength=batch).tolist()
+    """``best_per_image`` as one ``{"boxes", "scores", "labels"}`` dict per image."""
+    keep, _, counts = best_per_image(
+        boxes, scores, labels, image, batch, num_classes, nms_thresh, max_per_image, class_agnostic
+    )
+    counts = counts.tolist()
     return [
         {"boxes": b, "scores": s, "labels": c}
         for b, s, c in zip(boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts))
     ]
+
+
+def suppress_and_pad(
+    boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, batch: int, num_classes: int,
+    nms_thresh: float, max_per_image: int, class_agnostic: bool = False,
+) -> PaddedDetections:
+    """``best_per_image`` as ``PaddedDetections`` with ``K = max_per_image`` rows per image."""
+    keep, rank, counts = best_per_image(
+        boxes, scores, labels, image, batch, num_classes, nms_thresh, max_per_image, class_agnostic
+    )
+    slot = (image[keep] * max_per_image + rank,)
+    rows = batch * max_per_image
+    return PaddedDetections(
+        boxes.new_zeros(rows, 4).index_put(slot, boxes[keep]).view(batch, max_per_image, 4),
+        scores.new_zeros(rows).index_put(slot, scores[keep]).view(batch, max_per_image),
+        torch.full((rows,), PAD_LABEL, dtype=torch.long, device=labels.device)
+        .index_put(slot, labels[keep].long())
+        .view(batch, max_per_image),
+        counts,
+    )

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
-from lightning_det.models.postprocess import suppress_and_split
+from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split
 from lightning_det.models.ssd.targets import decode as decode_offsets
 
 
@@ -42,6 +42,16 @@ class SSDDecoder:
         self, loc: Tensor, conf: Tensor, priors: Tensor, image_size: tuple[int, int]
     ) -> list[dict[str, Tensor]]:
         """``loc [B, N, 4]``, ``conf [B, N, C + 1]`` raw -> per image ``{"boxes", "scores", "labels"}``, batch pixels."""
+        return suppress_and_split(*self.candidates(loc, conf, priors, image_size), *self.suppression(conf))
+
+    def padded(self, loc: Tensor, conf: Tensor, priors: Tensor, image_size: tuple[int, int]) -> PaddedDetections:
+        """The same detections as ``__call__`` in fixed-shape tensors of ``keep_topk`` rows per image (for export)."""
+        return suppress_and_pad(*self.candidates(loc, conf, priors, image_size), *self.suppression(conf))
+
+    def candidates(
+        self, loc: Tensor, conf: Tensor, priors: Tensor, image_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The batch's (box, score, label, image) candidates entering NMS, flat over images."""
         batch, _, channels = conf.shape
         num_classes = channels - 1
         boxes = clip_boxes_to_image(decode_offsets(loc, priors, self.variances), image_size)
@@ -52,9 +62,8 @@ class SSDDecoder:
         above = scores > self.conf_thresh
         scores, candidate, image = scores[above], candidate[above], image[above]
         box_index, labels = candidate // num_classes, candidate % num_classes
-        boxes = boxes[image, box_index]
+        return boxes[image, box_index], scores, labels, image
 
-        return suppress_and_split(
-            boxes, scores, labels, image, batch, num_classes, self.nms_thresh, self.keep_topk, self.force_suppress
-        )
-
+    def suppression(self, conf: Tensor) -> tuple[int, int, float, int, bool]:
+        """The NMS arguments after the candidates: batch size, class count, IoU threshold, cap, class-agnostic."""
+        return conf.shape[0], conf.shape[-1] - 1, self.nms_thresh, self.keep_topk, self.force_suppress

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from lightning_det.models.backbones.pretrained import forget_weights_file
 from lightning_det.models.detector import Detections, Detector
+from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.ssd.decode import SSDDecoder
 from lightning_det.models.ssd.loss import MultiBoxLoss
 from lightning_det.models.ssd.network import SSDNetwork, SSDOutputs
@@ -115,3 +116,7 @@ class SSD(Detector):
     def decode(self, outputs: SSDOutputs, batch: dict[str, Any]) -> Detections:
         image_size = tuple(batch["images"].shape[-2:])
         return self.decoder(outputs.loc, outputs.conf, self.priors(outputs, image_size), image_size)
+
+    def decode_padded(self, outputs: SSDOutputs, image_size: tuple[int, int]) -> PaddedDetections:
+        """``decode`` as fixed-shape tensors of ``keep_topk`` rows per image: what an exported model returns."""
+        return self.decoder.padded(outputs.loc, outputs.conf, self.priors(outputs, image_size), image_size)

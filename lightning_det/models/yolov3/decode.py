@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
-from lightning_det.models.postprocess import suppress_and_split
+from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split
 from lightning_det.models.yolov3.anchors import PredictionGrid
 
 # Cap on tw, th before exp (torchvision's bbox_xform_clip): a box at most 62.5x its anchor, and never inf.
@@ -58,6 +58,16 @@ class YOLOv3Decoder:
 
     def __call__(self, preds: Tensor, grid: PredictionGrid, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
         """``preds [B, N, 5 + C]`` raw -> per image ``{"boxes", "scores", "labels"}`` in batch pixels."""
+        return suppress_and_split(*self.candidates(preds, grid, image_size), *self.suppression(preds))
+
+    def padded(self, preds: Tensor, grid: PredictionGrid, image_size: tuple[int, int]) -> PaddedDetections:
+        """The same detections as ``__call__`` in fixed-shape tensors of ``nms_topk`` rows per image (for export)."""
+        return suppress_and_pad(*self.candidates(preds, grid, image_size), *self.suppression(preds))
+
+    def candidates(
+        self, preds: Tensor, grid: PredictionGrid, image_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The batch's (box, score, label, image) candidates entering NMS, flat over images."""
         batch, _, channels = preds.shape
         num_classes = channels - 5
         boxes = clip_boxes_to_image(decode_boxes(preds[..., :4], grid.cell_xy, grid.anchor_wh, grid.stride), image_size)
@@ -75,9 +85,8 @@ class YOLOv3Decoder:
             box_index, labels = candidate // num_classes, candidate % num_classes
         else:
             box_index, labels = candidate, best_class[image, candidate]
-        boxes = boxes[image, box_index]
+        return boxes[image, box_index], scores, labels, image
 
-        return suppress_and_split(
-            boxes, scores, labels, image, batch, num_classes, self.nms_thresh, self.nms_topk, self.force_suppress
-        )
-
+    def suppression(self, preds: Tensor) -> tuple[int, int, float, int, bool]:
+        """The NMS arguments after the candidates: batch size, class count, IoU threshold, cap, class-agnostic."""
+        return preds.shape[0], preds.shape[-1] - 5, self.nms_thresh, self.nms_topk, self.force_suppress

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_det.models.detector import Detections, Detector
+from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS, PredictionGrid, anchors_tensor, make_grid
 from lightning_det.models.yolov3.darknet_weights import load_darknet_weights
 from lightning_det.models.yolov3.decode import YOLOv3Decoder
@@ -91,6 +92,10 @@ class YOLOv3(Detector):
 
     def decode(self, outputs: list[Tensor], batch: dict[str, Any]) -> Detections:
         return self.decoder(flatten(outputs), self.grid(outputs), tuple(batch["images"].shape[-2:]))
+
+    def decode_padded(self, outputs: list[Tensor], image_size: tuple[int, int]) -> PaddedDetections:
+        """``decode`` as fixed-shape tensors of ``nms_topk`` rows per image: what an exported model returns."""
+        return self.decoder.padded(flatten(outputs), self.grid(outputs), image_size)
 
     def load_foreign_weights(self, path: str, cutoff: int | None = None) -> dict[str, int]:
         """``init_from`` for Darknet ``.weights`` files (``cutoff=52`` reads only the Darknet-53 backbone)."""

@@ -1,0 +1,190 @@
+"""Export a trained checkpoint to ONNX or TorchScript, with box decoding and NMS inside the graph.
+
+    python -m lightning_det.export ckpt_path=<checkpoint> format=onnx          # or format=torchscript
+
+The exported model takes ``images [B, 3, H, W]`` float32: the tensor the checkpoint's evaluation pipeline makes
+(resize or letterbox to ``img_size``, then ``(pixel - mean) / std`` per RGB channel; the values are printed and
+stored in the file's metadata). It returns fixed-shape detections in input-image pixels:
+
+- ``boxes [B, K, 4]`` float32 xyxy, ``scores [B, K]`` float32, ``labels [B, K]`` int64 (class index),
+- ``num_detections [B]`` int64,
+
+with ``K`` the model's maximum detections per image. Image ``b``'s detections are its first ``num_detections[b]``
+rows, best first; the rows after them are padding: boxes and scores 0, label -1.
+
+H = W = ``img_size`` is fixed at export. The batch size is fixed in ONNX (``batch_size``) unless
+``dynamic_batch=true``; a TorchScript trace accepts any batch size. ONNX goes through torch's TorchScript-based
+exporter (torchvision's NMS becomes ``NonMaxSuppression``). Map boxes back to the original image with the
+pipeline's scale and padding, as ``predict`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from lightning.pytorch.core.module import _jit_is_scripting
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from lightning_det.inference import load_detector
+from lightning_det.models.detector import Detector
+from lightning_det.models.postprocess import PAD_LABEL
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript"}
+INPUT_NAMES = ["images"]
+OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
+
+
+def check_exportable(detector: Detector) -> None:
+    """Export needs a detector's fixed-shape decoding (``decode_padded``)."""
+    if not hasattr(detector, "decode_padded"):
+        raise NotImplementedError(
+            f"{type(detector).__name__} cannot be exported yet: it has no fixed-shape decoding (decode_padded),"
+            " which puts decoding and NMS in the graph. YOLOv3 and SSD checkpoints export. Faster R-CNN's RoI head"
+            " splits proposals per image by Python counts (a trace would freeze them), its proposal ranking uses"
+            " bincount (no ONNX operator), and its pipeline keeps each image's aspect ratio instead of one input size."
+        )
+
+
+class ExportableDetector(nn.Module):
+    """A detector and its decoding as one module of fixed input size: normalised images in, padded detections out."""
+
+    def __init__(self, detector: Detector, image_size: tuple[int, int]) -> None:
+        super().__init__()
+        check_exportable(detector)
+        self.detector = detector
+        self.image_size = image_size
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tuple(self.detector.decode_padded(self.detector(images), self.image_size))
+
+
+def export_pipeline(detector: Detector, img_size: int | None) -> dict[str, Any]:
+    """The checkpoint's evaluation pipeline config, at ``img_size`` when given: what makes the exported input."""
+    pipeline = dict(detector.inference_pipeline or {})
+    if img_size is not None:
+        pipeline["img_size"] = img_size
+    if not isinstance(pipeline.get("img_size"), int):
+        raise ValueError(
+            f"the checkpoint's pipeline ({pipeline.get('_target_')}) has no fixed img_size: give img_size=<pixels>"
+        )
+    return pipeline
+
+
+def metadata(detector: Detector, pipeline: dict[str, Any], max_detections: int) -> dict[str, str]:
+    """What a user of the exported file needs to feed it and read it, as strings (ONNX ``metadata_props``)."""
+    return {
+        "producer": "lightning_det",
+        "detector": type(detector).__name__,
+        "class_names": json.dumps(detector.class_names),
+        "img_size": str(pipeline["img_size"]),
+        "pipeline": json.dumps(pipeline),
+        "mean": json.dumps(pipeline.get("mean")),
+        "std": json.dumps(pipeline.get("std")),
+        "normalization": "(pixel - mean) / std per RGB channel, pixels 0..255",
+        "inputs": "images [B, 3, img_size, img_size] float32",
+        "outputs": "boxes [B, K, 4] xyxy input pixels, scores [B, K], labels [B, K] int64, num_detections [B] int64",
+        "max_detections": str(max_detections),
+        "padding": f"rows past num_detections: boxes 0, scores 0, labels {PAD_LABEL}",
+    }
+
+
+def summary(props: dict[str, str], batch: str) -> str:
+    """The exported model's input and output contract, for the console."""
+    side, k = props["img_size"], props["max_detections"]
+    transform = str(json.loads(props["pipeline"]).get("_target_")).rsplit(".", 1)[-1]
+    return (
+        f"  input  images [{batch}, 3, {side}, {side}] float32 as {transform}(img_size={side}) makes them:"
+        f" (pixel - mean) / std, mean {props['mean']}, std {props['std']}\n"
+        f"  output boxes [B, {k}, 4] xyxy input pixels, scores [B, {k}], labels [B, {k}] int64,"
+        f" num_detections [B] int64; {props['padding']}\n"
+        f"  classes {props['class_names']}"
+    )
+
+
+def export_onnx(
+    module: nn.Module, example: Tensor, path: Path, opset: int, dynamic_batch: bool, props: dict[str, str]
+) -> None:
+    """ONNX through the TorchScript-based exporter: torchvision registers NMS (NonMaxSuppression) and RoIAlign
+    for it, while the newer torch.export-based exporter would need onnxscript and custom translations."""
+    try:
+        import onnx  # the optional [export] extra
+    except ImportError as error:
+        raise ImportError("ONNX export needs onnx: pip install 'lightning_det[export]'") from error
+
+    dynamic_axes = {name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # Notes about the exporter's own graph passes (constant folding of strided slices; advanced indexing,
+        # whose indices here are never negative).
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
+        torch.onnx.export(
+            module, (example,), str(path), dynamo=False, opset_version=opset, input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES, dynamic_axes=dynamic_axes,
+        )
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, props)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def export_torchscript(module: nn.Module, example: Tensor, path: Path, props: dict[str, str]) -> None:
+    """A trace (the decoding has no data-dependent Python branches); metadata in the archive's ``metadata.json``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # The tests compare the trace with the eager decoding; the built-in check would trace a second time.
+        with _jit_is_scripting():  # Lightning's switch that lets a LightningModule be traced without a Trainer
+            traced = torch.jit.trace(module, example, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={"metadata.json": json.dumps(props)})
+
+
+@torch.no_grad()
+def export(
+    ckpt_path: str | Path,
+    format: str = "onnx",
+    output: str | Path | None = None,
+    img_size: int | None = None,
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+    opset: int = 17,
+) -> Path:
+    """Write the checkpoint's detector with decoding and NMS as ``format``; returns the file written."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}: use one of {sorted(FORMATS)}")
+    detector, _ = load_detector(ckpt_path)
+    check_exportable(detector)
+    pipeline = export_pipeline(detector, img_size)
+    side = pipeline["img_size"]
+    module = ExportableDetector(detector, (side, side)).eval()
+    example = torch.randn(batch_size, 3, side, side)
+    max_detections = module(example)[0].shape[1]
+    props = metadata(detector, pipeline, max_detections)
+    path = Path(output) if output else Path(ckpt_path).with_suffix(FORMATS[format])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if format == "onnx":
+        export_onnx(module, example, path, opset, dynamic_batch, props)
+    else:
+        export_torchscript(module, example, path, props)
+    batch = "any" if dynamic_batch or format == "torchscript" else str(batch_size)
+    log.info("exported %s -> %s\n%s", ckpt_path, path, summary(props, batch))
+    return path
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    export(cfg.ckpt_path, cfg.format, cfg.output, cfg.img_size, cfg.batch_size, cfg.dynamic_batch, cfg.opset)
+
+
+if __name__ == "__main__":
+    main()
