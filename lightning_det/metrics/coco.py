@@ -55,6 +55,9 @@ class COCOMeanAP(PerClassVector, MeanAveragePrecision):
             raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}")
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        # COCO scores the best 100 detections per image by definition (maxDets); YOLOv3 and SSD keep 300 and 200 so
+        # that the VOC metrics see their low-score tail, which is not a mistake to warn about every evaluation.
+        self.warn_on_many_detections = False
 
     def update(self, preds: Detections, targets: Detections) -> None:  # type: ignore[override]
         """Store one batch; a target's ``difficult`` flags (optional) become ``iscrowd``."""
