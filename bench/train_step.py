@@ -30,12 +30,15 @@ NUM_CLASSES = 20  # Pascal VOC
 log = logging.getLogger(__name__)
 
 
-def from_config(name: str, img_size: int | None = None) -> Callable[[], tuple[Detector, int]]:
-    """A builder for ``conf/model/<name>.yaml``: the model for ``NUM_CLASSES`` and the config's ``data.img_size``
-    (or ``img_size``, for pipelines that resize by the shorter side, e.g. Faster R-CNN's 600 -> 608 padded)."""
+def from_config(name: str, img_size: int | None = None, tuned: str | None = None) -> Callable[[], tuple[Detector, int]]:
+    """A builder for ``conf/model/<name>.yaml`` (merged with ``conf/tuned/<tuned>.yaml`` when given): the model for
+    ``NUM_CLASSES`` and the config's ``data.img_size`` (or ``img_size``, for pipelines that resize by the shorter
+    side, e.g. Faster R-CNN's 600 -> 608 padded)."""
 
     def build() -> tuple[Detector, int]:
         cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+        if tuned:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(CONF / "tuned" / f"{tuned}.yaml"))
         return instantiate(cfg.model, num_classes=NUM_CLASSES), img_size or int(cfg.data.img_size)
 
     return build
@@ -48,14 +51,19 @@ class Case:
     batch_size: int
 
 
-# Add SSD / Faster R-CNN rows here as their configs appear.
+# Batch 1 and 4 of the same model show what batching buys on this CPU; the sample-size rows use the settings of
+# the sample runs (conf/tuned/), where fixed per-step costs weigh more than at full size.
 CASES = [
+    Case("yolov3_tiny", from_config("yolov3_tiny"), batch_size=1),
     Case("yolov3_tiny", from_config("yolov3_tiny"), batch_size=4),
-    Case("yolov3", from_config("yolov3"), batch_size=2),
+    Case("yolov3", from_config("yolov3"), batch_size=1),
+    Case("yolov3", from_config("yolov3"), batch_size=4),
     Case("ssd300", from_config("ssd300"), batch_size=2),
     Case("ssdlite", from_config("ssdlite"), batch_size=4),
     Case("faster_rcnn_mobilenet", from_config("faster_rcnn_mobilenet", img_size=608), batch_size=1),
     Case("faster_rcnn_mobilenet", from_config("faster_rcnn_mobilenet", img_size=608), batch_size=4),
+    Case("faster_rcnn_mobilenet_sample", from_config("faster_rcnn_mobilenet", 320, "sample_faster_rcnn_mobilenet"), 1),
+    Case("faster_rcnn_mobilenet_sample", from_config("faster_rcnn_mobilenet", 320, "sample_faster_rcnn_mobilenet"), 4),
 ]
 
 
