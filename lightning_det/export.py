@@ -15,7 +15,7 @@ rows, best first; the rows after them are padding: boxes and scores 0, label -1.
 H = W = ``img_size`` is fixed at export. The batch size is fixed in ONNX (``batch_size``) unless
 ``dynamic_batch=true``; a TorchScript trace accepts any batch size. ONNX goes through torch's TorchScript-based
 exporter (torchvision's NMS becomes ``NonMaxSuppression``). Map boxes back to the original image with the
-pipeline's scale and padding, as ``predict`` does.
+pipeline's scale and padding and clip them to the image, as ``predict`` does.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def command(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Train briefly at 128 px, then evaluate (asking for 320 px on the command line: the checkpoint's own
-    pipeline must win) and predict two validation images."""
+    pipeline must win), predict two validation images and export to ONNX."""
     tmp = tmp_path_factory.mktemp("tools")
     data = [f"data.root={tmp / 'sample'}", "data.prepare.num_train=16", "data.prepare.num_val=8",
             "data.num_workers=0", "data.persistent_workers=false"]
@@ -43,6 +43,8 @@ def runs(tmp_path_factory) -> Path:
         (inputs / f"{stem}.jpg").write_bytes((voc / "JPEGImages" / f"{stem}.jpg").read_bytes())
     command("-m", "lightning_det.predict", f"ckpt_path={checkpoint}", f"input={inputs}", "score_thresh=0.0",
             f"hydra.run.dir={tmp / 'predict'}")
+    command("-m", "lightning_det.export", f"ckpt_path={checkpoint}", f"output={tmp / 'model.onnx'}", "batch_size=2",
+            f"hydra.run.dir={tmp / 'export'}")
     return tmp
 
 
@@ -79,3 +81,33 @@ def test_predict_matches_evaluate_and_stays_in_original_pixels(runs):
             predicted = sorted(s for s, label in zip(det["scores"], det["labels"]) if label == name)
             evaluated = sorted(from_evaluate.get((stem, name), []))
             assert len(predicted) == len(evaluated) and np.allclose(predicted, evaluated, atol=2e-6), (stem, name)
+
+
+def test_exported_onnx_gives_predicts_detections(runs):
+    """The ONNX file of the trained checkpoint, run by ONNX Runtime on the pipeline's input and mapped back to the
+    original pixels, reproduces predict's detections (the same boxes, scores and classes)."""
+    import onnxruntime
+
+    from lightning_det.inference import image_batch, load_detector
+
+    detections = json.loads((runs / "predict" / "detections.json").read_text())
+    paths = [Path(p) for p in detections]
+    _, pipeline = load_detector(next((runs / "run" / "checkpoints").glob("best-*.ckpt")))
+    batch = image_batch(paths, pipeline)
+    session = onnxruntime.InferenceSession(str(runs / "model.onnx"), providers=["CPUExecutionProvider"])
+    boxes, scores, labels, counts = session.run(None, {"images": batch["images"].numpy()})
+    for i, path in enumerate(paths):
+        expected = detections[str(path)]
+        n = int(counts[i])
+        # the same decoding rule; only a candidate on a threshold's edge could fall differently in the two runtimes
+        assert abs(n - len(expected["scores"])) <= max(1, n // 100) and n > 0
+        assert (labels[i, n:] == -1).all() and (scores[i, n:] == 0).all()
+        scale, pad = batch["meta"]["scale"][i].numpy(), batch["meta"]["pad"][i].numpy()
+        height, width = batch["meta"]["orig_size"][i].tolist()
+        original = ((boxes[i, :n] - np.tile(pad, 2)) / np.tile(scale, 2)).clip(0, [width, height, width, height])
+        top = 20  # the best detections, in a tie-proof order: score, then box
+        ours = np.lexsort((original[:, 0], -scores[i, :n]))[:top]
+        theirs = np.lexsort((np.array(expected["boxes"])[:, 0], -np.array(expected["scores"])))[:top]
+        assert np.allclose(scores[i, ours], np.array(expected["scores"])[theirs], atol=1e-5)
+        assert np.allclose(original[ours], np.array(expected["boxes"])[theirs], atol=1e-2)
+        assert [CLASSES[c] for c in labels[i, ours]] == [expected["labels"][j] for j in theirs]
