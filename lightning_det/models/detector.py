@@ -184,6 +184,8 @@ class Detector(L.LightningModule):
             on_epoch=True,
             prog_bar=on_step,
             batch_size=batch_size,
+            # validation losses are averaged over every rank; training ones are rank zero's (an all-reduce per
+            # step and term would cost more than the exact mean is worth; Lightning warns about it under DDP)
             sync_dist=not on_step,
         )
 
