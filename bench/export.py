@@ -22,6 +22,7 @@ import onnxruntime
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from tables import table
 
 from lightning_det.export import ExportableDetector, export_onnx, export_torchscript
 
@@ -83,10 +84,8 @@ def main() -> None:
                 rows.append((name, str(side), runtime, f"{milliseconds(run, args.warmup, args.iterations):.1f}"))
 
     header = ("model", "input", "runtime", "ms/image")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = [f"inference with decoding + NMS, batch 1, {args.threads} threads, median of {args.iterations}"]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in (header, *rows)]
-    log.info("\n".join(lines))
+    title = f"inference with decoding + NMS, batch 1, {args.threads} threads, median of {args.iterations}"
+    log.info(table(title, header, rows))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from tables import table
 
 from lightning_det.models.detector import Detector
 
@@ -129,10 +130,8 @@ def main() -> None:
                      f"{case.batch_size / seconds:.2f}"))
 
     header = ("model", "params (M)", "input", "batch", "s/step", "images/s")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = [f"train step on CPU, {args.threads} torch threads, median of {args.iterations} steps after {args.warmup}"]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in (header, *rows)]
-    log.info("\n".join(lines))
+    title = f"train step on CPU, {args.threads} torch threads, median of {args.iterations} steps after {args.warmup}"
+    log.info(table(title, header, rows))
 
 
 if __name__ == "__main__":
