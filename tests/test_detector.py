@@ -15,6 +15,7 @@ def meta_for(scales, pads, sizes):
         "scale": torch.tensor(scales, dtype=torch.float32),
         "pad": torch.tensor(pads, dtype=torch.float32),
         "orig_size": torch.tensor(sizes),
+        "image_id": torch.arange(len(sizes)) + 7,
     }
 
 
@@ -48,6 +49,7 @@ def test_labels_to_targets_drops_padding_and_keeps_difficult():
     assert first["difficult"].tolist() == [False, True]
     assert first["boxes"].tolist() == [[0, 0, 10, 10], [5, 5, 20, 20]]
     assert second["boxes"].shape == (0, 4) and second["labels"].numel() == 0
+    assert (int(first["image_id"]), int(second["image_id"])) == (7, 8)  # so a metric can drop repeated images
 
 
 class ToyDetector(Detector):

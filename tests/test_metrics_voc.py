@@ -362,3 +362,27 @@ def test_pr_counts_at_score_thresholds_by_hand():
     expected = [[2, 1, 0]] * 4 + [[1, 1, 1]] * 3 + [[1, 0, 1]] * 3 + [[0, 0, 2]]
     assert counts[0].tolist() == expected
     assert counts[1].abs().sum() == 0  # class 1: no objects, no detections
+
+
+def test_an_image_repeated_with_its_id_counts_once():
+    """Under DDP Lightning's sampler repeats images to even out the ranks; with ids they count once."""
+    truth = {"boxes": torch.tensor([[0, 0, 10, 10.0], [20, 20, 30, 30]]), "labels": torch.tensor([0, 0])}
+    found = {"boxes": torch.tensor([[0, 0, 10, 10.0], [50, 50, 60, 60]]), "scores": torch.tensor([0.9, 0.8]),
+             "labels": torch.tensor([0, 0])}
+    other_truth = {"boxes": torch.tensor([[5, 5, 15, 15.0]]), "labels": torch.tensor([0])}
+    other_found = {"boxes": torch.tensor([[5, 5, 15, 15.0]]), "scores": torch.tensor([0.85]), "labels": torch.tensor([0])}
+
+    def score(images):
+        metric = VOCMeanAP(num_classes=1)
+        for preds, targets in images:
+            metric.update(preds, targets)
+        return metric.compute()["mAP"].item()
+
+    once = score([([found, other_found], [{**truth, "image_id": 0}, {**other_truth, "image_id": 1}])])
+    repeated = [([found], [{**truth, "image_id": 0}]), ([other_found, found], [{**other_truth, "image_id": 1},
+                                                                               {**truth, "image_id": 0}])]
+    assert score(repeated) == pytest.approx(once)
+    without_ids = [([p], [{k: v for k, v in t.items() if k != "image_id"}]) for ps, ts in repeated for p, t in zip(ps, ts)]
+    assert score(without_ids) != pytest.approx(once)  # the repeat counts twice
+    # by hand: ranked 0.9 hit, 0.85 hit, 0.8 miss over 3 objects -> AP = (1 + 1) / 3
+    assert once == pytest.approx(2 / 3)

@@ -48,6 +48,9 @@ class VOCMeanAP(PerClassVector, Metric):
     (``[num_classes, pr_thresholds, 3]``: true positives, false positives and missed objects counting the
     detections scoring at least ``i / (pr_thresholds - 1)``: the points of a precision-recall curve per class).
 
+    A target may carry its ``"image_id"``: an image seen twice then counts once (under DDP, Lightning's sampler
+    repeats a few images so that every rank gets as many batches; without ids they would count twice).
+
     Inputs are stored as float32: scores that differ only beyond float32 precision count as ties. Under DDP the
     ranks' images are gathered rank after rank, so exact score ties *between images* may be ordered differently
     than in a single-process run, as with the devkit fed the same detections in another file order.
@@ -87,7 +90,7 @@ class VOCMeanAP(PerClassVector, Metric):
         self.plus_one = plus_one
         self.pr_thresholds = pr_thresholds
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        for name in ("detections", "ground_truths", "boxes_per_image"):
+        for name in ("detections", "ground_truths", "boxes_per_image", "image_ids"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, preds: Detections, targets: Detections) -> None:
@@ -119,6 +122,9 @@ class VOCMeanAP(PerClassVector, Metric):
         self.detections.append(store([boxes, scores, labels]))
         self.ground_truths.append(store([gt_boxes, gt_labels, difficult]))
         self.boxes_per_image.append(store([torch.tensor(det_counts)[:, None], torch.tensor(gt_counts)[:, None]]))
+        if all("image_id" in t for t in targets):
+            ids = torch.tensor([int(t["image_id"]) for t in targets], dtype=torch.float64, device=self.device)
+            self.image_ids.append(ids)
 
     def compute(self) -> dict[str, Tensor]:
         """mAP, AP per class and mean recall over the classes that have positives."""
@@ -128,6 +134,11 @@ class VOCMeanAP(PerClassVector, Metric):
         images = torch.arange(len(counts))
         det_image = images.repeat_interleave(counts[:, 0])
         gt_image = images.repeat_interleave(counts[:, 1])
+        ids = _rows(self.image_ids, 1).flatten()
+        if len(ids) == len(counts):  # every image came with its id: drop repeats
+            first = _first_occurrences(ids)
+            detections, det_image = detections[first[det_image]], det_image[first[det_image]]
+            ground_truths, gt_image = ground_truths[first[gt_image]], gt_image[first[gt_image]]
 
         det_boxes, scores, det_labels = detections[:, :4], detections[:, 4], detections[:, 5].long()
         gt_boxes, gt_labels = ground_truths[:, :4], ground_truths[:, 4].long()
@@ -184,6 +195,16 @@ class _Curve:
         self.precision = cumulative_tp / (position + 1)
         self.recall = cumulative_tp / positives[labels]
         self.envelope = _segmented_reverse_cummax(self.precision, labels, num_classes)
+
+
+def _first_occurrences(ids: Tensor) -> Tensor:
+    """A mask of the entries of ``ids`` not seen earlier in it."""
+    _, inverse = torch.unique(ids, return_inverse=True)
+    position = torch.arange(len(ids))
+    first = torch.full((int(inverse.max()) + 1 if len(ids) else 0,), len(ids)).scatter_reduce(
+        0, inverse, position, reduce="amin"
+    )
+    return torch.zeros(len(ids), dtype=torch.bool).index_fill_(0, first, True)
 
 
 def _threshold_counts(scores: Tensor, curve: _Curve, thresholds: int) -> Tensor:

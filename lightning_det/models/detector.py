@@ -51,15 +51,17 @@ def to_original_pixels(boxes: Tensor, image_index: Tensor, meta: dict[str, Any])
 
 
 def labels_to_targets(labels: Tensor, meta: dict[str, Any]) -> Detections:
-    """Padded ``[B, P, 6]`` batch labels -> per-image metric targets in original-image pixels."""
+    """Padded ``[B, P, 6]`` batch labels -> per-image metric targets in original-image pixels, with their image id
+    (so a metric can count an image repeated by a distributed sampler once)."""
     valid = labels[..., 0] >= 0
     image_index = valid.nonzero()[:, 0]
     rows = labels[valid]
     boxes = to_original_pixels(rows[:, 1:5], image_index, meta)
     counts = valid.sum(1).tolist()
     return [
-        {"boxes": b, "labels": c.long(), "difficult": d > 0}
-        for b, c, d in zip(boxes.split(counts), rows[:, 0].split(counts), rows[:, 5].split(counts))
+        {"boxes": b, "labels": c.long(), "difficult": d > 0, "image_id": i}
+        for b, c, d, i in zip(boxes.split(counts), rows[:, 0].split(counts), rows[:, 5].split(counts),
+                              meta["image_id"])
     ]
 
 
