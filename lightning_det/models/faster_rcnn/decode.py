@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from lightning_det.models.detector import Detections
-from lightning_det.models.faster_rcnn.rpn import rank_within_images
+from lightning_det.models.postprocess import suppress_and_split
 
 
 def decode_detections(
@@ -30,12 +30,6 @@ def decode_detections(
     image = image.repeat_interleave(num_classes)
     keep = (scores > score_thresh).nonzero()[:, 0]
     keep = keep[remove_small_boxes(boxes[keep], min_size)]
-    keep = keep[batched_nms(boxes[keep], scores[keep], image[keep] * num_classes + labels[keep], nms_thresh)]
-    keep = keep[scores[keep].argsort(descending=True)]
-    keep = keep[rank_within_images(image[keep]) < detections_per_image]
-    keep = keep[image[keep].argsort(stable=True)]
-    counts = torch.bincount(image[keep], minlength=num_images).tolist()
-    return [
-        {"boxes": b, "scores": s, "labels": c}
-        for b, s, c in zip(boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts))
-    ]
+    return suppress_and_split(
+        boxes[keep], scores[keep], labels[keep], image[keep], num_images, num_classes, nms_thresh, detections_per_image
+    )
