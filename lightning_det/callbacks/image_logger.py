@@ -6,17 +6,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from lightning_det.drawing import draw_labels
-
-
-def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
-    """The run's TensorBoard logger, on rank zero only."""
-    if not trainer.is_global_zero:
-        return None
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+from lightning_det.models.detector import tensorboard
 
 
 class ValidationImageLogger(L.Callback):

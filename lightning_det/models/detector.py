@@ -21,6 +21,7 @@ from typing import Any, Union
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from lightning_det.optim import parameter_groups
@@ -28,6 +29,13 @@ from lightning_det.optim import parameter_groups
 log = logging.getLogger(__name__)
 
 Detections = list[dict[str, Tensor]]
+
+
+def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
+    """The run's TensorBoard logger, on rank zero only: where images, PR curves and confusion matrices go."""
+    if not trainer.is_global_zero:
+        return None
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 # A factory given as a Hydra config (``{"_target_": ..., "_partial_": True, ...}``) or as the callable itself.
 # Configs keep checkpoints plain data, so they load with ``torch.load(weights_only=True)``.
@@ -156,16 +164,16 @@ class Detector(L.LightningModule):
         tp, fp, missed = counts.double().cpu().unbind(-1)
         precision = tp / (tp + fp).clamp(min=1)
         recall = tp / (tp + missed).clamp(min=1)
-        for logger in self.loggers:
-            if not hasattr(logger.experiment, "add_pr_curve_raw"):
+        logger = tensorboard(self.trainer)
+        if logger is None:
+            return
+        for index, name in enumerate(self.class_names):
+            if tp[index, 0] + missed[index, 0] == 0:
                 continue
-            for index, name in enumerate(self.class_names):
-                if tp[index, 0] + missed[index, 0] == 0:
-                    continue
-                logger.experiment.add_pr_curve_raw(
-                    f"val_PR/{name}", tp[index], fp[index], torch.zeros_like(tp[index]), missed[index],
-                    precision[index], recall[index], global_step=self.global_step, num_thresholds=counts.shape[1],
-                )
+            logger.experiment.add_pr_curve_raw(
+                f"val_PR/{name}", tp[index], fp[index], torch.zeros_like(tp[index]), missed[index],
+                precision[index], recall[index], global_step=self.global_step, num_thresholds=counts.shape[1],
+            )
 
     def per_class_table(self, per_class: Tensor, scalars: dict[str, Tensor]) -> str:
         """A text table of AP per class with the epoch's summary values, for the console."""

@@ -11,7 +11,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lightning_det.models.backbones.pretrained import forget_weights_file
-from lightning_det.models.detector import Detections, Detector
+from lightning_det.models.detector import Detections, Detector, tensorboard
 from lightning_det.models.faster_rcnn.decode import decode_detections
 from lightning_det.models.faster_rcnn.loss import roi_losses, rpn_losses
 from lightning_det.models.faster_rcnn.network import build_network
@@ -185,6 +185,6 @@ def confusion_image(matrix: Tensor, cell: int = 16) -> Tensor:
 
 
 def log_matrix_image(module: Detector, tag: str, matrix: Tensor) -> None:
-    for logger in module.loggers:
-        if hasattr(logger.experiment, "add_image"):
-            logger.experiment.add_image(tag, confusion_image(matrix).cpu(), module.global_step)
+    logger = tensorboard(module.trainer)
+    if logger is not None:
+        logger.experiment.add_image(tag, confusion_image(matrix).cpu(), module.global_step)
