@@ -8,7 +8,6 @@ so re-running the same command resumes it until ``n_trials`` trials have complet
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import re
@@ -22,6 +21,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import Trial, TrialState
 
 from lightning_det.models.detector import NonFiniteLossError
+from lightning_det.summary_tables import markdown_table, write_csv
 from lightning_det.train import run
 
 log = logging.getLogger(__name__)
@@ -182,8 +182,7 @@ def write_summary(study: optuna.Study, space: dict[str, BaseDistribution], direc
     trials = study.get_trials(deepcopy=False)
     rows = [[t.number, t.state.name, t.value, *(t.params.get(name) for name in space), t.user_attrs.get("checkpoint")]
             for t in trials]
-    with open(directory / "search_summary.csv", "w", newline="") as file:
-        csv.writer(file).writerows([header, *([("" if cell is None else cell) for cell in row] for row in rows)])
+    write_csv(directory / "search_summary.csv", header, rows)
 
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     lines = [f"# Study {study.study_name}: {len(complete)} complete of {len(trials)} trials "
@@ -192,10 +191,10 @@ def write_summary(study: optuna.Study, space: dict[str, BaseDistribution], direc
         best = study.best_trial
         lines += [f"Best: trial {best.number}, {monitor} {best.value:.4f}. Train with it:", "",
                   f"    python train.py {override_line(best.params)}", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for number, state, score, *cells in rows:
-        cells = [str(number), state, "" if score is None else f"{score:.4f}", *map(markdown_cell, cells)]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += markdown_table(header, (
+        [str(number), state, "" if score is None else f"{score:.4f}", *map(markdown_cell, cells)]
+        for number, state, score, *cells in rows
+    ))
     (directory / "search_summary.md").write_text("\n".join(lines) + "\n")
 
 

@@ -11,6 +11,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lightning_det.summary_tables import markdown_table, write_csv
+
 log = logging.getLogger(__name__)
 RESULT_FILE = "job_result.json"
 
@@ -43,13 +45,11 @@ class SweepSummary(Callback):
             return "" if row["best_score"] is None else f"{row['best_score']:.4f}"
 
         def table(overrides: list[str]) -> list[list[str]]:
-            return [header, *([str(r["job"]), o, score(r), r["status"], r["checkpoint"]] for r, o in zip(rows, overrides))]
+            return [[str(r["job"]), o, score(r), r["status"], r["checkpoint"]] for r, o in zip(rows, overrides)]
 
-        markdown = ["| " + " | ".join(cells) + " |" for cells in table(swept_overrides(rows))]
-        markdown.insert(1, "|" + "---|" * len(header))
+        markdown = markdown_table(header, table(swept_overrides(rows)))
         (sweep_dir / "summary.md").write_text("\n".join(markdown) + "\n")
-        csv = table([r["overrides"] for r in rows])
-        (sweep_dir / "summary.csv").write_text("\n".join(",".join(f'"{c}"' for c in cells) for cells in csv) + "\n")
+        write_csv(sweep_dir / "summary.csv", header, table([r["overrides"] for r in rows]))
         log.info("sweep summary (%s):\n%s", sweep_dir / "summary.md", "\n".join(markdown))
 
 
