@@ -47,10 +47,11 @@ def voc_xml(file_name: str, height: int, width: int, objects: list[VOCObject]) -
 
 
 def make_voc(root: Path, splits: dict[str, dict[str, VOCImage]]) -> Path:
-    """Write ``{"2007/trainval": {"000001": (h, w, objects), ...}, ...}`` in the VOC devkit layout."""
+    """Write ``{"2007/trainval": {"000001": (h, w, objects), ...}, ...}`` in the VOC devkit layout; a split without
+    a year (``"train"``) goes into ``root`` itself, the layout of a single exported folder."""
     for seed, (split, images) in enumerate(splits.items()):
-        year, name = split.split("/")
-        folder = root / f"VOC{year}"
+        year, _, name = split.rpartition("/")
+        folder = root / f"VOC{year}" if year else root
         (folder / "Annotations").mkdir(parents=True, exist_ok=True)
         (folder / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
         for k, (file_id, (height, width, objects)) in enumerate(images.items()):

@@ -1,4 +1,5 @@
-"""Pascal VOC reader: the devkit layout ``<root>/VOC<year>/{JPEGImages,Annotations,ImageSets/Main}``.
+"""Pascal VOC reader: the devkit layout ``<root>/VOC<year>/{JPEGImages,Annotations,ImageSets/Main}``, or one folder
+``<root>/{JPEGImages,Annotations,ImageSets/Main}`` without the year level, with or without ImageSets.
 
 Coordinates: VOC XML gives 1-based, inclusive pixel indices (``xmin=1`` is the first column, ``xmax=W`` the last).
 They become continuous pixel coordinates by subtracting 1 from ``xmin``/``ymin`` only, so a box covering columns
@@ -78,38 +79,59 @@ def parse_voc_xml(xml_path: str | Path) -> tuple[tuple[int, int] | None, list[VO
     return size, objects
 
 
-class VOCSource:
-    """The images of one or more ``"<year>/<split>"`` lists, e.g. ``["2007/trainval", "2012/trainval"]``.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")
 
-    ``"2007/trainval"`` reads ``<root>/VOC2007/ImageSets/Main/trainval.txt``. Image ids are positions in the
-    combined list, since VOC file ids (``2008_000123``) are not numbers.
+
+class VOCSource:
+    """The images of one or more split lists, in any of the layouts VOC-style datasets come in.
+
+    - ``"2007/trainval"``: the devkit, ``<root>/VOC2007/ImageSets/Main/trainval.txt``;
+    - ``"train"``: a single folder without a year level (what most exporters write),
+      ``<root>/ImageSets/Main/train.txt`` beside ``<root>/Annotations`` and ``<root>/JPEGImages``;
+    - ``splits=None``: every ``<root>/Annotations/*.xml``, for a folder with no ImageSets (hold out a validation
+      share with ``data.val_split``).
+
+    Image ids are positions in the combined list, since VOC file ids (``2008_000123``) are not numbers.
     """
 
-    def __init__(self, splits: Sequence[str]) -> None:
+    def __init__(self, splits: Sequence[str] | None) -> None:
         if isinstance(splits, str):
             splits = [splits]
-        for split in splits:
-            if split.count("/") != 1:
-                raise ValueError(f"VOC split '{split}' must look like '<year>/<split>', e.g. '2007/trainval'")
-        self.splits = list(splits)
+        for split in splits or []:
+            if split.count("/") > 1 or not split.strip("/"):
+                raise ValueError(
+                    f"VOC split '{split}' must be '<split>' (e.g. 'train': <root>/ImageSets/Main/train.txt) or "
+                    "'<year>/<split>' (e.g. '2007/trainval': <root>/VOC2007/ImageSets/Main/trainval.txt)"
+                )
+        self.splits = None if splits is None else list(splits)
 
     def __repr__(self) -> str:
         return f"VOCSource(splits={self.splits})"
 
     def image_ids(self, root: Path) -> list[tuple[Path, str]]:
-        """``(VOC<year> folder, file id)`` of every listed image, in list order."""
+        """``(folder holding Annotations/ and JPEGImages/, file id)`` of every listed image, in list order."""
+        if self.splits is None:
+            annotations = root / "Annotations"
+            if not annotations.is_dir():
+                raise FileNotFoundError(
+                    f"no folder {annotations}: with data.train.splits=null, data.root must hold Annotations/ "
+                    "and JPEGImages/ directly"
+                )
+            return [(root, xml.stem) for xml in sorted(annotations.glob("*.xml"))]
         listed = []
         for split in self.splits:
-            year, name = split.split("/")
-            folder = root / f"VOC{year}"
+            year, _, name = split.rpartition("/")
+            folder = root / f"VOC{year}" if year else root
             list_file = folder / "ImageSets" / "Main" / f"{name}.txt"
             if not list_file.is_file():
+                where = f"VOC{year}/ImageSets/Main/" if year else "ImageSets/Main/"
                 raise FileNotFoundError(
-                    f"VOC split list {list_file} not found for split '{split}'. Check data.root "
-                    f"(it must contain VOC{year}/) and the split names."
+                    f"VOC split list {list_file} not found for split '{split}'. Check data.root (it must contain "
+                    f"{where}) and the split names; a folder without ImageSets takes data.train.splits=null "
+                    "data.val=null data.val_split=0.2"
                 )
-            ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
-            listed += [(folder, file_id) for file_id in ids]
+            lines = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+            listed += [(folder, listed_id(folder, line)) for line in lines]
         return listed
 
     def parse(self, root: Path, invalid: InvalidInputLog) -> ParsedSource:
@@ -117,7 +139,7 @@ class VOCSource:
         object_image, boxes, names, difficult, object_ids = [], [], [], [], []
         for folder, file_id in self.image_ids(root):
             xml_path = folder / "Annotations" / f"{file_id}.xml"
-            image_path = str(folder / "JPEGImages" / f"{file_id}.jpg")
+            image_path = find_image(folder / "JPEGImages", file_id)
             try:
                 size, objects = parse_voc_xml(xml_path)
                 if not os.path.exists(image_path):
@@ -136,6 +158,22 @@ class VOCSource:
                 object_ids.append(k)
             images.append(ImageEntry(image_path, len(images), height, width, str(xml_path)))
         return ParsedSource.from_lists(images, object_image, boxes, names, difficult, object_ids)
+
+
+def listed_id(folder: Path, line: str) -> str:
+    """The file id of a split-list line: the whole line when an annotation has that name (ids with spaces), else
+    its first word (class lists such as ``cat_train.txt`` add a flag: ``000012  1``)."""
+    if (folder / "Annotations" / f"{line}.xml").exists():
+        return line
+    return line.split()[0]
+
+
+def find_image(folder: Path, file_id: str) -> str:
+    """``<folder>/<file_id>.jpg``, or the same name with another common image suffix when that exists."""
+    default = folder / f"{file_id}.jpg"
+    if default.exists():
+        return str(default)
+    return next((str(p) for p in (folder / f"{file_id}{s}" for s in IMAGE_SUFFIXES[1:]) if p.exists()), str(default))
 
 
 def read_voc(
