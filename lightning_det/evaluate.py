@@ -18,9 +18,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_det.data.records import AnnotationRecord
 from lightning_det.inference import load_detector
 from lightning_det.metrics import COCOMeanAP, VOCMeanAP
-from lightning_det.models.detector import Detections, labels_to_targets
+from lightning_det.models.detector import Detections
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,19 @@ def coco_results(image_ids: list[int], detections: Detections, category_ids: lis
     ]
 
 
+def record_targets(records: list[AnnotationRecord]) -> Detections:
+    """Metric targets straight from the annotations (original pixels, COCO's ``area`` where the dataset has it),
+    so nothing is lost in the round trip through the batch."""
+    targets = []
+    for record in records:
+        target = {"boxes": torch.from_numpy(record.boxes), "labels": torch.from_numpy(record.labels),
+                  "difficult": torch.from_numpy(record.difficult), "image_id": record.image_id}
+        if record.area is not None:
+            target["area"] = torch.from_numpy(record.area)
+        targets.append(target)
+    return targets
+
+
 @torch.inference_mode()
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
     model, pipeline = load_detector(cfg.ckpt_path)
@@ -74,18 +88,19 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
     datamodule.val_transform = pipeline
     n = model.num_classes
     metrics = {
-        "voc07": VOCMeanAP(n, use_07_metric=True, plus_one=True),
+        "voc07": VOCMeanAP(n, use_07_metric=True),
         "voc": VOCMeanAP(n),
         "coco": COCOMeanAP(n),
     }
+    record_of = {record.image_id: record for record in datamodule.records["test"]}
     all_detections, image_ids, stems = [], [], []
     for batch in datamodule.test_dataloader():
         batch = model.transfer_batch_to_device(batch, model.device, 0)
-        detections = model.predict_step(batch, 0)
-        targets = labels_to_targets(batch["labels"], batch["meta"])
+        detections = [{k: v.cpu() for k, v in d.items()} for d in model.predict_step(batch, 0)]
+        targets = record_targets([record_of[i] for i in batch["meta"]["image_id"].tolist()])
         for metric in metrics.values():
             metric.update(detections, targets)
-        all_detections += [{k: v.cpu() for k, v in d.items()} for d in detections]
+        all_detections += detections
         image_ids += batch["meta"]["image_id"].tolist()
         stems += [Path(p).stem for p in batch["meta"]["path"]]
 

@@ -3,6 +3,8 @@
 Category ids become contiguous labels ``0..C-1`` in category-id order; ``Annotations.label_to_category_id``
 keeps the way back for result files. ``iscrowd`` annotations are marked difficult, so evaluation ignores them
 and training leaves them out (unless ``keep_difficult_in_training``). Boxes go from COCO ``xywh`` to ``xyxy``.
+Each annotation's ``area`` (the mask area for COCO itself) is kept: COCO bins objects into small / medium / large
+by it, not by the box.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def load_coco_json(path: Path) -> dict[str, Any]:
 
 
 def _annotation_arrays(path: Path, annotations: list[dict]) -> tuple[np.ndarray, ...]:
-    """``(annotation id, image id, category id, xywh, iscrowd)`` arrays; names the first malformed annotation."""
+    """``(annotation id, image id, category id, xywh, iscrowd, area)`` arrays (area 0 where the annotation has none);
+    names the first malformed annotation."""
     try:
         return (
             np.array([a.get("id", -1) for a in annotations], dtype=np.int64),
@@ -50,6 +53,7 @@ def _annotation_arrays(path: Path, annotations: list[dict]) -> tuple[np.ndarray,
             np.array([a["category_id"] for a in annotations], dtype=np.int64),
             np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4),
             np.array([a.get("iscrowd", 0) for a in annotations], dtype=bool),
+            np.array([a.get("area") or 0 for a in annotations], dtype=np.float32),
         )
     except (KeyError, TypeError, ValueError):
         for k, a in enumerate(annotations):
@@ -82,7 +86,7 @@ class COCOSource:
         name_of = {int(c["id"]): c["name"] for c in categories}
 
         images, known_ids = self._images(root, path, content["images"], invalid)
-        annotation_id, image_id, category_id, xywh, crowd = _annotation_arrays(path, content["annotations"])
+        annotation_id, image_id, category_id, xywh, crowd, area = _annotation_arrays(path, content["annotations"])
         index_of = {entry.image_id: i for i, entry in enumerate(images)}
         object_image = np.array([index_of.get(i, -1) for i in image_id.tolist()], dtype=np.int64)
         names = np.array([name_of.get(c, "") for c in category_id.tolist()], dtype=str)
@@ -106,6 +110,7 @@ class COCOSource:
             object_ids=annotation_id[keep],
             declared_classes=[c["name"] for c in categories],
             category_ids=category_ids,
+            area=area[keep],
         )
 
     def _images(

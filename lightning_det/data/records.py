@@ -47,10 +47,14 @@ class AnnotationRecord:
     boxes: np.ndarray  # float32 [N, 4]
     labels: np.ndarray  # int64 [N]
     difficult: np.ndarray  # bool [N]; VOC "difficult" or COCO "iscrowd": ignored by evaluation
+    area: np.ndarray | None = None  # float32 [N]: COCO's "area" (mask area), 0 where absent; None: no such field
 
     def select(self, keep: np.ndarray) -> AnnotationRecord:
         """The same image with only the objects where ``keep`` is true."""
-        return replace(self, boxes=self.boxes[keep], labels=self.labels[keep], difficult=self.difficult[keep])
+        area = None if self.area is None else self.area[keep]
+        return replace(
+            self, boxes=self.boxes[keep], labels=self.labels[keep], difficult=self.difficult[keep], area=area
+        )
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class ParsedSource:
     object_ids: np.ndarray  # int64 [M]: position in its file (VOC) or annotation id (COCO), for error messages
     declared_classes: list[str] | None = None  # class order fixed by the source itself (COCO categories)
     category_ids: dict[str, int] = field(default_factory=dict)  # class name -> dataset category id (COCO)
+    area: np.ndarray | None = None  # float32 [M]: the annotation's own area (COCO), 0 where it gives none
 
     @classmethod
     def from_lists(
@@ -199,14 +204,15 @@ def build_records(parsed: ParsedSource, classes: list[str], invalid: InvalidInpu
     object_image = parsed.object_image[keep]
     order = np.argsort(object_image, kind="stable")
     bounds = np.cumsum(np.bincount(object_image, minlength=len(images)))[:-1]
-    per_image = zip(
-        np.split(boxes[keep][order], bounds),
-        np.split(labels[keep][order], bounds),
-        np.split(parsed.difficult[keep][order], bounds),
-    )
+    def per_image(values: np.ndarray) -> list[np.ndarray]:
+        return np.split(values[keep][order], bounds)
+
+    areas = per_image(parsed.area) if parsed.area is not None else [None] * len(images)
     return [
-        AnnotationRecord(image.path, image.image_id, image.height, image.width, b, lab, d)
-        for image, (b, lab, d) in zip(images, per_image)
+        AnnotationRecord(image.path, image.image_id, image.height, image.width, b, lab, d, a)
+        for image, b, lab, d, a in zip(
+            images, per_image(boxes), per_image(labels), per_image(parsed.difficult), areas
+        )
     ]
 
 

@@ -1,6 +1,8 @@
 """COCO mAP through torchmetrics' ``MeanAveragePrecision`` on the faster_coco_eval backend, in our naming.
 
-Only the edges are ours: difficult targets become COCO ``iscrowd`` regions (detections on them are ignored),
+Only the edges are ours: difficult targets become COCO ``iscrowd`` regions (detections on them are ignored), a
+target's optional ``area`` (the annotation's own, e.g. COCO's mask area) bins it into small / medium / large as
+COCOeval does (``w * h`` where it is absent or 0),
 labels are range-checked, and the result is renamed to the keys the training loop logs (``mAP``, ``AP50`` ...)
 with ``AP_per_class`` aligned to ``0 .. num_classes - 1``. Values COCOeval leaves undefined (-1: no ground truth
 for a class or an area range) become NaN, as in ``VOCMeanAP``.
@@ -60,7 +62,8 @@ class COCOMeanAP(PerClassVector, MeanAveragePrecision):
         self.warn_on_many_detections = False
 
     def update(self, preds: Detections, targets: Detections) -> None:  # type: ignore[override]
-        """Store one batch; a target's ``difficult`` flags (optional) become ``iscrowd``."""
+        """Store one batch; a target's ``difficult`` flags (optional) become ``iscrowd``, its ``area`` (optional, 0:
+        none) sets the object's area range."""
         if preds:
             check_labels(torch.cat([p["labels"].reshape(-1) for p in preds]), self.num_classes, "prediction")
         if targets:
@@ -71,6 +74,7 @@ class COCOMeanAP(PerClassVector, MeanAveragePrecision):
                 "boxes": t["boxes"],
                 "labels": t["labels"],
                 "iscrowd": t.get("difficult", torch.zeros_like(t["labels"])).long(),
+                "area": t.get("area", torch.zeros(len(t["labels"]))).float(),
             }
             for t in targets
         ]

@@ -51,6 +51,10 @@ class VOCMeanAP(PerClassVector, Metric):
     A target may carry its ``"image_id"``: an image seen twice then counts once (under DDP, Lightning's sampler
     repeats a few images so that every rank gets as many batches; without ids they would count twice).
 
+    Box convention: continuous pixel edges, as the readers produce them (VOC's 1-based inclusive ``xmin..xmax``
+    becomes ``[xmin - 1, xmax]``), so ``x2 - x1`` is already the devkit's ``xmax - xmin + 1``. ``plus_one`` is
+    only for boxes given as raw inclusive pixel indices; with the readers' boxes it would count a pixel twice.
+
     Inputs are stored as float32: scores that differ only beyond float32 precision count as ties. Under DDP the
     ranks' images are gathered rank after rank, so exact score ties *between images* may be ordered differently
     than in a single-process run, as with the devkit fed the same detections in another file order.
@@ -236,7 +240,7 @@ def _rows(state: list[Tensor] | Tensor, width: int) -> Tensor:
 
 
 def _pair_iou(a: Tensor, b: Tensor, plus_one: bool) -> Tensor:
-    """IoU of box ``a[i]`` with box ``b[i]``; ``plus_one`` counts both end pixels, as the VOC devkit does."""
+    """IoU of box ``a[i]`` with box ``b[i]``; ``plus_one`` counts both end pixels of raw inclusive indices."""
     extra = 1.0 if plus_one else 0.0
     width = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0]) + extra).clamp(min=0)
     height = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1]) + extra).clamp(min=0)

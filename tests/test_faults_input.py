@@ -1,0 +1,185 @@
+"""Fault injection for inputs and metrics (issue 10): bad checkpoints, images and config values are refused
+early with one message naming the file or key; the metrics agree with the VOC devkit and pycocotools.
+
+Moves into ``tests/test_faults.py`` (sections "Refused early" and "Exact metrics") once that module exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_voc, write_image
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from lightning_det.data import read_coco, read_voc
+from lightning_det.evaluate import record_targets, write_voc_results
+from lightning_det.metrics import COCOMeanAP, VOCMeanAP
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+# --- Exact metrics ---------------------------------------------------------------------------------------------
+
+def devkit_voc07_ap(annotations: Path, result_files: Path, classes: list[str], image_ids: list[str]) -> list[float]:
+    """The VOC07 devkit's rules (VOCevaldet.m), written out here as the independent reference: ground truth from
+    the XML as the integer pixels it holds, detections from the comp4 files, widths ``x2 - x1 + 1``, a detection
+    matches the best-overlapping box of its image at overlap >= 0.5, difficult boxes are ignored, 11-point AP."""
+    import xml.etree.ElementTree as ET
+
+    truth: dict[str, dict[str, list]] = {c: defaultdict(list) for c in classes}
+    for image_id in image_ids:
+        for node in ET.parse(annotations / f"{image_id}.xml").getroot().iter("object"):
+            box = [float(node.find("bndbox").find(tag).text) for tag in ("xmin", "ymin", "xmax", "ymax")]
+            truth[node.find("name").text][image_id].append((box, node.find("difficult").text == "1"))
+    aps = []
+    for name in classes:
+        positives = sum(not hard for boxes in truth[name].values() for _, hard in boxes)
+        rows = [line.split() for line in (result_files / f"comp4_det_test_{name}.txt").read_text().splitlines()]
+        rows.sort(key=lambda row: -float(row[1]))  # stable, as MATLAB's sort
+        taken: set[tuple[str, int]] = set()
+        tp, fp = [], []
+        for image_id, _, *coords in rows:
+            bb = [float(v) for v in coords]
+            best, best_index = -math.inf, -1
+            for index, (gt, _) in enumerate(truth[name].get(image_id, [])):
+                iw = min(bb[2], gt[2]) - max(bb[0], gt[0]) + 1
+                ih = min(bb[3], gt[3]) - max(bb[1], gt[1]) + 1
+                if iw > 0 and ih > 0:
+                    union = (bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1) + (gt[2] - gt[0] + 1) * (gt[3] - gt[1] + 1)
+                    overlap = iw * ih / (union - iw * ih)
+                    if overlap > best:
+                        best, best_index = overlap, index
+            if best >= 0.5:
+                if truth[name][image_id][best_index][1]:
+                    continue
+                if (image_id, best_index) in taken:
+                    tp.append(0), fp.append(1)
+                else:
+                    taken.add((image_id, best_index))
+                    tp.append(1), fp.append(0)
+            else:
+                tp.append(0), fp.append(1)
+        tp_sum, fp_sum = np.cumsum(tp), np.cumsum(fp)
+        recall = tp_sum / positives
+        precision = tp_sum / np.maximum(tp_sum + fp_sum, 1e-12)
+        aps.append(sum(
+            (precision[recall >= t].max() if (recall >= t).any() else 0.0) / 11 for t in np.arange(0, 1.1, 0.1)
+        ))
+    return aps
+
+
+def voc_scene(root: Path, seed: int = 0) -> tuple[list[str], dict[str, tuple]]:
+    """30 images, 3 classes, some difficult boxes; integer devkit pixels."""
+    rng = np.random.default_rng(seed)
+    classes = ["cat", "dog", "person"]
+    images = {}
+    for k in range(30):
+        objects = []
+        for _ in range(rng.integers(1, 5)):
+            xmin, ymin = (int(v) for v in rng.integers(1, 120, 2))
+            w, h = (int(v) for v in rng.integers(4, 40, 2))
+            objects.append((str(rng.choice(classes)), (xmin, ymin, xmin + w - 1, ymin + h - 1), rng.random() < 0.1))
+        images[f"img_{k:03d}"] = (180, 180, objects)
+    make_voc(root, {"2007/test": images})
+    return classes, images
+
+
+def jittered_detections(records, num_classes: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Boxes near the ground truth (many near IoU 0.5, where one pixel decides) plus strays, on a 0.1 px grid and
+    with 6-decimal distinct scores, so the comp4 text files hold them exactly."""
+    rng = np.random.default_rng(seed)
+    scores = iter(rng.permutation(10**6)[:10_000] / 10**6)
+    detections = []
+    for record in records:
+        boxes = [record.boxes[i] + rng.normal(0, 3.0, 4) for i in range(len(record.boxes)) for _ in range(2)]
+        labels = [int(record.labels[i]) for i in range(len(record.boxes)) for _ in range(2)]
+        stray = rng.uniform(0, 140, 2)
+        boxes.append(np.concatenate([stray, stray + 20]))
+        labels.append(int(rng.integers(num_classes)))
+        boxes = np.round(np.clip(np.stack(boxes), 0, 179), 1)
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        detections.append({"boxes": torch.tensor(boxes, dtype=torch.float64),
+                           "scores": torch.tensor([next(scores) for _ in labels], dtype=torch.float64),
+                           "labels": torch.tensor(labels)})
+    return detections
+
+
+def test_voc07_metric_matches_the_devkit_rules_on_comp4_files(tmp_path):
+    classes, images = voc_scene(tmp_path)
+    records = read_voc(tmp_path, ["2007/test"], classes).records[0]
+    detections = jittered_detections(records, len(classes), seed=1)
+    write_voc_results(tmp_path / "results", classes, list(images), detections)
+    expected = devkit_voc07_ap(tmp_path / "VOC2007" / "Annotations", tmp_path / "results", classes, list(images))
+
+    metric = instantiate(OmegaConf.load(CONF / "metric" / "voc07.yaml"))(num_classes=len(classes))
+    metric.update(detections, record_targets(records))
+    assert metric.compute()["AP_per_class"].tolist() == pytest.approx(expected, abs=1e-6)
+    twice = VOCMeanAP(len(classes), use_07_metric=True, plus_one=True)  # the old setting: a pixel counted twice
+    twice.update(detections, record_targets(records))
+    assert twice.compute()["AP_per_class"].tolist() != pytest.approx(expected, abs=1e-3)
+
+
+def coco_with_mask_areas(root: Path) -> tuple[Path, Path]:
+    """A json whose ``area`` (as for masks) is about half of w*h, moving objects between the small / medium /
+    large ranges; some annotations have no ``area``. Returns it and the same json with w*h filled in there, the
+    input pycocotools needs."""
+    rng = np.random.default_rng(3)
+    images, annotations = [], []
+    for k in range(12):
+        images.append({"id": k + 1, "file_name": f"image {k}.png", "height": 300, "width": 300})
+        write_image(root / "images" / f"image {k}.png", 300, 300, seed=k)
+        for _ in range(4):
+            side = float(rng.choice([28, 40, 60, 90, 120, 150]))
+            x, y = (float(v) for v in rng.uniform(0, 300 - side, 2))
+            annotation = {"id": len(annotations) + 1, "image_id": k + 1, "category_id": int(rng.integers(1, 3)),
+                          "bbox": [x, y, side, side * 0.9], "iscrowd": 0}
+            if len(annotations) % 5:
+                annotation["area"] = round(side * side * 0.9 * rng.uniform(0.4, 0.7), 1)
+            annotations.append(annotation)
+    categories = [{"id": 1, "name": "cell"}, {"id": 2, "name": "platelet"}]
+    ours = root / "annotations.json"
+    ours.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    filled = [{**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3])} for a in annotations]
+    reference = root / "reference.json"
+    reference.write_text(json.dumps({"images": images, "annotations": filled, "categories": categories}))
+    return ours, reference
+
+
+def test_coco_area_ranges_use_the_annotation_area_like_pycocotools(tmp_path):
+    ours, reference = coco_with_mask_areas(tmp_path)
+    result = read_coco(tmp_path, ours.name, "images")
+    records = result.records[0]
+    detections = jittered_detections(records, 2, seed=4)
+    metric = COCOMeanAP(2)
+    metric.update(detections, record_targets(records))
+    values = metric.compute()
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(reference))
+        found = truth.loadRes([
+            {"image_id": record.image_id, "category_id": result.label_to_category_id[label], "score": score,
+             "bbox": [x1, y1, x2 - x1, y2 - y1]}
+            for record, det in zip(records, detections)
+            for (x1, y1, x2, y2), score, label in zip(det["boxes"].tolist(), det["scores"].tolist(),
+                                                      det["labels"].tolist())
+        ])
+        evaluation = COCOeval(truth, found, "bbox")
+        evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+    expected = dict(zip(("mAP", "AP50", "AP75", "APs", "APm", "APl"), evaluation.stats[:6]))
+    for key, value in expected.items():
+        assert values[key].item() == pytest.approx(value, abs=1e-6), key
+
+    by_box = COCOMeanAP(2)  # without the area: w*h bins the objects differently here
+    by_box.update(detections, [{k: v for k, v in t.items() if k != "area"} for t in record_targets(records)])
+    assert any(abs(by_box.compute()[k].item() - expected[k]) > 1e-3 for k in ("APs", "APm", "APl"))
