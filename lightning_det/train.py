@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_det.callbacks.checkpoint_io import write_atomically
 from lightning_det.models.detector import NonFiniteLossError
 from lightning_det.models.weights import initialise_from
 
@@ -76,8 +79,42 @@ def apply_nominal_batch_size(cfg: DictConfig) -> None:
     log.info("nominal batch %d: accumulating %d batches of %d", nominal, accumulate, per_step)
 
 
+def requested_devices(devices: Any) -> int | None:
+    """How many devices ``trainer.devices`` asks for (``2``, ``"2"``, ``[0, 1]``, ``"0,1"``); None for auto/-1."""
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([part for part in text.split(",") if part.strip()])
+    if text in ("auto", "-1") or not text.isdigit():
+        return None
+    return int(text)
+
+
+def check_devices(trainer_cfg: DictConfig) -> None:
+    """More CPU processes than cores, or more GPUs than are visible, fails late and leaves ranks running: refuse it
+    before anything is built."""
+    wanted = requested_devices(trainer_cfg.get("devices", "auto"))
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if wanted is None or accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        return
+    key = f"trainer.devices={trainer_cfg.get('devices')}"
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        visible = torch.cuda.device_count()
+        if wanted > visible:
+            raise ValueError(f"{key} asks for {wanted} GPUs but {visible} are visible (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); set trainer.devices={visible} or "
+                             f"fewer" + (", or trainer.accelerator=cpu" if visible == 0 else ""))
+        return
+    cores = len(os.sched_getaffinity(0))
+    if wanted > cores:
+        raise ValueError(f"{key} asks for {wanted} CPU processes but this machine gives the run {cores} cores; set "
+                         f"trainer.devices={cores} or fewer (each process is one DDP rank with a copy of the model)")
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data first: the class list (possibly inferred from the annotations) sizes the model's head."""
+    check_devices(cfg.trainer)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -124,16 +161,18 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     apply_nominal_batch_size(cfg)
-    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    write_atomically(output_dir / "config_resolved.yaml", lambda file: file.write(resolved.encode()))
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, model, trainer = build(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     if model.nonfinite_loss:
-        raise NonFiniteLossError(model.nonfinite_loss)
+        raise NonFiniteLossError(f"{model.nonfinite_loss} {resume_advice(trainer)}")
 
     checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
     best_path = checkpoint.best_model_path if checkpoint else ""
+    best_epoch = saved_epoch(best_path) if best_path else trainer.current_epoch - 1
     final = trainer.validate(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
     metrics = {k: float(v) for k, v in (final[0] if final else {}).items()}
     best_score = metrics.get(cfg.monitor)
@@ -144,7 +183,25 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
             else:
                 logger.log_hyperparams(hyperparameters(cfg))
     if trainer.is_global_zero:
-        (output_dir / "final_metrics.json").write_text(json.dumps({"checkpoint": best_path, **metrics}, indent=1))
-        log.info("best checkpoint: %s", best_path or "(none saved)")
+        summary = json.dumps({"checkpoint": best_path, "epoch": best_epoch, **metrics}, indent=1)
+        write_atomically(output_dir / "final_metrics.json", lambda file: file.write(summary.encode()))
+        log.info("best checkpoint: %s (epoch %d)", best_path or "(none saved; the last weights)", best_epoch)
         log.info("%s of the best checkpoint: %s", cfg.monitor, "n/a" if best_score is None else f"{best_score:.4f}")
     return {"best_score": best_score, "best_model_path": best_path, "metrics": metrics}
+
+
+def saved_epoch(checkpoint: str) -> int:
+    """The (0-based) epoch a checkpoint was saved at, read without loading its tensors."""
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+
+
+def resume_advice(trainer: L.Trainer) -> str:
+    """Which checkpoint to continue from after a non-finite loss: checkpoints with non-finite weights are never
+    saved (``SafeCheckpointIO``), so the every-epoch ``last.ckpt`` is the last finite state."""
+    last = next((c.best_model_path for c in trainer.checkpoint_callbacks
+                 if isinstance(c, ModelCheckpoint) and not c.monitor and Path(c.best_model_path or "").is_file()), "")
+    if not last:
+        return "No checkpoint was saved before it."
+    return (f"The last finite checkpoint is {last} (epoch {saved_epoch(last)}): resume from it with "
+            f"ckpt_path={last}, or start from its weights with a fresh optimizer (e.g. a lower optimizer.lr) "
+            f"with init_from={last}.")

@@ -69,7 +69,8 @@ def test_optimizers_and_schedulers_build(tmp_path, optimizer, scheduler):
 def test_trainers_callbacks_and_loggers_build(tmp_path, trainer):
     cfg = composed(tmp_path, f"trainer={trainer}", "trainer.accelerator=cpu", "logger=many", f"paths.output_dir={tmp_path}")
     callbacks, loggers = build_callbacks(cfg), build_loggers(cfg)
-    assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "EarlyStopping", "LearningRateMonitor"}
+    assert {type(c).__name__ for c in callbacks} >= {"RunCheckpoint", "InterruptCheckpoint", "EarlyStopping",
+                                                      "LearningRateMonitor"}
     assert {type(lg).__name__ for lg in loggers} == {"TensorBoardLogger", "CSVLogger"}
     assert str(tmp_path) in cfg.paths.output_dir
 

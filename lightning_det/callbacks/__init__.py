@@ -1,9 +1,22 @@
 """Callbacks for what Lightning does not already provide."""
 
 from lightning_det.callbacks.best_reload import ReloadBestAndDecay, RestoreBestOnDecay
+from lightning_det.callbacks.checkpoint import RunCheckpoint
+from lightning_det.callbacks.checkpoint_io import SafeCheckpointIO
 from lightning_det.callbacks.ema import ModelEMA
 from lightning_det.callbacks.freeze import Freeze
 from lightning_det.callbacks.image_logger import ValidationImageLogger
+from lightning_det.callbacks.interrupt import InterruptCheckpoint
 from lightning_det.callbacks.multiscale import MultiScale
 
-__all__ = ["Freeze", "ModelEMA", "MultiScale", "ReloadBestAndDecay", "RestoreBestOnDecay", "ValidationImageLogger"]
+__all__ = [
+    "Freeze",
+    "InterruptCheckpoint",
+    "ModelEMA",
+    "MultiScale",
+    "ReloadBestAndDecay",
+    "RestoreBestOnDecay",
+    "RunCheckpoint",
+    "SafeCheckpointIO",
+    "ValidationImageLogger",
+]

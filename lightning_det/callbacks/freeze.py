@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
@@ -79,12 +80,29 @@ class Freeze(BaseFinetuning):
             for norm in self.frozen_norms:
                 norm.eval()
 
-    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
-        if self.released or self.unfreeze_at_epoch is None or epoch < self.unfreeze_at_epoch:
-            return
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "released": self.released}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.released = bool(state_dict.get("released", False))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed after the release trains the released parameters again; their learning rates (the
+        factor included) come back with the optimizer and scheduler states."""
+        super().on_fit_start(trainer, pl_module)
+        if self.released:
+            self.release_modules(pl_module)
+
+    def release_modules(self, pl_module: L.LightningModule) -> None:
         self.make_trainable(self.frozen_modules(pl_module))
         for norm in self.frozen_norms:
             norm.train()
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        if self.released or self.unfreeze_at_epoch is None or epoch < self.unfreeze_at_epoch:
+            return
+        self.release_modules(pl_module)
         scheduler = next(
             (config.scheduler for config in pl_module.trainer.lr_scheduler_configs
              if config.scheduler.optimizer is optimizer), None,

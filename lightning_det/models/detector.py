@@ -100,6 +100,7 @@ class Detector(L.LightningModule):
             as_callable(metric)(num_classes=num_classes, class_names=self.class_names) if metric else None
         )
         self.nonfinite_loss: str | None = None
+        self.checkpoint_epoch: int | None = None  # set when weights come from a checkpoint
         # The evaluation transform's config, saved with checkpoints so inference needs no training config.
         self.inference_pipeline: dict[str, Any] | None = None
 
@@ -150,6 +151,12 @@ class Detector(L.LightningModule):
         if pr_counts is not None and not self.trainer.sanity_checking:
             self.log_pr_curves(pr_counts)
         self.log_dict(scalars, sync_dist=False)
+        undefined = [name for name, value in scalars.items() if value.isnan()]
+        if undefined and not self.trainer.sanity_checking:
+            log.warning("%s logged as NaN at epoch %d: no validation image holds a (non-difficult) object, so there "
+                        "is nothing to score. Such an epoch is never the best checkpoint and counts as no "
+                        "improvement for early stopping; add annotated images to the validation split",
+                        ", ".join(undefined), self.current_epoch)
         if per_class is not None:
             self.log_dict(
                 {f"val_AP/{name}": ap for name, ap in zip(self.class_names, per_class.float()) if not ap.isnan()}
@@ -178,13 +185,19 @@ class Detector(L.LightningModule):
     def per_class_table(self, per_class: Tensor, scalars: dict[str, Tensor]) -> str:
         """A text table of AP per class with the epoch's summary values, for the console."""
         width = max(8, *(len(n) for n in self.class_names))
-        lines = [f"epoch {self.current_epoch}: " + "  ".join(f"{k}={v.item():.4f}" for k, v in scalars.items())]
+        lines = [f"epoch {self.scored_epoch()}: " + "  ".join(f"{k}={v.item():.4f}" for k, v in scalars.items())]
         lines.append(f"{'class':<{width}}  AP")
         lines += [
             f"{name:<{width}}  {'n/a (no ground truth)' if math.isnan(ap) else f'{ap:.4f}'}"
             for name, ap in zip(self.class_names, per_class.tolist())
         ]
         return "\n".join(lines)
+
+    def scored_epoch(self) -> int:
+        """The epoch of the weights being validated: a checkpoint's own when ``validate`` loaded one (the final
+        re-validation of the best), else the current one."""
+        validating_a_checkpoint = self.trainer.state.fn == "validate" and self.checkpoint_epoch is not None
+        return self.checkpoint_epoch if validating_a_checkpoint else self.current_epoch
 
     def _log_losses(self, stage: str, losses: dict[str, Tensor], batch_size: int) -> None:
         on_step = stage == "train"
@@ -216,6 +229,7 @@ class Detector(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.inference_pipeline = checkpoint.get("inference_pipeline")
+        self.checkpoint_epoch = checkpoint.get("epoch")
 
     # --- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
