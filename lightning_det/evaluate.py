@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_det.config_checks import check_config
 from lightning_det.data.records import AnnotationRecord
 from lightning_det.inference import load_detector
 from lightning_det.metrics import COCOMeanAP, VOCMeanAP
@@ -115,6 +116,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    check_config(cfg)
     evaluate(cfg)
 
 

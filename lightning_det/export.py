@@ -32,6 +32,7 @@ from lightning.pytorch.core.module import _jit_is_scripting
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from lightning_det.config_checks import check_config
 from lightning_det.inference import load_detector
 from lightning_det.models.detector import Detector
 from lightning_det.models.postprocess import PAD_LABEL
@@ -183,6 +184,7 @@ def export(
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
+    check_config(cfg)
     export(cfg.ckpt_path, cfg.format, cfg.output, cfg.img_size, cfg.batch_size, cfg.dynamic_batch, cfg.opset)
 
 

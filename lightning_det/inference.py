@@ -9,6 +9,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from torchvision.io import ImageReadMode, decode_image
 
+from lightning_det.checks import CheckpointError, read_checkpoint
 from lightning_det.data import collate_detection
 from lightning_det.data.transforms.common import DetectionTransform, Sample
 from lightning_det.models.detector import Detector
@@ -17,15 +18,15 @@ from lightning_det.models.detector import Detector
 def load_detector(path: str | Path, map_location: str = "cpu") -> tuple[Detector, DetectionTransform]:
     """The detector of a checkpoint written by ``train.py`` (weights, classes, decoding settings) in eval mode,
     and its evaluation transform."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = read_checkpoint(path, "ckpt_path")
     if "detector_class" not in checkpoint or not checkpoint.get("inference_pipeline"):
-        raise ValueError(f"{path} was not written by lightning_det's train.py (no detector class or pipeline in it)")
+        raise CheckpointError(
+            f"ckpt_path={path} was not written by lightning_det's train.py (no detector class or pipeline in it)"
+        )
     detector_class = get_class(checkpoint["detector_class"])
     model = detector_class(**checkpoint["hyper_parameters"])
     model.load_state_dict(checkpoint["state_dict"])
+    model.to(map_location)
     model.inference_pipeline = checkpoint["inference_pipeline"]
     return model.eval(), instantiate(checkpoint["inference_pipeline"])
 

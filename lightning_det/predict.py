@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torchvision.io import ImageReadMode, decode_image, write_png
 from torchvision.utils import draw_bounding_boxes
 
+from lightning_det.config_checks import check_config
 from lightning_det.inference import image_batch, load_detector
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
+    check_config(cfg)
     paths = image_files(Path(cfg.input))
     results = predict(cfg.ckpt_path, paths, cfg.score_thresh, cfg.batch_size, cfg.device)
     output = Path(cfg.paths.output_dir)

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -183,3 +184,122 @@ def test_coco_area_ranges_use_the_annotation_area_like_pycocotools(tmp_path):
     by_box = COCOMeanAP(2)  # without the area: w*h bins the objects differently here
     by_box.update(detections, [{k: v for k, v in t.items() if k != "area"} for t in record_targets(records)])
     assert any(abs(by_box.compute()[k].item() - expected[k]) > 1e-3 for k in ("APs", "APm", "APl"))
+
+
+# --- Refused early ---------------------------------------------------------------------------------------------
+
+def compose_train(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.skip_invalid=flase", "data.skip_invalid='flase' must be true/false"),
+    ("model.box_loss=iou", "model.box_loss='iou' is not one of ['giou', 'xywh']"),
+    ("model.variant=big", "model.variant='big' is not one of ['tiny', 'yolov3']"),
+    ("optimizer.lr=fast", "optimizer.lr='fast' must be a number"),
+    ("data.batch_size=2.5", "data.batch_size=2.5 must be an integer"),
+    ("optimizer._target_=torch.optim.SGDD", "optimizer._target_='torch.optim.SGDD' cannot be imported"),
+    ("init_partial=maybe", "init_partial='maybe' must be true/false"),
+])
+def test_a_mistyped_config_value_is_refused_with_its_key_and_choices(override, message):
+    from lightning_det.checks import check_run
+    from lightning_det.config_checks import ConfigValueError
+
+    check_run(compose_train())  # the defaults pass
+    with pytest.raises(ConfigValueError) as error:
+        check_run(compose_train(override))
+    assert message in str(error.value)
+
+
+def tiny_checkpoint(path: Path, width: float = 0.5, num_classes: int = 2) -> Path:
+    """A checkpoint as train.py writes it (weights, hyper-parameters, detector class, pipeline)."""
+    from lightning_det.models.yolov3 import YOLOv3
+
+    model = YOLOv3(variant="tiny", width=width, num_classes=num_classes)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "detector_class": "lightning_det.models.yolov3.module.YOLOv3",
+                "inference_pipeline": {"_target_": "lightning_det.data.transforms.LetterboxTransform",
+                                       "img_size": 64}}, path)
+    return path
+
+
+def broken_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Each kind of bad checkpoint file, with what its message must say."""
+    good = tiny_checkpoint(tmp_path / "good.ckpt").read_bytes()
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "notes.ckpt").write_text("epoch 3 was the best\n")
+    (tmp_path / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    return {
+        "empty": (tmp_path / "empty.ckpt", "is empty (0 bytes), not a checkpoint"),
+        "text": (tmp_path / "notes.ckpt", "is not a PyTorch checkpoint"),
+        "truncated": (tmp_path / "truncated.ckpt", "is truncated or damaged"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated"])
+def test_a_broken_checkpoint_is_refused_by_every_entry_point_naming_the_file(tmp_path, kind):
+    from lightning_det.checks import CheckpointError, check_run
+    from lightning_det.inference import load_detector
+    from lightning_det.train import run
+
+    path, message = broken_files(tmp_path)[kind]
+    expected = re.escape(f"ckpt_path={path} {message}")
+    with pytest.raises(CheckpointError, match=expected):
+        check_run(compose_train(f"ckpt_path={path}"))
+    with pytest.raises(CheckpointError, match=expected):  # evaluate, predict and export load through this
+        load_detector(path)
+    # train.run refuses it before reading data: the data root does not even exist
+    with pytest.raises(CheckpointError, match=expected):
+        run(compose_train(f"ckpt_path={path}", f"data.root={tmp_path / 'no data here'}"))
+    if kind == "text":  # init_from also reads Darknet files, so it says it is neither
+        message = "bytes) is neither a PyTorch checkpoint nor a Darknet .weights file"
+    with pytest.raises(ValueError, match=re.escape(f"init_from={path} ") + ".*" + re.escape(message)):
+        check_run(compose_train(f"init_from={path}"))
+
+
+def test_a_checkpoint_of_another_network_is_described_against_the_run(tmp_path):
+    from lightning_det.checks import CheckpointError, check_run
+
+    path = tiny_checkpoint(tmp_path / "w05.ckpt", width=0.5, num_classes=2)
+    check_run(compose_train(f"ckpt_path={path}", "model.width=0.5", "data.classes=[cat,dog]"))
+    with pytest.raises(CheckpointError) as error:
+        check_run(compose_train(f"ckpt_path={path}", "model.width=0.25", "data.classes=[cat,dog]"))
+    assert ("this checkpoint is a YOLOv3 (variant tiny, width 0.5, depth 1.0) for 2 classes; the run builds "
+            "width 0.25") in str(error.value)
+    with pytest.raises(CheckpointError, match="the run builds a FasterRCNN"):
+        check_run(compose_train(f"ckpt_path={path}", "model=faster_rcnn_mobilenet"))
+    with pytest.raises(CheckpointError, match=r"3 classes \['a', 'b', 'c'\] \(the checkpoint's: 2\)"):
+        check_run(compose_train(f"ckpt_path={path}", "model.width=0.5", "data.classes=[a,b,c]"))
+    with pytest.raises(CheckpointError, match="set init_partial=true"):
+        check_run(compose_train(f"init_from={path}", "model=yolov3"))
+    check_run(compose_train(f"init_from={path}", "model=yolov3", "init_partial=true"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty (0 bytes), not a checkpoint"),
+    (b"\x00" * 8, "is too short for a Darknet .weights file"),
+    (b"<html>not found</html>", "is neither a PyTorch checkpoint nor a Darknet .weights file"),
+    (np.array([0, 2, 0], np.int32).tobytes() + b"\x00" * 10, "is not a whole Darknet .weights file"),
+])
+def test_an_empty_or_tiny_darknet_file_is_refused_naming_it(tmp_path, content, message):
+    from lightning_det.checks import check_run
+
+    path = tmp_path / "yolov3.weights"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"init_from={path} ") + ".*" + re.escape(message)):
+        check_run(compose_train(f"init_from={path}"))
+
+
+def test_init_from_that_fills_a_small_share_is_an_error_unless_allowed(tmp_path):
+    from lightning_det.models.weights import initialise_from
+    from lightning_det.models.yolov3 import YOLOv3
+
+    path = tiny_checkpoint(tmp_path / "tiny.ckpt", width=0.5)
+    other = YOLOv3(variant="tiny", width=0.25, num_classes=2)  # same names, other widths: only a few tensors fit
+    with pytest.raises(ValueError, match=r"filled only \d+% of the model's values .* set init_partial=true"):
+        initialise_from(other, path)
+    initialise_from(other, path, partial=True)
+    initialise_from(YOLOv3(variant="tiny", width=0.5, num_classes=5), path)  # only the head differs: accepted

@@ -56,17 +56,35 @@ def _tensors(conv: nn.Conv2d, norm: nn.BatchNorm2d | None) -> list[torch.Tensor]
     return [*head, conv.weight]
 
 
+def read_darknet_header(path: str | Path) -> tuple[dict[str, int], int]:
+    """The header (``major, minor, revision, seen``) and the byte offset of the first weight; one error naming the
+    file when it cannot be a ``.weights`` file (empty, too short, an unknown version, a partial float)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(20)
+    what = f"init_from={path} ({size} bytes)"
+    if len(head) < 12:
+        raise ValueError(f"{what} is too short for a Darknet .weights file (its header alone takes 16-20 bytes)")
+    major, minor, revision = (int(v) for v in np.frombuffer(head[:12], dtype=np.int32))
+    if not (0 <= major <= 1 and 0 <= minor <= 9):
+        raise ValueError(
+            f"{what} is neither a PyTorch checkpoint nor a Darknet .weights file (header version {major}.{minor})"
+        )
+    seen_size = 8 if major * 10 + minor >= 2 else 4
+    offset = 12 + seen_size
+    if size <= offset or (size - offset) % 4:
+        raise ValueError(f"{what} is not a whole Darknet .weights file: a {offset}-byte header, then float32 weights")
+    seen = np.frombuffer(head[12:offset], dtype=np.int64 if seen_size == 8 else np.int32)[0]
+    return {"major": major, "minor": minor, "revision": revision, "seen": int(seen)}, offset
+
+
 def load_darknet_weights(network: nn.Module, path: str | Path, cutoff: int | None = None) -> dict[str, int]:
     """Fill ``network`` from a ``.weights`` file; returns the header (``major, minor, revision, seen``)."""
     path = Path(path)
     layers = darknet_layers(network)[:cutoff]
-    with path.open("rb") as f:
-        major, minor, revision = np.fromfile(f, dtype=np.int32, count=3)
-        seen_type = np.int64 if major * 10 + minor >= 2 else np.int32
-        seen = np.fromfile(f, dtype=seen_type, count=1)
-        values = np.fromfile(f, dtype=np.float32)
-    if len(seen) != 1:
-        raise ValueError(f"{path}: too short for a Darknet weights header")
+    header, offset = read_darknet_header(path)
+    values = np.fromfile(path, dtype=np.float32, offset=offset)
     expected = sum(t.numel() for layer in layers for t in _tensors(*layer))
     if values.size != expected and (cutoff is None or values.size < expected):
         raise ValueError(
@@ -81,7 +99,7 @@ def load_darknet_weights(network: nn.Module, path: str | Path, cutoff: int | Non
                 chunk = values[offset: offset + tensor.numel()]
                 tensor.copy_(torch.from_numpy(chunk.copy()).view_as(tensor))
                 offset += tensor.numel()
-    return {"major": int(major), "minor": int(minor), "revision": int(revision), "seen": int(seen[0])}
+    return header
 
 
 def save_darknet_weights(network: nn.Module, path: str | Path, cutoff: int | None = None, seen: int = 0) -> None:

@@ -1,0 +1,128 @@
+"""Checks of a run's inputs before any data is read: its config values and the checkpoint files it names.
+
+A checkpoint is opened once: an empty, non-PyTorch or truncated file is refused with one message naming it, and
+the network it holds (detector class, variant, width, depth, backbone, classes) is compared with the one the run
+will build, so a mismatch is one sentence instead of a page of size-mismatch lines after the data is read.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_det.config_checks import check_config
+
+#: Hyper-parameters that decide the network's tensor shapes (where a detector has them).
+NETWORK_SETTINGS = ("variant", "width", "depth", "backbone", "representation", "fpn_channels")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used by the run that names it."""
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Everything a training run can check before reading data: config types, ``ckpt_path`` and ``init_from``."""
+    check_config(cfg)
+    if cfg.get("ckpt_path"):
+        checkpoint = read_checkpoint(cfg.ckpt_path, "ckpt_path")
+        differences = network_differences(checkpoint, cfg)
+        if differences:
+            raise CheckpointError(
+                f"ckpt_path={cfg.ckpt_path}: this checkpoint is {describe(checkpoint)}; the run builds "
+                f"{differences}. Resume with the model settings it was trained with, or use init_from to start a "
+                "new training from its matching weights"
+            )
+    if cfg.get("init_from"):
+        check_init_from(cfg)
+
+
+def check_init_from(cfg: DictConfig) -> None:
+    """A PyTorch file must load and hold the run's network (another class count is fine: the head is skipped);
+    any other file must at least be a whole Darknet ``.weights`` header."""
+    path = Path(cfg.init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={path}: no such file")
+    if path.stat().st_size and not is_torch_file(path):
+        from lightning_det.models.yolov3.darknet_weights import read_darknet_header  # models import this module
+
+        read_darknet_header(path)
+        return
+    checkpoint = read_checkpoint(path, "init_from")
+    if "state_dict" not in checkpoint:  # a plain state dict: only loading it tells how much matches
+        return
+    differences = network_differences(checkpoint, cfg, compare_classes=False)
+    if differences and not cfg.get("init_partial"):
+        raise CheckpointError(
+            f"init_from={path}: this checkpoint is {describe(checkpoint)}; the run builds {differences}, so few of "
+            "its tensors would fit. Pick the matching model settings, or set init_partial=true to load the "
+            "tensors that fit anyway"
+        )
+
+
+def is_torch_file(path: Path) -> bool:
+    """``torch.save`` writes a zip archive (or, before 1.6, a pickle); anything else is another format."""
+    with path.open("rb") as file:
+        start = file.read(2)
+    return start == b"PK" or start[:1] == b"\x80"
+
+
+def read_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
+    """The content of a ``torch.save`` file, loaded without executing code; one error naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(
+            f"{key}={path} is empty (0 bytes), not a checkpoint: its save was interrupted. Use another checkpoint "
+            "of the run (e.g. best-*.ckpt)"
+        )
+    if not is_torch_file(path):
+        with path.open("rb") as file:
+            start = file.read(16)
+        raise CheckpointError(
+            f"{key}={path} is not a PyTorch checkpoint (a torch.save file starts with 'PK'; this one with "
+            f"{start!r}). Give a .ckpt written by train.py"
+        )
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"{key}={path} is truncated or damaged ({size} bytes; {reason}). Use another checkpoint of the run "
+            "(e.g. best-*.ckpt), or copy the file again"
+        ) from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{key}={path} holds a {type(content).__name__}, not a checkpoint or a state dict")
+    return content
+
+
+def describe(checkpoint: dict[str, Any]) -> str:
+    """E.g. ``"a YOLOv3 (variant tiny, width 0.5, depth 1.0) for 2 classes"``."""
+    settings = checkpoint.get("hyper_parameters", {})
+    name = str(checkpoint.get("detector_class", "a model")).rsplit(".", 1)[-1]
+    shown = ", ".join(f"{key} {settings[key]}" for key in NETWORK_SETTINGS if key in settings)
+    classes = settings.get("num_classes")
+    return f"a {name}" + (f" ({shown})" if shown else "") + (f" for {classes} classes" if classes else "")
+
+
+def network_differences(checkpoint: dict[str, Any], cfg: DictConfig, compare_classes: bool = True) -> str:
+    """How the network ``cfg`` builds differs from the checkpoint's ("" when it does not), e.g. ``"width 0.25"``."""
+    stored = checkpoint.get("detector_class")
+    model = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else {}
+    if stored and model.get("_target_") and get_class(stored) is not get_class(model["_target_"]):
+        return f"a {model['_target_'].rsplit('.', 1)[-1]}"
+    settings = checkpoint.get("hyper_parameters", {})
+    differences = [f"{key} {model[key]}" for key in NETWORK_SETTINGS
+                   if key in settings and key in model and settings[key] != model[key]]
+    classes = cfg.get("data", {}).get("classes")
+    names, count = settings.get("class_names"), settings.get("num_classes")
+    if compare_classes and classes is not None and (list(classes) != names if names else len(classes) != count):
+        differences.append(f"{len(classes)} classes {list(classes)} (the checkpoint's: {names or count})")
+    return ", ".join(differences)

@@ -1,0 +1,171 @@
+"""Type checks of a composed config, before anything is built.
+
+Hydra passes a mistyped override through as a string (``data.skip_invalid=flase`` arrives as ``"flase"``, which
+Python reads as true), so every value of a ``_target_`` node is checked against the type hint of the parameter it
+fills, and a few strings against the choices the code accepts. The message names the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+SCALARS = (bool, int, float, str)
+
+#: Top-level keys of ``conf/train.yaml`` and the entry points' configs, with their types (None: may be null).
+TOP_LEVEL: dict[str, tuple[type, ...]] = {
+    "seed": (int,),
+    "monitor": (str,),
+    "ckpt_path": (str, type(None)),
+    "init_from": (str, type(None)),
+    "init_cutoff": (int, type(None)),
+    "init_partial": (bool,),
+    "nominal_batch_size": (int, type(None)),
+    "score_thresh": (float,),
+    "batch_size": (int,),
+    "device": (str,),
+    "img_size": (int, type(None)),
+    "dynamic_batch": (bool,),
+    "opset": (int,),
+}
+
+
+class ConfigValueError(ValueError):
+    """A config value of the wrong type or outside its choices."""
+
+
+def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
+    """``(target, parameter) -> allowed strings``, taken from the code that decides."""
+    from lightning_det.models.ssd.network import VARIANTS as SSD_VARIANTS
+    from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS
+    from lightning_det.models.yolov3.loss import BOX_LOSSES
+
+    return {
+        ("lightning_det.models.yolov3.YOLOv3", "variant"): tuple(sorted(DEFAULT_ANCHORS)),
+        ("lightning_det.models.yolov3.YOLOv3", "box_loss"): tuple(BOX_LOSSES),
+        ("lightning_det.models.ssd.SSD", "variant"): tuple(SSD_VARIANTS),
+    }
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigValueError` for the first mistyped value of ``cfg``."""
+    for key, types_allowed in TOP_LEVEL.items():
+        if key in cfg:
+            check_value(key, _value(cfg, key), types_allowed)
+    choices = string_choices()
+    for path, node in _target_nodes(cfg, ""):
+        target = node.get("_target_")
+        try:
+            hints = _parameter_hints(_import(target))
+        except Exception:  # noqa: BLE001 - any import failure means the name is wrong
+            raise ConfigValueError(
+                f"{path}._target_={target!r} cannot be imported; check the spelling, or pick a config group "
+                "option (e.g. optimizer=sgd)"
+            ) from None
+        for key in node:
+            if key.startswith("_") or key not in hints:
+                continue
+            value = _value(node, key)
+            if value is _UNRESOLVED:
+                continue
+            allowed = _scalar_types(hints[key])
+            if allowed is not None:
+                check_value(f"{path}.{key}", value, allowed)
+            options = choices.get((target, key))
+            if options and value not in options:
+                raise ConfigValueError(f"{path}.{key}={value!r} is not one of {list(options)}")
+
+
+def check_value(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    """``value`` must be an instance of one of ``allowed``: types, or Literal values given as ``("=", value)``."""
+    if any(_is_instance(value, kind) for kind in allowed):
+        return
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    expected = list(dict.fromkeys(repr(kind[1]) if isinstance(kind, tuple) else names[kind] for kind in allowed))
+    shown = "null" if value is None else repr(value)
+    raise ConfigValueError(f"{key}={shown} must be {' or '.join(expected)}")
+
+
+def _is_instance(value: Any, kind: Any) -> bool:
+    """``isinstance`` as a config reads it: true/false are not numbers, and an integer is a valid float."""
+    if isinstance(kind, tuple):
+        return type(value) is type(kind[1]) and value == kind[1]
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+_UNRESOLVED = object()
+
+
+def _value(node: DictConfig, key: str) -> Any:
+    """The resolved value (a container as plain data), or ``_UNRESOLVED`` for an interpolation that resolves only
+    inside a Hydra run."""
+    try:
+        value = node[key]
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except OmegaConfBaseException:
+        return _UNRESOLVED
+    return value
+
+
+def _target_nodes(node: Any, path: str) -> Iterator[tuple[str, DictConfig]]:
+    """Every ``_target_`` node below ``node`` with its dotted path (the ``hydra`` node is Hydra's own)."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node and isinstance(node.get("_target_"), str):
+            yield path, node
+        for key in node:
+            if key != "hydra" and not OmegaConf.is_missing(node, key):
+                yield from _target_nodes(node._get_node(key), f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for index, item in enumerate(node):
+            yield from _target_nodes(item, f"{path}[{index}]")
+
+
+def _import(target: str) -> Any:
+    """The object ``target`` names; Hydra's own error log is silenced, the caller reports the failure."""
+    hydra_log = logging.getLogger("hydra.utils")
+    level = hydra_log.level
+    hydra_log.setLevel(logging.CRITICAL)
+    try:
+        return get_object(target)
+    finally:
+        hydra_log.setLevel(level)
+
+
+def _parameter_hints(target: Callable[..., Any]) -> dict[str, Any]:
+    """Type hints of the parameters ``target`` is called with (a class: its ``__init__``)."""
+    function = target.__init__ if inspect.isclass(target) else target
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # noqa: BLE001 - hints that do not evaluate are not checked
+        return {}
+    parameters = inspect.signature(target).parameters
+    return {name: hint for name, hint in hints.items() if name in parameters}
+
+
+def _scalar_types(hint: Any) -> tuple[Any, ...] | None:
+    """The scalar types (and Literal values) a hint allows, or None when it allows anything else too."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    allowed: list[Any] = []
+    for member in members:
+        if member is type(None) or member in SCALARS:
+            allowed.append(member)
+        elif member is torch.Tensor:  # torch.optim's ``lr: float | Tensor``: from a config, a number
+            allowed.append(float)
+        elif typing.get_origin(member) is Literal:
+            allowed += [("=", v) for v in typing.get_args(member)]
+        else:
+            return None
+    return tuple(allowed)
