@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_det.callbacks.checkpoint_io import write_atomically
+from lightning_det.checks import check_run
 from lightning_det.models.detector import NonFiniteLossError
 from lightning_det.models.weights import initialise_from
 
@@ -121,7 +122,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     model = build_model(cfg, num_classes=datamodule.num_classes, class_names=list(datamodule.classes))
     model.inference_pipeline = OmegaConf.to_container(cfg.data.val_transform, resolve=True)
     if cfg.get("init_from"):
-        initialise_from(model, cfg.init_from, list(cfg.get("init_exclude") or []), cfg.get("init_cutoff"))
+        initialise_from(model, cfg.init_from, list(cfg.get("init_exclude") or []), cfg.get("init_cutoff"),
+                        partial=bool(cfg.get("init_partial")))
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
     return datamodule, model, trainer
 
@@ -158,6 +160,7 @@ def stage_config(cfg: DictConfig, overrides: DictConfig, output_dir: Path) -> Di
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """One training run: fit, then validate the best checkpoint."""
+    check_run(cfg)  # config types and checkpoint files, before any data is read
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     apply_nominal_batch_size(cfg)
