@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,12 +18,16 @@ import time
 from pathlib import Path
 
 import lightning as L
+import optuna
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from lightning_det import search
 from lightning_det.callbacks import Freeze, RunCheckpoint, SafeCheckpointIO
+from lightning_det.metrics import VOCMeanAP
 from lightning_det.models.detector import Detector
 from lightning_det.train import build, check_devices
 
@@ -169,3 +174,190 @@ def test_nonfinite_weights_never_replace_a_checkpoint(tmp_path):
         state = load(tmp_path / name)
         assert state["epoch"] == 0
         assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+
+
+def test_a_resume_into_a_new_run_folder_keeps_the_best_score_and_file(tmp_path, recwarn):
+    scores = [0.2, 0.9, 0.5, 0.6]  # epochs 2 and 3, after the resume, are worse than epoch 1
+    old, new = tmp_path / "old", tmp_path / "new"
+    fit(Scripted(scores), 2, checkpointing(old))
+    trainer = fit(Scripted(scores), 4, checkpointing(new), ckpt_path=str(old / "last.ckpt"))
+
+    best = trainer.checkpoint_callback
+    assert best.best_model_path == str(new / "best-epoch001.ckpt") and float(best.best_model_score) == pytest.approx(0.9)
+    assert sorted(p.name for p in new.glob("*.ckpt")) == ["best-epoch001.ckpt", "last.ckpt"]
+    assert load(new / "best-epoch001.ckpt")["epoch"] == 1 and load(new / "last.ckpt")["epoch"] == 3
+    assert (old / "best-epoch001.ckpt").is_file() and (old / "last.ckpt").is_file()  # the old run is left whole
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
+def freeze_run(folder: Path, epochs: int, ckpt_path: Path | None = None) -> tuple[Scripted, L.Trainer]:
+    torch.manual_seed(0)
+    model = Scripted([0.1] * 4)
+    freeze = Freeze(pattern=r"^body\.", unfreeze_at_epoch=1, lr_factor=0.1)
+    trainer = fit(model, epochs, [freeze, *checkpointing(folder)], str(ckpt_path) if ckpt_path else None)
+    return model, trainer
+
+
+def training_state(model: Scripted, trainer: L.Trainer) -> dict:
+    optimizer, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+    return {
+        "trainable": sorted(name for name, p in model.named_parameters() if p.requires_grad),
+        "lrs": [round(g["lr"], 12) for g in optimizer.param_groups],
+        "base_lrs": [round(lr, 12) for lr in scheduler.base_lrs],
+        "norm_training": model.body[1].training,
+    }
+
+
+def test_a_resume_after_the_freeze_release_trains_like_the_uninterrupted_run(tmp_path):
+    straight_model, straight = freeze_run(tmp_path / "straight", 3)
+    freeze_run(tmp_path / "first", 2)  # released at epoch 1, stopped after it
+    resumed_model, resumed = freeze_run(tmp_path / "resumed", 3, tmp_path / "first" / "last.ckpt")
+
+    expected = training_state(straight_model, straight)
+    assert expected["trainable"] == ["body.0.weight", "body.1.bias", "body.1.weight", "head.bias", "head.weight"]
+    assert sorted(expected["lrs"]) == [0.01, 0.01, 0.1, 0.1]  # released groups at lr_factor 0.1
+    assert training_state(resumed_model, resumed) == expected
+    for (name, weight), reference in zip(resumed_model.state_dict().items(), straight_model.state_dict().values()):
+        assert torch.allclose(weight.float(), reference.float(), atol=1e-6), name
+
+
+class NothingToScore(Scripted):
+    """Validation images without any object: the VOC mAP of every epoch is NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.val_metric = VOCMeanAP(num_classes=1, class_names=["thing"])
+
+    def decode(self, outputs, batch):
+        return [{"boxes": torch.tensor([[0.0, 0.0, 3.0, 3.0]]), "scores": torch.tensor([0.9]),
+                 "labels": torch.tensor([0])} for _ in range(len(outputs))]
+
+    def validation_step(self, batch, batch_idx):
+        count = batch["images"].shape[0]
+        meta = {"pad": torch.zeros(count, 2), "scale": torch.ones(count, 2), "orig_size": torch.full((count, 2), 6),
+                "image_id": list(range(count))}
+        Detector.validation_step(self, {**batch, "labels": torch.zeros(count, 0, 6), "meta": meta}, batch_idx)
+
+    on_validation_epoch_end = Detector.on_validation_epoch_end
+
+
+def default_callbacks(folder: Path) -> list[L.Callback]:
+    """The shipped conf/callbacks/default.yaml's checkpoints and early stopping, on ``folder``."""
+    cfg = OmegaConf.create({"monitor": "val/mAP", "paths": {"output_dir": str(folder)},
+                            "callbacks": OmegaConf.load(REPO / "conf" / "callbacks" / "default.yaml")})
+    return [instantiate(cfg.callbacks[name]) for name in ("model_checkpoint", "last_checkpoint", "early_stopping")]
+
+
+def test_epochs_without_a_score_are_never_best_and_do_not_stop_training(tmp_path, caplog):
+    trainer = fit(NothingToScore(), 3, default_callbacks(tmp_path))
+    assert trainer.current_epoch == 3 and torch.isnan(trainer.callback_metrics["val/mAP"])
+    assert trainer.checkpoint_callback.best_model_path == ""
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["last.ckpt"]
+    assert "val/mAP, val/recall logged as NaN at epoch 2: no validation image holds a (non-difficult) object" \
+        in caplog.text
+
+    trainer = fit(Scripted([float("nan"), 0.3, float("nan"), 0.2]), 4, default_callbacks(tmp_path / "mixed"))
+    assert trainer.current_epoch == 4
+    assert Path(trainer.checkpoint_callback.best_model_path).name == "best-epoch001.ckpt"
+    assert float(trainer.checkpoint_callback.best_model_score) == pytest.approx(0.3)
+
+
+def test_a_search_trial_without_a_score_fails_instead_of_becoming_best(tmp_path, monkeypatch):
+    monkeypatch.setattr(search, "run", lambda cfg: {"best_score": float("nan"), "best_model_path": ""})
+    study = optuna.create_study(direction="maximize")
+    cfg = OmegaConf.create({"monitor": "val/mAP", "paths": {"output_dir": str(tmp_path)}})
+    assert search.run_trial(cfg, study.ask(), tmp_path / "trial") == optuna.trial.TrialState.FAIL
+    assert not study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def test_more_processes_than_cores_or_visible_gpus_are_refused_before_the_data_is_read(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    unreadable_data = {"_target_": "no.such.DataModule"}
+    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "devices": cores + 62}, "data": unreadable_data})
+    with pytest.raises(ValueError, match=rf"^trainer.devices={cores + 62} asks for {cores + 62} CPU processes but "
+                                         rf"this machine gives the run {cores} cores; set trainer.devices={cores} "):
+        build(cfg)
+    for fine in (cores, "auto", -1, "1"):
+        check_devices(OmegaConf.create({"accelerator": "cpu", "devices": fine}))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for too_many in (2, [0, 1], "0,1"):
+        with pytest.raises(ValueError, match=r"asks for 2 GPUs but 1 are visible .* set trainer.devices=1 or fewer"):
+            check_devices(OmegaConf.create({"accelerator": "auto", "devices": too_many}))
+    check_devices(OmegaConf.create({"accelerator": "gpu", "devices": [0]}))
+
+
+# A network and input small enough for about a second per epoch; the run is real: `python train.py` on sample data.
+TINY_RUN = ["model=yolov3_tiny", "model.width=0.25", "data.img_size=64", "data.batch_size=4", "data.num_workers=0",
+            "data.persistent_workers=false", "data.prepare.num_train=16", "data.prepare.num_val=4",
+            "trainer.log_every_n_steps=1", "callbacks.progress_bar.refresh_rate=0", "~callbacks.image_logger",
+            "logger=csv"]
+
+
+def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python train.py`` with the test's callbacks (this module) importable, writing under ``tmp_path``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    args = [sys.executable, "train.py", *TINY_RUN, f"data.root={tmp_path / 'sample'}",
+            f"paths.log_dir={tmp_path / 'logs'}", *overrides]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+class SendSigterm(L.Callback):
+    """Send this process a real SIGTERM after optimizer step ``at_step`` of a run that was not resumed."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step and trainer.ckpt_path is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class PoisonImages(L.Callback):
+    """From epoch ``epoch`` on, feed infinite pixels: BatchNorm statistics turn non-finite and the loss with them."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch >= self.epoch:
+            batch["images"].fill_(float("inf"))
+
+
+def test_sigterm_saves_the_interrupted_state_and_prints_the_command_that_resumes_it(tmp_path):
+    interrupted = train(tmp_path, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'interrupted'}",
+                        "+callbacks.sigterm._target_=test_faults.SendSigterm", "+callbacks.sigterm.at_step=6")
+    output = interrupted.stdout + interrupted.stderr
+    saved = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+    assert f"SIGTERM at epoch 1, step 6: saved {saved}. Resume with:" in output, output[-3000:]
+    state = load(saved)
+    assert state["global_step"] == 6 and state["epoch"] == 1  # the interrupt, not the end of epoch 0 (step 4)
+
+    command = shlex.split(output.split("Resume with:\n", 1)[1].splitlines()[0])  # as a shell reads it
+    assert command[:2] == ["python", "train.py"] and command[-1] == f"ckpt_path={saved}"
+    resumed = subprocess.run([sys.executable, *command[1:], f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=REPO,
+                             capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"Restored all states from the checkpoint at {saved}" in output
+    final = json.loads((tmp_path / "resumed" / "final_metrics.json").read_text())
+    best_epoch = load(final["checkpoint"])["epoch"]
+    assert final["epoch"] == best_epoch and Path(final["checkpoint"]).parent == tmp_path / "resumed" / "checkpoints"
+    last_table = [line for line in output.splitlines() if line.startswith("epoch ") and "val/mAP=" in line][-1]
+    assert last_table.startswith(f"epoch {best_epoch}: val/mAP="), last_table  # the re-validation, labelled
+    assert load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["epoch"] == 2
+
+
+@pytest.mark.slow  # the checkpoint side runs by default (test_nonfinite_weights_never_replace_a_checkpoint)
+def test_a_nonfinite_loss_keeps_the_last_finite_checkpoint_and_names_it(tmp_path):
+    done = train(tmp_path, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'run'}",
+                 "+callbacks.poison._target_=test_faults.PoisonImages", "+callbacks.poison.epoch=1")
+    output = done.stdout + done.stderr
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert done.returncode != 0 and "NonFiniteLossError: loss became non-finite at epoch 1" in output, output[-3000:]
+    assert f"The last finite checkpoint is {last} (epoch 0): resume from it with ckpt_path={last}" in output
+    state = load(last)
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
