@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_det.callbacks.checkpoint_io import write_atomically
+from lightning_det.callbacks.ranks import end_with_launcher, peer_failure
 from lightning_det.checks import check_run
 from lightning_det.models.detector import NonFiniteLossError
 from lightning_det.models.weights import initialise_from
@@ -160,6 +161,7 @@ def stage_config(cfg: DictConfig, overrides: DictConfig, output_dir: Path) -> Di
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """One training run: fit, then validate the best checkpoint."""
+    end_with_launcher()
     check_run(cfg)  # config types and checkpoint files, before any data is read
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +171,13 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, model, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except Exception as error:
+        failure = peer_failure(trainer, error, output_dir)
+        if failure:
+            raise RuntimeError(failure) from None
+        raise
     if model.nonfinite_loss:
         raise NonFiniteLossError(f"{model.nonfinite_loss} {resume_advice(trainer)}")
 

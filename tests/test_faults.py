@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from lightning_det import search
 from lightning_det.callbacks import Freeze, RunCheckpoint, SafeCheckpointIO
+from lightning_det.callbacks.ranks import peer_failure
 from lightning_det.metrics import VOCMeanAP
 from lightning_det.models.detector import Detector
 from lightning_det.train import build, check_devices
@@ -361,3 +362,51 @@ def test_a_nonfinite_loss_keeps_the_last_finite_checkpoint_and_names_it(tmp_path
     state = load(last)
     assert state["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+
+
+ORPHAN = textwrap.dedent("""
+    import os, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; from lightning_det.callbacks.ranks import "
+                              "end_with_launcher; end_with_launcher(); print('ready', flush=True); time.sleep(120)"],
+                             env={**os.environ, "LOCAL_RANK": "1"}, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\\n"
+    print(child.pid, flush=True)
+    time.sleep(120)
+""")
+
+
+def test_a_rank_started_by_the_launcher_dies_with_it():
+    launcher = subprocess.Popen([sys.executable, "-c", ORPHAN], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    rank = int(launcher.stdout.readline())
+    launcher.kill()  # as the out-of-memory killer would
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{rank}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{rank}").exists(), "the child rank outlived its launcher"
+
+
+class FakeLauncher:
+    def __init__(self, procs):
+        self.procs = procs
+
+
+def fake_trainer(rank: int, procs=()) -> object:
+    strategy = type("Strategy", (), {"launcher": FakeLauncher(list(procs))})()
+    return type("Trainer", (), {"world_size": 2, "global_rank": rank, "is_global_zero": rank == 0,
+                                "strategy": strategy})()
+
+
+def test_the_rank_that_failed_first_is_named_last_not_the_peer_that_lost_it(tmp_path):
+    peer_error = RuntimeError("CUDA out of memory on rank 1")
+    assert peer_failure(fake_trainer(1), peer_error, tmp_path) is None  # the failing rank records its error
+    still_waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer\nmore")
+    message = peer_failure(fake_trainer(0, [still_waiting]), lost, tmp_path, wait=0.5)
+    assert message == ("rank 1 failed first: RuntimeError: CUDA out of memory on rank 1  (rank 0 then stopped with "
+                       "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer)")
+    assert still_waiting.wait(timeout=5) != 0  # ended, rather than left to print its own "connection closed"
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    assert peer_failure(fake_trainer(0), ValueError("rank 0's own bug"), alone, wait=0.1) is None
