@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lightning_det.models.yolov3.anchor_clustering import anchor_fitness, kmeans_anchors, letterboxed_sizes
-from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS, anchors_tensor
+from lightning_det.models.yolov3.anchors import anchors_tensor, configured_anchors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     wh = letterboxed_sizes(
         [torch.as_tensor(r.boxes) for r in records], [(r.height, r.width) for r in records], cfg.data.img_size
     )
-    current = anchors_tensor(cfg.model.get("anchors") or DEFAULT_ANCHORS[cfg.model.variant])
+    current = anchors_tensor(configured_anchors(cfg.model.get("anchors"), cfg.model.variant))
     levels, per_level = current.shape[:2]
     anchors = kmeans_anchors(wh, levels * per_level, seed=cfg.seed)
     iou_t = cfg.model.get("iou_t", 0.2)

@@ -222,7 +222,7 @@ def test_sample_configs_generate_and_serve_data(tmp_path, name):
     config = compose_data(name, tmp_path, prepare={"num_train": 4, "num_val": 2}, num_workers=0, batch_size=2,
                           img_size=SIZE)
     datamodule = instantiate(config)
-    assert isinstance(datamodule.train_transform, YoloTrainTransform) and datamodule.close_mosaic == 10
+    assert isinstance(datamodule.train_transform, YoloTrainTransform) and datamodule.close_mosaic == 0.1
     assert datamodule.train_transform.img_size == SIZE == datamodule.val_transform.img_size
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -42,7 +42,8 @@ def test_multistep_epoch_milestones():
 
 
 def test_cosine_after_warmup_reaches_final_factor():
-    seen = lrs(cosine, 11, total_steps=10, steps_per_epoch=5, warmup_steps=2, warmup_power=1.0, final_factor=0.1)
+    seen = lrs(cosine, 11, total_steps=10, steps_per_epoch=5, warmup_steps=2, warmup_power=1.0, final_factor=0.1,
+               warmup_share=None)
     assert seen[:2] == pytest.approx([0.0, 0.05])
     # after warm-up: 0.1 * (0.1 + 0.9 * 0.5 * (1 + cos(pi * (i - 2) / 8)))
     expected = [0.1 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - 2) / 8))) for i in range(2, 11)]

@@ -12,6 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_det.models import YOLOv3
+from lightning_det.models.yolov3.loss import YOLOv3Loss
+from lightning_det.models.yolov3.module import flatten
+from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -46,7 +49,8 @@ def test_config_builds_the_model(name, variant, levels):
     assert cfg.data.img_size % 32 == 0
     model = instantiate(cfg.model, num_classes=3, width=0.125, depth=1.0)
     assert model.hparams.variant == variant and model.num_classes == 3
-    expected_anchors = torch.tensor(OmegaConf.to_object(cfg.model.anchors), dtype=torch.float32).view(levels, 3, 2)
+    assert cfg.model.anchors == "auto"  # Darknet's until refitted to a dataset
+    expected_anchors = torch.tensor(DEFAULT_ANCHORS[variant], dtype=torch.float32).view(levels, 3, 2)
     assert torch.equal(model.anchors, expected_anchors)
     assert model.strides == list(cfg.model.strides)
 
@@ -147,3 +151,17 @@ def test_rectangular_inputs_get_a_grid_of_their_own_shape():
     boxes = model.decode(outputs, batch)[0]["boxes"]
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     assert centres[:, 0].max() > 64 and centres[:, 1].max() <= 64
+
+
+def test_classification_gain_is_scaled_to_the_class_count():
+    """The default gains were tuned on COCO's 80 classes; Ultralytics' YOLOv3 multiplies cls by nc / 80."""
+    torch.manual_seed(0)
+    model = YOLOv3(variant="tiny", width=0.125, num_classes=3, cls=37.4)
+    batch = synthetic_batch()
+    outputs = model(batch["images"])
+    grid = model.grid(outputs)
+    unscaled = YOLOv3Loss("giou", 3.54, 3.54, 3.54, 64.3, 37.4, 1.0, 1.0, 0.7)(
+        flatten(outputs), grid, model.build_targets(batch["labels"], grid), batch["labels"])
+    scaled = model.loss(outputs, batch)
+    assert scaled["cls"].item() == pytest.approx(unscaled["cls"].item() * 3 / 80, rel=1e-6)
+    assert scaled["obj"].item() == pytest.approx(unscaled["obj"].item(), rel=1e-6)

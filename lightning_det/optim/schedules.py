@@ -15,17 +15,28 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
 
 class Schedule:
-    """Warm-up ``(step / warmup) ** power`` (Darknet burn-in: power 4; linear: power 1) times a decay rule."""
+    """Warm-up ``(step / warmup) ** power`` (linear: power 1; Darknet's burn-in: power 4) times a decay rule.
+
+    The warm-up lasts the longer of ``warmup_steps`` and ``warmup_epochs``, but never more than ``warmup_share``
+    of the whole run: on a small dataset a fixed step count would otherwise outlast the learning (Ultralytics'
+    ``max(3 epochs, 100 steps)`` is 20 epochs of a 70-image set at batch 16).
+    """
 
     def __init__(
         self, total_steps: int, steps_per_epoch: int, warmup_steps: int = 0, warmup_epochs: float = 0.0,
-        warmup_power: float = 4.0,
+        warmup_power: float = 1.0, warmup_share: float | None = 0.1,
     ) -> None:
-        self.total_steps = max(1, total_steps)
         self.steps_per_epoch = max(1, steps_per_epoch)
-        warmup = max(warmup_steps, round(warmup_epochs * self.steps_per_epoch))
-        self.warmup_steps = min(warmup, self.total_steps)
+        self.requested_warmup = max(warmup_steps, round(warmup_epochs * self.steps_per_epoch))
+        self.warmup_share = warmup_share
         self.warmup_power = warmup_power
+        self.fit_to(total_steps)
+
+    def fit_to(self, total_steps: int) -> None:
+        """Lay the schedule over ``total_steps`` optimizer steps (the time budget re-estimates them as it goes)."""
+        self.total_steps = max(1, total_steps)
+        cap = self.total_steps if self.warmup_share is None else round(self.warmup_share * self.total_steps)
+        self.warmup_steps = min(self.requested_warmup, cap, self.total_steps)
 
     def __call__(self, step: int) -> float:
         return self.warmup(step) * self.decay(step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_det.models.backbones.pretrained import forget_weights_file
@@ -13,8 +14,26 @@ from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.ssd.decode import SSDDecoder
 from lightning_det.models.ssd.loss import MultiBoxLoss
 from lightning_det.models.ssd.network import SSDNetwork, SSDOutputs
+from lightning_det.models.ssd.prior_fit import fit_scales, square_resized_boxes
 from lightning_det.models.ssd.priors import boxes_per_location, default_boxes, linear_scale_sizes
 from lightning_det.models.ssd.targets import Matches, cxcywh_to_xyxy, encode, match
+
+
+DEFAULT_ASPECT_RATIOS = ([2], [2, 3], [2, 3], [2, 3], [2], [2])
+
+
+def layout_priors(
+    feature_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int], aspect_ratios: Sequence[Sequence[float]],
+    s_min: float, s_max: float, min_sizes: Sequence[float] | None = None, max_sizes: Sequence[float] | None = None,
+    steps: Sequence[float] | None = None, clip: bool = False,
+) -> Tensor:
+    """Default boxes ``[N, 4]`` (cx, cy, w, h) of maps ``feature_sizes`` on an ``image_size`` input: the given
+    sizes, or the linear scale rule from ``s_min`` to ``s_max`` of the shorter input side."""
+    if min_sizes is None:
+        min_sizes, max_sizes = linear_scale_sizes(len(aspect_ratios), min(image_size), s_min, s_max)
+    steps = steps or [image_size[1] / cols for _, cols in feature_sizes]
+    return default_boxes(feature_sizes, image_size, steps, list(min_sizes), list(max_sizes),
+                         [list(r) for r in aspect_ratios], clip)
 
 
 class SSD(Detector):
@@ -31,6 +50,8 @@ class SSD(Detector):
         aspect_ratios: per feature map, the ratios besides 1 (each adds a box and its transpose).
         min_sizes, max_sizes: per feature map, default-box sizes in input pixels; ``None``: the linear scale
             rule from ``s_min`` to ``s_max`` of the input side.
+        fit_scales: check ``s_min``/``s_max`` against the training boxes before training and refit them where
+            their default boxes match too few (see :meth:`fit_to_data`); the result is stored in the checkpoint.
         steps: per feature map, the distance in pixels between default-box centres; ``None``: input / map size.
         clip: clip default boxes to the image.
         overlap_threshold, variances: matching and box coding (see ``targets.py``).
@@ -45,11 +66,12 @@ class SSD(Detector):
         width: float = 1.0,
         l2_scale: float = 20.0,
         backbone_weights: str | None = None,
-        aspect_ratios: Sequence[Sequence[float]] = ([2], [2, 3], [2, 3], [2, 3], [2], [2]),
+        aspect_ratios: Sequence[Sequence[float]] = DEFAULT_ASPECT_RATIOS,
         min_sizes: Sequence[float] | None = None,
         max_sizes: Sequence[float] | None = None,
         s_min: float = 0.2,
         s_max: float = 0.9,
+        fit_scales: bool = False,
         steps: Sequence[float] | None = None,
         clip: bool = False,
         overlap_threshold: float = 0.5,
@@ -81,6 +103,28 @@ class SSD(Detector):
         self.decoder = SSDDecoder(conf_thresh, nms_thresh, nms_topk, keep_topk, force_suppress, self.variances)
         self._priors: dict[tuple, Tensor] = {}
 
+    @classmethod
+    def fit_to_data(cls, arguments: dict[str, Any], records: list, img_size: int, seed: int = 0) -> dict[str, Any]:
+        """With ``fit_scales``, ``s_min``/``s_max`` refitted where their default boxes miss the training boxes
+        (:func:`~lightning_det.models.ssd.prior_fit.fit_scales`); explicit ``min_sizes`` are never changed."""
+        if not arguments.get("fit_scales") or arguments.get("min_sizes") is not None:
+            return arguments
+        variant = arguments.get("variant", "ssd300")
+        aspect_ratios = arguments.get("aspect_ratios", DEFAULT_ASPECT_RATIOS)
+        probe = SSDNetwork(variant, 1, boxes_per_location(aspect_ratios), width=0.125).eval()
+        with torch.no_grad():
+            feature_sizes = probe(torch.zeros(1, 3, img_size, img_size)).feature_sizes
+        size = (img_size, img_size)
+
+        def priors_for(s_min: float, s_max: float) -> Tensor:
+            return layout_priors(feature_sizes, size, aspect_ratios, s_min, s_max, steps=arguments.get("steps"),
+                                 clip=arguments.get("clip", False))
+
+        s_min, s_max = fit_scales(square_resized_boxes(records, img_size, seed), priors_for,
+                                  arguments.get("s_min", 0.2), arguments.get("s_max", 0.9),
+                                  arguments.get("overlap_threshold", 0.5))
+        return {**arguments, "s_min": s_min, "s_max": s_max}
+
     def forward(self, images: Tensor) -> SSDOutputs:
         return self.network(images)
 
@@ -92,15 +136,8 @@ class SSD(Detector):
         """Default boxes ``[N, 4]`` (cx, cy, w, h) in input pixels, built once per input and map size."""
         key = (tuple(outputs.feature_sizes), image_size, outputs.loc.device)
         if key not in self._priors:
-            side = min(image_size)
-            if self.min_sizes is None:
-                min_sizes, max_sizes = linear_scale_sizes(len(self.aspect_ratios), side, self.s_min, self.s_max)
-            else:
-                min_sizes, max_sizes = list(self.min_sizes), list(self.max_sizes)
-            steps = self.steps or [image_size[1] / cols for _, cols in outputs.feature_sizes]
-            boxes = default_boxes(
-                outputs.feature_sizes, image_size, steps, min_sizes, max_sizes, self.aspect_ratios, self.clip
-            )
+            boxes = layout_priors(outputs.feature_sizes, image_size, self.aspect_ratios, self.s_min, self.s_max,
+                                  self.min_sizes, self.max_sizes, self.steps, self.clip)
             self._priors[key] = boxes.to(outputs.loc.device)
         return self._priors[key]
 

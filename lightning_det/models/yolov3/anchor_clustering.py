@@ -6,10 +6,14 @@ out in network-input pixels, ready for ``model.anchors``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from lightning_det.models.yolov3.targets import shape_iou
+
+log = logging.getLogger(__name__)
 
 
 def letterboxed_sizes(boxes: list[Tensor], image_sizes: list[tuple[int, int]], img_size: int) -> Tensor:
@@ -40,3 +44,24 @@ def anchor_fitness(wh: Tensor, anchors: Tensor, iou_t: float) -> dict[str, float
     """Mean best shape IoU, and best possible recall: the share of boxes whose best anchor exceeds ``iou_t``."""
     best = shape_iou(wh, anchors).amax(1)
     return {"mean_iou": best.mean().item(), "best_possible_recall": (best > iou_t).float().mean().item()}
+
+
+def check_anchors(wh: Tensor, anchors: Tensor, iou_t: float, min_recall: float = 0.98, seed: int = 0) -> Tensor:
+    """The configured anchors ``[L, A, 2]`` if their best possible recall on the training boxes ``wh`` reaches
+    ``min_recall`` (Ultralytics' rule), else k-means anchors of the same layout; both figures are logged."""
+    before = anchor_fitness(wh, anchors.reshape(-1, 2), iou_t)
+    message = (f"anchors: best possible recall {before['best_possible_recall']:.3f} (mean best IoU "
+               f"{before['mean_iou']:.3f}) on {len(wh)} training boxes at iou_t {iou_t}")
+    if before["best_possible_recall"] >= min_recall or len(wh) < anchors.shape[0] * anchors.shape[1]:
+        log.info("%s: keeping the configured anchors", message)
+        return anchors
+    fitted = kmeans_anchors(wh, anchors.shape[0] * anchors.shape[1], seed=seed).round().clamp(min=1)
+    after = anchor_fitness(wh, fitted, iou_t)
+    if after["best_possible_recall"] <= before["best_possible_recall"]:
+        log.info("%s; k-means does no better (%.3f): keeping the configured anchors", message,
+                 after["best_possible_recall"])
+        return anchors
+    fitted = fitted.view_as(anchors)
+    log.info("%s < %.2f: refitted by k-means to recall %.3f (mean best IoU %.3f): %s", message, min_recall,
+             after["best_possible_recall"], after["mean_iou"], fitted.int().view(len(anchors), -1).tolist())
+    return fitted

@@ -20,6 +20,16 @@ DEFAULT_ANCHORS = {
 }
 
 
+def configured_anchors(anchors: str | Sequence[Sequence[float]] | None, variant: str) -> Sequence[Sequence[float]]:
+    """The anchor list a config names: a list as given; ``"auto"`` (before it was refitted to a dataset),
+    ``"default"`` or ``None`` give Darknet's anchors of the variant."""
+    if anchors is None or isinstance(anchors, str):
+        if anchors not in (None, "auto", "default"):
+            raise ValueError(f"model.anchors={anchors!r}: use auto, default, or a list of (w, h) pixels per level")
+        return DEFAULT_ANCHORS[variant]
+    return anchors
+
+
 def anchors_tensor(anchors: Sequence[Sequence[float]]) -> Tensor:
     """Per-level anchors as ``[L, A, 2]`` (w, h) pixels, from flat ``w, h, w, h, ...`` lists or ``[w, h]`` pairs."""
     try:

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from lightning_det.models.detector import Detections, Detector
 from lightning_det.models.postprocess import PaddedDetections
-from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS, PredictionGrid, anchors_tensor, make_grid
+from lightning_det.models.yolov3.anchor_clustering import check_anchors, letterboxed_sizes
+from lightning_det.models.yolov3.anchors import (
+    DEFAULT_ANCHORS,
+    PredictionGrid,
+    anchors_tensor,
+    configured_anchors,
+    make_grid,
+)
 from lightning_det.models.yolov3.darknet_weights import load_darknet_weights
 from lightning_det.models.yolov3.decode import YOLOv3Decoder
 from lightning_det.models.yolov3.loss import YOLOv3Loss
 from lightning_det.models.yolov3.network import build_network
 from lightning_det.models.yolov3.targets import Targets, build_targets
+
+if TYPE_CHECKING:
+    from lightning_det.data.records import AnnotationRecord
+
+
+COCO_CLASSES = 80  # the class count the default loss gains were tuned for
 
 
 class YOLOv3(Detector):
@@ -25,10 +38,13 @@ class YOLOv3(Detector):
         variant: ``"yolov3"`` (Darknet-53, three levels at strides 8/16/32) or ``"tiny"`` (two levels, 16/32).
         width: channel multiplier (channels rounded up to multiples of 8); 1.0 is the Darknet network.
         depth: residual-block multiplier of Darknet-53 (``yolov3`` only); 1.0 is the Darknet network.
-        anchors: per level, smallest stride first, ``(w, h)`` pixel pairs; defaults to Darknet's COCO anchors.
+        anchors: per level, smallest stride first, ``(w, h)`` pixel pairs; ``"auto"`` or ``"default"``: Darknet's
+            COCO anchors (``auto`` is refitted to the training boxes by :meth:`fit_to_data` before training).
         strides: the levels' strides; fixed by the variant, given only to be checked against it.
         iou_t, best_anchor_only: target assignment (see ``targets.py``).
-        box_loss, giou, xy, wh, obj, cls, obj_pw, cls_pw, ignore_thresh: the loss (see ``loss.py``).
+        box_loss, giou, xy, wh, obj, cls, obj_pw, cls_pw, ignore_thresh: the loss (see ``loss.py``). ``cls`` is
+            the gain tuned on COCO's 80 classes and is scaled by ``num_classes / 80``, as Ultralytics' YOLOv3 does:
+            the classification BCE averages over the classes, so with few classes each one would weigh more.
         conf_thresh, nms_thresh, nms_topk, pre_nms_topk, multi_label, force_suppress: decoding (see ``decode.py``).
         **kwargs: ``num_classes``, ``class_names``, ``optimizer``, ``scheduler``, ``metric`` of ``Detector``.
     """
@@ -38,7 +54,7 @@ class YOLOv3(Detector):
         variant: str = "yolov3",
         width: float = 1.0,
         depth: float = 1.0,
-        anchors: Sequence[Sequence[float]] | None = None,
+        anchors: str | Sequence[Sequence[float]] | None = "auto",
         strides: Sequence[int] | None = None,
         iou_t: float = 0.2,
         best_anchor_only: bool = False,
@@ -62,7 +78,7 @@ class YOLOv3(Detector):
         super().__init__(**kwargs)
         if variant not in DEFAULT_ANCHORS:
             raise ValueError(f"unknown YOLOv3 variant {variant!r}: use one of {sorted(DEFAULT_ANCHORS)}")
-        anchor_table = anchors_tensor(anchors if anchors is not None else DEFAULT_ANCHORS[variant])
+        anchor_table = anchors_tensor(configured_anchors(anchors, variant))
         self.network = build_network(variant, self.num_classes, anchor_table.shape[1], width, depth)
         self.strides = list(self.network.strides)
         if len(anchor_table) != len(self.strides):
@@ -72,8 +88,23 @@ class YOLOv3(Detector):
         self.register_buffer("anchors", anchor_table, persistent=False)
         self.iou_t = iou_t
         self.best_anchor_only = best_anchor_only
-        self.criterion = YOLOv3Loss(box_loss, giou, xy, wh, obj, cls, obj_pw, cls_pw, ignore_thresh)
+        cls_gain = cls * self.num_classes / COCO_CLASSES
+        self.criterion = YOLOv3Loss(box_loss, giou, xy, wh, obj, cls_gain, obj_pw, cls_pw, ignore_thresh)
         self.decoder = YOLOv3Decoder(conf_thresh, nms_thresh, nms_topk, pre_nms_topk, multi_label, force_suppress)
+
+    @classmethod
+    def fit_to_data(cls, arguments: dict[str, Any], records: list[AnnotationRecord], img_size: int,
+                    seed: int = 0) -> dict[str, Any]:
+        """``anchors: auto`` becomes Darknet's anchors, or k-means ones where those miss the training boxes at the
+        training size; the list is stored in the checkpoint, so evaluation, prediction and export use it."""
+        if arguments.get("anchors", "auto") != "auto":
+            return arguments
+        variant = arguments.get("variant", "yolov3")
+        wh = letterboxed_sizes([torch.as_tensor(r.boxes) for r in records], [(r.height, r.width) for r in records],
+                               img_size)
+        anchors = anchors_tensor(DEFAULT_ANCHORS[variant])
+        fitted = check_anchors(wh, anchors, arguments.get("iou_t", 0.2), seed=seed) if len(wh) else anchors
+        return {**arguments, "anchors": fitted.view(len(anchors), -1).tolist()}
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """Raw predictions per level, smallest stride first: ``[B, A, H, W, 5 + C]``."""

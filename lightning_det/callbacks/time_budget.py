@@ -1,0 +1,87 @@
+"""Lay the run's schedule over the epochs that fit in ``trainer.max_time``, as Ultralytics' ``time`` does.
+
+Lightning's ``max_time`` only stops the run. Alone it cuts a cosine schedule planned for ``max_epochs`` wherever
+the clock runs out, often just after the warm-up, with the learning rate near its peak. This callback measures
+the epochs as they go and sets ``max_epochs`` to the number that fits, then re-lays the learning-rate schedule
+(warm-up and decay) over it; ``close_mosaic`` follows, since it counts back from ``max_epochs``. A ``max_epochs``
+given as well stays an upper bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import lightning as L
+from lightning.pytorch.callbacks import Timer
+
+from lightning_det.optim.schedules import BurnIn, Schedule
+
+log = logging.getLogger(__name__)
+
+
+def schedules_of(trainer: L.Trainer) -> list[Schedule]:
+    """The per-step schedules behind the trainer's schedulers (``LambdaLR`` factors or a ``BurnIn``)."""
+    found = []
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if isinstance(scheduler, BurnIn):
+            found.append(scheduler.schedule)
+        found += [f for f in getattr(scheduler, "lr_lambdas", []) if isinstance(f, Schedule)]
+    return found
+
+
+class TimeBudget(L.Callback):
+    """With ``trainer.max_time`` set, fit ``max_epochs`` and the schedule to the time left; else do nothing.
+
+    Args:
+        first_estimate_after: training batches of the first epoch timed for a first estimate (the warm-up is
+            laid over it before the first epoch ends); every epoch end refines it with the measured epoch time,
+            validation and checkpoints included.
+    """
+
+    def __init__(self, first_estimate_after: int = 5) -> None:
+        self.first_estimate_after = max(2, first_estimate_after)
+        self.budget: float | None = None
+        self.max_epochs_cap: int | None = None
+        self._first_batch_end = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        self.timer = timer
+        self.budget = getattr(timer, "_duration", None)
+        if self.budget is None:
+            return
+        cap = trainer.max_epochs
+        self.max_epochs_cap = cap if cap is not None and cap > 0 else None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self.budget is None or trainer.current_epoch != 0:
+            return
+        if batch_idx == 0:  # the first batch pays for worker start-up: time from its end
+            self._first_batch_end = time.monotonic()
+        elif batch_idx == self.first_estimate_after and trainer.num_training_batches > batch_idx + 1:
+            per_batch = (time.monotonic() - self._first_batch_end) / batch_idx
+            self.refit(trainer, per_batch * trainer.num_training_batches, epochs_done=0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.budget is None:
+            return
+        done = trainer.current_epoch + 1  # the Timer's elapsed time covers epochs before a resume too
+        self.refit(trainer, self.timer.time_elapsed("train") / done, done)
+
+    def refit(self, trainer: L.Trainer, epoch_seconds: float, epochs_done: int) -> None:
+        remaining = self.budget - self.timer.time_elapsed("train")
+        epochs = epochs_done + max(0, math.floor(remaining / max(epoch_seconds, 1e-6)))
+        if self.max_epochs_cap is not None:
+            epochs = min(epochs, self.max_epochs_cap)
+        epochs = max(int(trainer.strategy.broadcast(epochs)), epochs_done, 1)
+        if epochs != trainer.fit_loop.max_epochs:
+            log.info("time budget %.0f s: %.1f s per epoch, so %d epochs; schedule laid over them",
+                     self.budget, epoch_seconds, epochs)
+        trainer.fit_loop.max_epochs = epochs
+        steps = epochs * max(1, trainer.num_training_batches // trainer.accumulate_grad_batches)
+        for schedule in schedules_of(trainer):
+            schedule.fit_to(steps)

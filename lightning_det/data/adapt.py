@@ -1,0 +1,50 @@
+"""Defaults that follow the training data instead of constants: the input size from the object sizes, and how
+often a small training set is repeated in one epoch.
+
+Both rules were chosen by measuring real datasets (BENCHMARKS.md, "Real data"), not fitted to one of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from lightning_det.data.records import AnnotationRecord
+
+
+def relative_short_sides(records: Sequence[AnnotationRecord]) -> np.ndarray:
+    """Each box's shorter side over its image's longer side: its size in pixels at input size 1 (letterbox)."""
+    sides = [np.minimum(r.boxes[:, 2] - r.boxes[:, 0], r.boxes[:, 3] - r.boxes[:, 1]) / max(r.height, r.width)
+             for r in records if len(r.boxes)]
+    return np.concatenate(sides) if sides else np.zeros(0)
+
+
+def choose_img_size(
+    records: Sequence[AnnotationRecord], min_object_px: float = 8.0, quantile: float = 0.05,
+    bounds: tuple[int, int] = (256, 640), multiple: int = 32,
+) -> int:
+    """The smallest square input (a multiple of ``multiple`` within ``bounds``, and no larger than the images'
+    own median longer side) at which all but the smallest ``quantile`` of the training boxes keep a shorter side
+    of ``min_object_px`` pixels or more.
+
+    Small objects get the pixels they need; large ones do not pay for pixels they do not need, so a CPU run
+    sees more epochs in the same time.
+    """
+    low, high = bounds
+    native = np.median([max(r.height, r.width) for r in records]) if records else high
+    high = max(low, min(high, math.ceil(native / multiple) * multiple))
+    sides = relative_short_sides(records)
+    if not len(sides):
+        return high
+    needed = min_object_px / max(float(np.quantile(sides, quantile)), 1e-6)
+    return int(min(max(math.ceil(needed / multiple) * multiple, low), high))
+
+
+def epoch_repeats(num_images: int, images_per_step: int, min_steps: int) -> int:
+    """How many passes over a training set of ``num_images`` make one epoch of at least ``min_steps`` optimizer
+    steps of ``images_per_step`` images (batch x devices x accumulation): 1 for any set that already does."""
+    if min_steps <= 0 or num_images <= 0:
+        return 1
+    return max(1, math.ceil(min_steps * images_per_step / num_images))

@@ -1,0 +1,60 @@
+"""SSD's default-box scales checked against the training boxes, refitted only where they miss them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.ops import box_convert, box_iou
+
+from lightning_det.data.records import AnnotationRecord
+from lightning_det.models.ssd import SSD
+from lightning_det.models.ssd.module import layout_priors
+from lightning_det.models.ssd.prior_fit import match_recall, square_resized_boxes
+
+ARGUMENTS = {"variant": "ssdlite", "aspect_ratios": [[2, 3]] * 6, "s_min": 0.2, "s_max": 0.95, "fit_scales": True}
+
+
+def grid_records(side: float, image: int = 320, count: int = 8) -> list[AnnotationRecord]:
+    """Square boxes of ``side`` px laid on a regular grid of an ``image`` px square image."""
+    step = image / count
+    boxes = np.array([[i * step, j * step, i * step + side, j * step + side]
+                      for i in range(count) for j in range(count)], dtype=np.float32)
+    return [AnnotationRecord("x.jpg", 0, image, image, boxes, np.zeros(len(boxes), dtype=np.int64),
+                             np.zeros(len(boxes), dtype=bool))]
+
+
+def recall_by_torchvision(boxes: torch.Tensor, priors: torch.Tensor, threshold: float = 0.5) -> float:
+    return (box_iou(boxes, box_convert(priors, "cxcywh", "xyxy")).amax(1) >= threshold).float().mean().item()
+
+
+def test_small_objects_get_smaller_default_boxes():
+    records = grid_records(12.0)
+    fitted = SSD.fit_to_data(dict(ARGUMENTS), records, 320)
+    assert fitted["s_min"] < 0.2
+    feature_sizes = [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]  # ssdlite at 320 px
+    boxes = square_resized_boxes(records, 320)
+
+    def recall(s_min, s_max):
+        return recall_by_torchvision(boxes, layout_priors(feature_sizes, (320, 320), ARGUMENTS["aspect_ratios"],
+                                                          s_min, s_max))
+
+    # a 12 px square overlaps the smallest 64 px default box by at most 144 / 4096: nothing matches
+    assert recall(0.2, 0.95) == 0.0
+    assert recall(fitted["s_min"], fitted["s_max"]) > 0.2  # boxes off the 16 px grid of centres miss some
+
+
+def test_scales_that_fit_are_kept_and_explicit_sizes_never_change():
+    records = grid_records(100.0)
+    assert SSD.fit_to_data(dict(ARGUMENTS), records, 320) == ARGUMENTS
+    explicit = {**ARGUMENTS, "min_sizes": [30, 60, 111, 162, 213, 264], "max_sizes": [60, 111, 162, 213, 264, 315]}
+    assert SSD.fit_to_data(explicit, grid_records(5.0), 320) == explicit
+    assert SSD.fit_to_data({**ARGUMENTS, "fit_scales": False}, grid_records(5.0), 320)["s_min"] == 0.2
+
+
+def test_match_recall_agrees_with_torchvision():
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(50, 2, generator=generator) * 250
+    boxes = torch.cat((corners, corners + 10 + torch.rand(50, 2, generator=generator) * 60), 1)
+    priors = layout_priors([(20, 20), (10, 10)], (320, 320), [[2], [2]], 0.1, 0.3)
+    for threshold in (0.3, 0.5):
+        assert match_recall(boxes, priors, threshold) == recall_by_torchvision(boxes, priors, threshold)
