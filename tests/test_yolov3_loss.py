@@ -8,10 +8,11 @@ import math
 
 import pytest
 import torch
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from lightning_det.models.yolov3.anchors import anchors_tensor, make_grid
-from lightning_det.models.yolov3.loss import YOLOv3Loss
+from lightning_det.models.yolov3 import loss as loss_module
+from lightning_det.models.yolov3.loss import YOLOv3Loss, max_iou_with_objects
 from lightning_det.models.yolov3.targets import build_targets
 
 GRID = make_grid([(4, 4), (2, 2)], anchors_tensor([[10, 10], [40, 40]]), [8, 16])
@@ -115,3 +116,35 @@ def test_gradients_reach_every_term():
 def test_unknown_box_loss_is_rejected():
     with pytest.raises(ValueError, match="giou"):
         YOLOv3Loss(box_loss="iou")
+
+
+def reference_max_iou(boxes, objects, valid):
+    """The straightforward computation: per image, torchvision's full IoU matrix with its valid objects."""
+    best = torch.zeros(boxes.shape[:2])
+    for image in range(len(boxes)):
+        mine = objects[image][valid[image]]
+        if len(mine):
+            best[image] = box_iou(boxes[image], mine).amax(1)
+    return best
+
+
+def random_boxes(generator, shape, side=64.0):
+    corner = torch.rand(*shape, 2, generator=generator) * side
+    size = 1 + torch.rand(*shape, 2, generator=generator) * side / 2
+    return torch.cat((corner, corner + size), -1)
+
+
+@pytest.mark.parametrize("objects, chunk", [(5, 1 << 20), (250, 1 << 20), (250, 36_000), (7, 1)])
+def test_ignore_rule_iou_equals_the_full_iou_matrix(monkeypatch, objects, chunk):
+    """Dense images (250 objects) and chunks far smaller than the object count give the full matrix's result."""
+    monkeypatch.setattr(loss_module, "IOU_CHUNK_ELEMENTS", chunk)
+    generator = torch.Generator().manual_seed(objects)
+    boxes = random_boxes(generator, (3, 400))
+    truth = random_boxes(generator, (3, objects))
+    boxes[:, :5] = truth[:, :5] + torch.rand(3, 5, 4, generator=generator)  # near copies: IoU above 0.7
+    valid = torch.rand(3, objects, generator=generator) < 0.8
+    valid[2] = False  # an image without objects
+    truth[~valid] = 0.0  # padding rows hold zeros, as collate writes them
+    expected = reference_max_iou(boxes, truth, valid)
+    assert expected[:2].max() > 0.7  # the threshold is crossed, so the test can tell a wrong mask
+    assert torch.allclose(max_iou_with_objects(boxes, truth, valid), expected, atol=1e-6)

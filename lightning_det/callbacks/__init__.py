@@ -8,8 +8,11 @@ from lightning_det.callbacks.freeze import Freeze
 from lightning_det.callbacks.image_logger import ValidationImageLogger
 from lightning_det.callbacks.interrupt import InterruptCheckpoint
 from lightning_det.callbacks.multiscale import MultiScale
+from lightning_det.callbacks.speed import ChannelsLast, Compile
 
 __all__ = [
+    "ChannelsLast",
+    "Compile",
     "Freeze",
     "InterruptCheckpoint",
     "ModelEMA",

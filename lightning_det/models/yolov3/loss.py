@@ -35,14 +35,27 @@ from lightning_det.models.yolov3.targets import Targets
 BOX_LOSSES = ("giou", "xywh")
 
 
-def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of xyxy boxes ``[B, N, 4]`` with ``[B, M, 4]`` of the same image: ``[B, N, M]``."""
-    area1 = (boxes1[..., 2:] - boxes1[..., :2]).clamp(min=0).prod(-1)
-    area2 = (boxes2[..., 2:] - boxes2[..., :2]).clamp(min=0).prod(-1)
-    top_left = torch.maximum(boxes1[:, :, None, :2], boxes2[:, None, :, :2])
-    bottom_right = torch.minimum(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    return inter / (area1[:, :, None] + area2[:, None, :] - inter).clamp(min=1e-9)
+# IoU entries (prediction x object pairs) computed at once by the ignore rule: bounds its memory in dense scenes
+# (1,000 objects x 10,647 predictions x 4 images would be 170 MB per intermediate) at a few MB, with no loss of speed.
+IOU_CHUNK_ELEMENTS = 1 << 20
+
+
+def max_iou_with_objects(boxes: Tensor, objects: Tensor, valid: Tensor) -> Tensor:
+    """Per xyxy box ``[B, N, 4]``, its largest IoU with the ``valid [B, P]`` objects ``[B, P, 4]`` of its image:
+    ``[B, N]`` (0 without objects). Objects are taken in chunks, so no ``[B, N, P]`` tensor is ever whole; each
+    chunk is laid out ``[B, objects, N]`` so every step runs along the long, contiguous prediction axis."""
+    best = boxes.new_zeros(boxes.shape[:2])
+    x1, y1, x2, y2 = (side.unsqueeze(1).contiguous() for side in boxes.unbind(-1))  # [B, 1, N]
+    area = (x2 - x1).clamp_(min=0) * (y2 - y1).clamp_(min=0)
+    objects = objects.masked_fill(~valid[..., None], 0.0)  # an empty box: IoU 0 with everything
+    chunk = max(1, IOU_CHUNK_ELEMENTS // max(1, boxes.shape[0] * boxes.shape[1]))
+    for start in range(0, objects.shape[1], chunk):
+        ox1, oy1, ox2, oy2 = objects[:, start : start + chunk, :, None].unbind(2)  # [B, K, 1]
+        inter = (torch.minimum(x2, ox2) - torch.maximum(x1, ox1)).clamp_(min=0)
+        inter *= (torch.minimum(y2, oy2) - torch.maximum(y1, oy1)).clamp_(min=0)
+        union = (area + (ox2 - ox1).clamp(min=0) * (oy2 - oy1).clamp(min=0) - inter).clamp_(min=1e-9)
+        best = torch.maximum(best, (inter / union).amax(1))
+    return best
 
 
 class YOLOv3Loss:
@@ -116,5 +129,4 @@ class YOLOv3Loss:
     def _overlaps_an_object(self, preds: Tensor, grid: PredictionGrid, labels: Tensor) -> Tensor:
         """``[B, N]``: the prediction's decoded box has IoU above ``ignore_thresh`` with an object of its image."""
         boxes = decode_boxes(preds[..., :4], grid.cell_xy, grid.anchor_wh, grid.stride)
-        iou = batched_box_iou(boxes, labels[..., 1:5]).masked_fill(labels[:, None, :, 0] < 0, 0.0)
-        return iou.amax(-1) > self.ignore_thresh
+        return max_iou_with_objects(boxes, labels[..., 1:5], labels[..., 0] >= 0) > self.ignore_thresh
