@@ -46,6 +46,7 @@ class ConfigValueError(ValueError):
 
 def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
     """``(target, parameter) -> allowed strings``, taken from the code that decides."""
+    from lightning_det.data.image_checks import CHECK_LEVELS
     from lightning_det.models.ssd.network import VARIANTS as SSD_VARIANTS
     from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS
     from lightning_det.models.yolov3.loss import BOX_LOSSES
@@ -54,6 +55,7 @@ def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
         ("lightning_det.models.yolov3.YOLOv3", "variant"): tuple(sorted(DEFAULT_ANCHORS)),
         ("lightning_det.models.yolov3.YOLOv3", "box_loss"): tuple(BOX_LOSSES),
         ("lightning_det.models.ssd.SSD", "variant"): tuple(SSD_VARIANTS),
+        ("lightning_det.data.DetectionDataModule", "check_images"): CHECK_LEVELS,
     }
 
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class, instantiate
-from torchvision.io import ImageReadMode, decode_image
 
 from lightning_det.checks import CheckpointError, read_checkpoint
 from lightning_det.data import collate_detection
+from lightning_det.data.image_checks import decode_rgb
 from lightning_det.data.transforms.common import DetectionTransform, Sample
 from lightning_det.models.detector import Detector
 
@@ -35,7 +35,7 @@ def image_batch(paths: list[Path], pipeline: DetectionTransform) -> dict[str, An
     """Raw image files -> a batch in the contract (no labels), for prediction."""
     samples = []
     for index, path in enumerate(paths):
-        image = decode_image(str(path), mode=ImageReadMode.RGB)
+        image = decode_rgb(path)
         empty = torch.zeros(0, 4)
         sample = Sample(image, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), index,
                         str(path), tuple(image.shape[-2:]))

@@ -15,10 +15,11 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
-from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from lightning_det.config_checks import check_config
+from lightning_det.data.image_checks import decode_rgb
 from lightning_det.inference import image_batch, load_detector
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,28 @@ def image_files(source: Path) -> list[Path]:
     raise FileNotFoundError(f"input {source} is neither an image file nor a folder")
 
 
+def readable_images(paths: list[Path]) -> list[Path]:
+    """The paths that decode as images; each other one is named in a warning and left out."""
+    readable = []
+    for path in paths:
+        try:
+            decode_rgb(path)
+        except (RuntimeError, OSError, ValueError) as error:
+            log.warning("skipped %s: not a readable image (%s)", path, str(error).splitlines()[-1])
+            continue
+        readable.append(path)
+    if len(readable) < len(paths):
+        log.warning("skipped %d of %d images that could not be read", len(paths) - len(readable), len(paths))
+    return readable
+
+
 @torch.inference_mode()
 def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: int, device: str) -> dict[str, dict]:
-    """Detections per image path, in original-image pixels, above ``score_thresh``."""
+    """Detections per image path, in original-image pixels, above ``score_thresh``; unreadable images are
+    skipped with a warning naming each, so one bad file does not stop a folder."""
     model, pipeline = load_detector(ckpt_path)
     model.to(device)
+    paths = readable_images(paths)
     results = {}
     for start in range(0, len(paths), batch_size):
         chunk = paths[start: start + batch_size]
@@ -62,7 +80,7 @@ def main(cfg: DictConfig) -> None:
     results = predict(cfg.ckpt_path, paths, cfg.score_thresh, cfg.batch_size, cfg.device)
     output = Path(cfg.paths.output_dir)
     for path, det in results.items():
-        image = decode_image(path, mode=ImageReadMode.RGB)
+        image = decode_rgb(path)
         captions = [f"{name} {score:.2f}" for name, score in zip(det["labels"], det["scores"])]
         boxes = torch.tensor(det["boxes"]).reshape(-1, 4)
         write_png(draw_bounding_boxes(image, boxes, labels=captions, colors="red", width=2), str(output / f"{Path(path).stem}.png"))

@@ -203,6 +203,7 @@ def compose_train(*overrides: str):
     ("data.batch_size=2.5", "data.batch_size=2.5 must be an integer"),
     ("optimizer._target_=torch.optim.SGDD", "optimizer._target_='torch.optim.SGDD' cannot be imported"),
     ("init_partial=maybe", "init_partial='maybe' must be true/false"),
+    ("data.check_images=full", "data.check_images='full' is not one of ['header', 'decode']"),
 ])
 def test_a_mistyped_config_value_is_refused_with_its_key_and_choices(override, message):
     from lightning_det.checks import check_run
@@ -303,3 +304,125 @@ def test_init_from_that_fills_a_small_share_is_an_error_unless_allowed(tmp_path)
         initialise_from(other, path)
     initialise_from(other, path, partial=True)
     initialise_from(YOLOv3(variant="tiny", width=0.5, num_classes=5), path)  # only the head differs: accepted
+
+
+@pytest.fixture
+def image_cache(tmp_path, monkeypatch) -> Path:
+    """The checked-images cache of these tests lives in their temp dir."""
+    monkeypatch.setenv("LIGHTNING_DET_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def voc_with_bad_images(root: Path) -> dict[str, Path]:
+    """Five listed images: two good, a text file named .jpg, a truncated JPEG, one smaller than its XML says."""
+    images = {f"{name}": (48, 64, [("cat", (5, 5, 30, 30), False)])
+              for name in ("good 1", "good 2", "text", "truncated", "small")}
+    make_voc(root, {"2007/train": images})
+    folder = root / "VOC2007" / "JPEGImages"
+    (folder / "text.jpg").write_text("not an image\n")
+    data = (folder / "truncated.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    write_image(folder / "small.jpg", 40, 64)
+    return {name: folder / f"{name}.jpg" for name in images}
+
+
+def test_bad_images_stop_the_read_naming_the_file_or_are_skipped_and_counted(tmp_path, image_cache, caplog):
+    from lightning_det.data.records import InvalidAnnotationError
+
+    files = voc_with_bad_images(tmp_path)
+    with pytest.raises(InvalidAnnotationError, match=re.escape(f"image {files['text']} is not a readable image")):
+        read_voc(tmp_path, ["2007/train"], ["cat"])
+    records = read_voc(tmp_path, ["2007/train"], ["cat"], skip_invalid=True).records[0]
+    assert sorted(Path(r.path).name for r in records) == ["good 1.jpg", "good 2.jpg"]  # ids with spaces work
+    assert "skipped 3 images" in caplog.text
+    assert f"image {files['truncated']} is truncated: the JPEG file ends without its end marker" in caplog.text
+    assert f"image {files['small']} is 64x40 pixels but its annotation says 64x48" in caplog.text
+
+
+def test_a_corrupt_image_with_a_valid_header_is_caught_by_the_decode_check(tmp_path, image_cache):
+    from lightning_det.data.records import InvalidAnnotationError, read_annotations
+    from lightning_det.data.voc import VOCSource
+
+    make_voc(tmp_path, {"2007/train": {"a": (48, 64, [("cat", (5, 5, 30, 30), False)])}})
+    path = tmp_path / "VOC2007" / "JPEGImages" / "a.jpg"
+    data = path.read_bytes()
+    scan = data.index(b"\xff\xda") + 40
+    path.write_bytes(data[:scan] + b"\xff\xc0\x00\x11" + data[scan + 4:])  # a second frame header in the data
+    source = [VOCSource(["2007/train"])]
+    assert len(read_annotations(tmp_path, source, ["cat"]).records[0]) == 1  # its header is fine
+    with pytest.raises(InvalidAnnotationError, match=re.escape(f"image {path} cannot be decoded")):
+        read_annotations(tmp_path, source, ["cat"], check_level="decode")
+
+
+def test_checked_images_are_cached_and_a_changed_file_is_checked_again(tmp_path, image_cache, monkeypatch):
+    import lightning_det.data.records as records_module
+
+    make_voc(tmp_path, {"2007/train": {f"{k}": (48, 64, []) for k in range(4)}})
+    checked = []
+    real = records_module.image_problem
+    monkeypatch.setattr(records_module, "image_problem", lambda path, *a: checked.append(path) or real(path, *a))
+    read_voc(tmp_path, ["2007/train"], ["cat"])
+    assert len(checked) == 4
+    read_voc(tmp_path, ["2007/train"], ["cat"])
+    assert len(checked) == 4  # the second read checked nothing again
+    write_image(tmp_path / "VOC2007" / "JPEGImages" / "2.jpg", 48, 64, seed=9)
+    read_voc(tmp_path, ["2007/train"], ["cat"])
+    assert checked[4:] == [str(tmp_path / "VOC2007" / "JPEGImages" / "2.jpg")]
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    from PIL import Image
+
+    from lightning_det.data.image_checks import decode_rgb
+
+    values = np.array([[0, 257, 32896, 65535], [128, 383, 65278, 65400]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    pixels = decode_rgb(tmp_path / "deep.png")
+    expected = np.round(values.astype(np.float64) * 255 / 65535)  # 0, 1, 128, 255 / 0, 1, 254, 254
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 2, 4)
+    assert (pixels.numpy() == expected[None]).all()
+
+
+def test_exif_orientation_is_ignored_by_default_and_applied_on_request(tmp_path, image_cache):
+    from PIL import Image
+
+    from lightning_det.data.records import InvalidAnnotationError, load_image, read_annotations
+    from lightning_det.data.voc import VOCSource
+
+    make_voc(tmp_path, {"2007/train": {"a": (40, 60, [("cat", (5, 5, 30, 20), False)])}})
+    path = tmp_path / "VOC2007" / "JPEGImages" / "a.jpg"
+    exif = Image.Exif()
+    exif[274] = 6  # stored 60 wide, 40 high; shown rotated by 90 degrees
+    Image.open(path).save(path, exif=exif)
+    stored = read_voc(tmp_path, ["2007/train"], ["cat"]).records[0][0]
+    assert load_image(stored).shape == (3, 40, 60)
+    with pytest.raises(InvalidAnnotationError, match="is 40x60 pixels but its annotation says 60x40"):
+        read_annotations(tmp_path, [VOCSource(["2007/train"])], ["cat"], exif_orientation=True)
+
+
+def test_predict_on_a_folder_names_each_bad_image_and_finishes_the_others(tmp_path, caplog):
+    from lightning_det.predict import predict
+
+    checkpoint = tiny_checkpoint(tmp_path / "model.ckpt")
+    folder = tmp_path / "photos"
+    write_image(folder / "first.jpg", 50, 70)
+    write_image(folder / "second photo.png", 64, 64)
+    (folder / "notes.jpg").write_text("hello")
+    (folder / "cut.png").write_bytes((folder / "second photo.png").read_bytes()[:200])
+    paths = sorted(folder.iterdir())
+    results = predict(str(checkpoint), paths, score_thresh=0.0, batch_size=2, device="cpu")
+    assert sorted(Path(p).name for p in results) == ["first.jpg", "second photo.png"]
+    assert f"skipped {folder / 'notes.jpg'}" in caplog.text and f"skipped {folder / 'cut.png'}" in caplog.text
+    assert "skipped 2 of 4 images" in caplog.text
+
+
+def test_a_data_root_with_spaces_and_accents_works_with_the_readme_quoting(tmp_path, image_cache):
+    root = tmp_path / "my datasets" / "vélos"
+    image = (48, 64, [("cat", (5, 5, 30, 30), False)])
+    make_voc(root, {"2007/trainval": {"a b": image}, "2012/trainval": {"c": image}, "2007/test": {"d e": image}})
+    cfg = compose_train("data=voc", f'data.root="{root}"', "data.classes=[cat]", "data.num_workers=0")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    assert [Path(r.path).name for r in datamodule.records["val"]] == ["d e.jpg"]
+    assert len(datamodule.records["train"]) == 2

@@ -6,7 +6,8 @@ the objects per image into :class:`AnnotationRecord`. Keeping the class list out
 infer it from several sources at once before any label is assigned.
 
 Bad input raises :class:`InvalidAnnotationError` naming the file and the fix, or, with ``skip_invalid``, is
-skipped, counted and reported in one warning by :class:`InvalidInputLog`.
+skipped, counted and reported in one warning by :class:`InvalidInputLog`. That includes the image files, checked
+while reading (see :mod:`lightning_det.data.image_checks`), so a bad one never reaches a loader worker.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
+
+from lightning_det.data.image_checks import CheckedImages, decode_rgb, image_problem
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class AnnotationRecord:
     labels: np.ndarray  # int64 [N]
     difficult: np.ndarray  # bool [N]; VOC "difficult" or COCO "iscrowd": ignored by evaluation
     area: np.ndarray | None = None  # float32 [N]: COCO's "area" (mask area), 0 where absent; None: no such field
+    exif_orientation: bool = False  # rotate the pixels as the file's EXIF orientation says when loading
 
     def select(self, keep: np.ndarray) -> AnnotationRecord:
         """The same image with only the objects where ``keep`` is true."""
@@ -137,7 +140,7 @@ def image_size(path: str) -> tuple[int, int]:
 def load_image(record: AnnotationRecord) -> torch.Tensor:
     """Decode a record's image to ``uint8 [3, H, W]`` RGB, checking it against the annotated size."""
     try:
-        image = decode_image(record.path, mode=ImageReadMode.RGB)
+        image = decode_rgb(record.path, record.exif_orientation)
     except (RuntimeError, OSError, ValueError) as error:
         raise ImageLoadError(
             f"cannot read image {record.path}: {error}. Replace the file, or remove the image from the "
@@ -150,6 +153,26 @@ def load_image(record: AnnotationRecord) -> torch.Tensor:
             "the boxes would land in the wrong place. Fix the size in the annotation or re-export the image."
         )
     return image
+
+
+def check_images(
+    records: list[AnnotationRecord], invalid: InvalidInputLog, level: str, exif_orientation: bool
+) -> list[AnnotationRecord]:
+    """The records whose image passes :func:`~lightning_det.data.image_checks.image_problem`; the others are
+    reported (an error naming the file, or a counted skip)."""
+    checked = CheckedImages(level, exif_orientation)
+    usable = []
+    for record in records:
+        if not checked.passed(record.path, record.height, record.width):
+            problem = image_problem(record.path, record.height, record.width, level == "decode", exif_orientation)
+            if problem:
+                invalid.report("image", f"image {record.path} {problem}",
+                               "replace the file, or remove the image from the annotations")
+                continue
+            checked.remember(record.path, record.height, record.width)
+        usable.append(replace(record, exif_orientation=exif_orientation) if exif_orientation else record)
+    checked.save()
+    return usable
 
 
 def check_boxes(boxes: np.ndarray, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -275,13 +298,16 @@ def category_ids_for(classes: list[str], parsed: list[ParsedSource]) -> list[int
 
 
 def read_annotations(
-    root: str | Path, sources: list[AnnotationSource], classes: list[str] | None = None, skip_invalid: bool = False
+    root: str | Path, sources: list[AnnotationSource], classes: list[str] | None = None, skip_invalid: bool = False,
+    check_level: str = "header", exif_orientation: bool = False,
 ) -> Annotations:
-    """Read several sources against one class list, so train and val labels always mean the same classes."""
+    """Read several sources against one class list, so train and val labels always mean the same classes, and
+    check their images (``check_level`` "header" or "decode")."""
     invalid = InvalidInputLog(skip_invalid)
     parsed = [source.parse(Path(root), invalid) for source in sources]
     classes = resolve_classes(classes, parsed)
     label_to_category_id = category_ids_for(classes, parsed)
-    records = [build_records(p, classes, invalid) for p in parsed]
+    records = [check_images(build_records(p, classes, invalid), invalid, check_level, exif_orientation)
+               for p in parsed]
     invalid.warn_summary()
     return Annotations(records, classes, label_to_category_id)
