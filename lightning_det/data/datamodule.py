@@ -45,6 +45,10 @@ class DetectionDataModule(L.LightningDataModule):
         train_transform, val_transform: pipelines (``conf/pipeline/*.yaml``); YOLO ones by default.
         close_mosaic: train the last this-many epochs without mosaic.
         skip_invalid: skip, count and report bad images/objects instead of stopping on the first.
+        check_images: ``"header"`` (format, size, end marker: fast) or ``"decode"`` (every image decoded once);
+            images that passed are cached, so a second run checks only new or changed files.
+        exif_orientation: rotate images as their EXIF orientation says (for labels drawn on the rotated view);
+            off by default, as VOC and COCO boxes refer to the stored pixels.
         keep_difficult_in_training: keep difficult/crowd objects in training labels (flagged in column 5);
             validation always keeps them, flagged, so metrics ignore them.
         seed: for the ``val_split`` hold-out and the training order.
@@ -73,6 +77,8 @@ class DetectionDataModule(L.LightningDataModule):
         val_transform: DetectionTransform | None = None,
         close_mosaic: int = 0,
         skip_invalid: bool = False,
+        check_images: str = "header",
+        exif_orientation: bool = False,
         keep_difficult_in_training: bool = False,
         seed: int = 0,
         size_divisor: int = 1,
@@ -101,6 +107,8 @@ class DetectionDataModule(L.LightningDataModule):
         self.collate = partial(collate_detection, label_pad_width=label_pad_width, size_divisor=size_divisor)
         self.close_mosaic = close_mosaic
         self.skip_invalid = skip_invalid
+        self.check_images = check_images
+        self.exif_orientation = exif_orientation
         self.keep_difficult_in_training = keep_difficult_in_training
         self.seed = seed
         self.group_aspect_ratio = group_aspect_ratio
@@ -151,7 +159,8 @@ class DetectionDataModule(L.LightningDataModule):
         """Parse the sources the roles need (each once, against one class list) and derive each role's records."""
         unread = sorted({self._source_role(role) for role in roles} - self._source_records.keys())
         if unread:
-            result = read_annotations(self.root, [self.sources[r] for r in unread], self.classes, self.skip_invalid)
+            result = read_annotations(self.root, [self.sources[r] for r in unread], self.classes, self.skip_invalid,
+                                      self.check_images, self.exif_orientation)
             self.classes = result.classes
             if result.label_to_category_id is not None:
                 self.label_to_category_id = result.label_to_category_id
