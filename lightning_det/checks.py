@@ -80,8 +80,8 @@ def read_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(
-            f"{key}={path} is empty (0 bytes), not a checkpoint: its save was interrupted. Use another checkpoint "
-            "of the run (e.g. best-*.ckpt)"
+            f"{key}={path} is empty (0 bytes), not a checkpoint (an interrupted save leaves such a file). Use "
+            "another checkpoint of the run (e.g. best-*.ckpt)"
         )
     if not is_torch_file(path):
         with path.open("rb") as file:
