@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 from helpers import one_torch_thread
 
 from lightning_det.data.transforms import LetterboxTransform, Sample, YoloTrainTransform, clip_and_filter
+from lightning_det.data.transforms.yolo import colour_matrix
 
 SIZE = 416
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
@@ -129,6 +132,38 @@ def test_augmented_boxes_stay_inside_the_canvas_and_keep_their_labels(seed):
         assert bool((out.boxes >= 0).all() and (out.boxes <= SIZE).all())
         assert bool(((out.boxes[:, 2:] - out.boxes[:, :2]) >= 2).all())
         assert set(out.labels.tolist()) <= {label for s in samples for label in s.labels.tolist()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_zoomed_and_shifted_boxes_follow_their_pixels(seed):
+    """A painted rectangle after the random zoom (0.5x to 1.5x) and shift: its box holds only its colour (1 px in
+    from the edges) and the ring just outside it (1 px out) holds none of it."""
+    torch.manual_seed(seed)
+    box = [120.0, 90.0, 250.0, 180.0]
+    sample = make_sample(300, 400, [box], [1], colour=(90, 90, 90), box_colours=[(250, 20, 20)])
+    colourless = dict(hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fill=90)
+    out = YoloTrainTransform(img_size=SIZE, mosaic=0.0, scale=0.5, translate=0.1, **colourless)([sample])
+    x1, y1, x2, y2 = out.boxes[0].tolist()
+    red = out.image[0] * 255 > 170
+    inner = red[math.ceil(y1) + 1 : math.floor(y2) - 1, math.ceil(x1) + 1 : math.floor(x2) - 1]
+    assert inner.numel() > 0 and bool(inner.all())
+    ring = torch.ones_like(red)
+    ring[max(0, math.floor(y1) - 1) : math.ceil(y2) + 1, max(0, math.floor(x1) - 1) : math.ceil(x2) + 1] = False
+    assert not bool((red & ring).any())
+    assert (x2 - x1) / (y2 - y1) == pytest.approx(130 / 90, rel=0.03)  # zoomed alike in x and y
+
+
+def test_colour_matrix_by_hand():
+    grey, red = torch.tensor([100.0, 100.0, 100.0]), torch.tensor([200.0, 0.0, 0.0])
+    torch.testing.assert_close(colour_matrix(1.0, 1.0, 0.0), torch.eye(3), atol=1e-5, rtol=0)
+    # greys only get brighter (torchvision's grey weights sum to 0.9999)
+    torch.testing.assert_close(colour_matrix(1.2, 0.3, 0.01) @ grey, 1.2 * grey, atol=0.02, rtol=0)
+    torch.testing.assert_close(colour_matrix(1.0, 0.0, 0.0) @ red, torch.full((3,), 0.2989 * 200))  # grey of red
+    turned = colour_matrix(1.0, 1.0, 1 / 3) @ red
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    assert (luma @ turned).item() == pytest.approx((luma @ red).item(), abs=1e-3)  # a hue turn keeps the luma
+    assert turned[1] > turned[0] and turned[1] > turned[2]  # a third of the circle from red is green
+    torch.testing.assert_close(colour_matrix(1.0, 1.0, 1.0) @ red, red, atol=1e-3, rtol=0)  # a full turn
 
 
 def test_clip_and_filter_rule_by_hand():

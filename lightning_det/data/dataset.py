@@ -6,10 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch import Tensor
 from torch.utils.data import BatchSampler, Dataset, Sampler
+from torchvision.transforms.v2 import functional as F
 
 from lightning_det.data.records import AnnotationRecord, load_image
 from lightning_det.data.transforms import DetectionTransform, Sample
+
+# Decoded images a dataset keeps in memory (per loader worker, each holding its own copy), when all of them fit:
+# a small set is then decoded and resized once instead of every epoch. A larger set is decoded on every access.
+CACHE_BUDGET_BYTES = 512 * 2**20
 
 
 class DetectionDataset(Dataset[Sample]):
@@ -18,20 +24,54 @@ class DetectionDataset(Dataset[Sample]):
     An item is an index, or ``(index, mosaic_allowed)`` as yielded by :class:`MosaicSampler`. When mosaic is
     allowed, the transform receives four samples (this one and three random others) with probability
     ``transform.mosaic_probability``, else one.
+
+    A transform with a ``decode_size`` (a training pipeline that first resizes every image so its longer side is
+    that size, and describes its own canvas) gets images already at that size, their boxes scaled with them; the
+    result is the same, the resize is done once. When the whole set's decoded images fit ``cache_bytes``, each is
+    kept after its first decoding (in persistent workers, across epochs).
     """
 
-    def __init__(self, records: list[AnnotationRecord], transform: DetectionTransform) -> None:
+    def __init__(
+        self, records: list[AnnotationRecord], transform: DetectionTransform, cache_bytes: int = CACHE_BUDGET_BYTES
+    ) -> None:
         self.records = records
         self.transform = transform
+        self.decode_size: int | None = getattr(transform, "decode_size", None)
+        needed = sum(3 * h * w for h, w in map(self.decoded_size, records))
+        self.cache: dict[int, tuple[Tensor, Tensor]] | None = {} if needed <= cache_bytes else None
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def decoded_size(self, record: AnnotationRecord) -> tuple[int, int]:
+        """``(h, w)`` of the record's image as :meth:`load` delivers it: at most ``decode_size`` on the longer side
+        (rounded as ``resize_to_fit`` rounds), never enlarged."""
+        longer = max(record.height, record.width)
+        if self.decode_size is None or longer <= self.decode_size:
+            return record.height, record.width
+        ratio = self.decode_size / longer
+        return max(1, round(record.height * ratio)), max(1, round(record.width * ratio))
+
+    def image_and_boxes(self, index: int) -> tuple[Tensor, Tensor]:
+        """The decoded (and, with ``decode_size``, reduced) ``uint8`` image and its boxes in its pixels."""
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        record = self.records[index]
+        image, boxes = load_image(record), torch.from_numpy(record.boxes)
+        height, width = self.decoded_size(record)
+        if (height, width) != (record.height, record.width):
+            image = F.resize(image, [height, width], antialias=True)
+            boxes = boxes * boxes.new_tensor([width / record.width, height / record.height] * 2)
+        if self.cache is not None:
+            self.cache[index] = image, boxes
+        return image, boxes
+
     def load(self, index: int) -> Sample:
         record = self.records[index]
+        image, boxes = self.image_and_boxes(index)
         return Sample(
-            image=load_image(record),
-            boxes=torch.from_numpy(record.boxes),
+            image=image,
+            boxes=boxes,
             labels=torch.from_numpy(record.labels),
             difficult=torch.from_numpy(record.difficult),
             image_id=record.image_id,
@@ -56,22 +96,26 @@ class MosaicSampler(Sampler[tuple[int, bool]]):
     ``seed + epoch`` (Lightning calls :meth:`set_epoch`), so it is the same on every DDP rank.
     """
 
-    def __init__(self, size: int, mosaic_enabled: Callable[[], bool], shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, size: int, mosaic_enabled: Callable[[], bool], shuffle: bool = True, seed: int = 0,
+                 repeats: int = 1) -> None:
         self.size = size
         self.mosaic_enabled = mosaic_enabled
         self.shuffle = shuffle
         self.seed = seed
+        self.repeats = repeats  # passes over the dataset per epoch, each in its own order (small sets)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return self.size * self.repeats
 
     def __iter__(self) -> Iterator[tuple[int, bool]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        passes = [torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+                  for _ in range(self.repeats)]
+        order = torch.cat(passes)
         mosaic = bool(self.mosaic_enabled())
         return iter([(index, mosaic) for index in order.tolist()])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,22 @@ from lightning_det.data.transforms.common import (
 
 Layout = tuple[Tensor, Tensor, Tensor]  # canvas image, unclipped boxes, visible region per box
 
+GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # the luma of torchvision's rgb_to_grayscale
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
+YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
+
+
+def colour_matrix(brightness: float, saturation: float, hue: float) -> Tensor:
+    """The RGB matrix that scales brightness by ``brightness``, blends each pixel with its grey by
+    ``saturation`` (0: grey, 1: unchanged) and turns the hue by ``hue`` of the colour circle, by rotating the
+    chroma plane (I, Q) of YIQ about the luma axis. All three are linear, so one 3 x 3 product does them at once
+    (HSV's hue shift is not linear; this rotation is its linear counterpart and keeps the luma)."""
+    grey = torch.tensor(GREY_WEIGHTS)
+    saturate = saturation * torch.eye(3) + (1 - saturation) * grey.expand(3, 3)
+    cos, sin = math.cos(2 * math.pi * hue), math.sin(2 * math.pi * hue)
+    rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, sin], [0.0, -sin, cos]])  # HSV's direction: red -> green
+    return brightness * (YIQ_TO_RGB @ rotate @ RGB_TO_YIQ) @ saturate
+
 
 class YoloTrainTransform(DetectionTransform):
     """Augment one image, or four into a mosaic, into an ``img_size`` square.
@@ -33,6 +50,10 @@ class YoloTrainTransform(DetectionTransform):
     (``min_size``, ``min_visible``), colour jitter (``hsv_h`` hue shift as a fraction of the colour circle,
     ``hsv_s``/``hsv_v`` saturation/brightness factors in ``1 +- gain``), and a horizontal flip with
     probability ``flip``. ``mosaic`` is the probability that the dataset supplies four images.
+
+    Every step works on the ``uint8`` image except the colour jitter, which is one 3 x 3 matrix per image
+    (:func:`colour_matrix`) applied with the float conversion and clipped once. As every image is first resized to
+    fit ``img_size``, the dataset may hand over images already at that size (``decode_size``).
     """
 
     def __init__(
@@ -59,7 +80,12 @@ class YoloTrainTransform(DetectionTransform):
         self.fill = fill
         self.min_size = min_size
         self.min_visible = min_visible
-        self.colour = v2.ColorJitter(brightness=hsv_v or None, saturation=hsv_s or None, hue=hsv_h or None)
+        self.hsv_h, self.hsv_s, self.hsv_v = hsv_h, hsv_s, hsv_v
+
+    @property
+    def decode_size(self) -> int:
+        """The longer side every image is resized to before anything else (see :class:`DetectionDataset`)."""
+        return self.img_size
 
     def __call__(self, samples: list[Sample]) -> Sample:
         first = samples[0]
@@ -68,11 +94,11 @@ class YoloTrainTransform(DetectionTransform):
         boxes, keep = clip_and_filter(boxes, regions, self.min_size, self.min_visible)
         labels = torch.cat([s.labels for s in samples])[keep]
         difficult = torch.cat([s.difficult for s in samples])[keep]
-        image, boxes = self.colour(tv_tensors.Image(image)), as_boxes(boxes[keep], (self.img_size,) * 2)
+        boxes = as_boxes(boxes[keep], (self.img_size,) * 2)
         if torch.rand(()) < self.flip:
             image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
         return Sample(
-            image=self.normalize(image.as_subclass(Tensor)),
+            image=self.normalize(self.jitter_colour(image.as_subclass(Tensor))),
             boxes=boxes.as_subclass(Tensor),
             labels=labels,
             difficult=difficult,
@@ -81,6 +107,14 @@ class YoloTrainTransform(DetectionTransform):
             orig_size=(self.img_size, self.img_size),
             mosaic=len(samples) == 4,
         )
+
+    def jitter_colour(self, image: Tensor) -> Tensor:
+        """Random brightness, saturation and hue as one colour matrix: ``float [3, H, W]`` in 0..255."""
+        draw = (2 * torch.rand(3) - 1).tolist()  # each in -1..1
+        brightness = max(0.0, 1 + self.hsv_v * draw[0])
+        saturation = max(0.0, 1 + self.hsv_s * draw[1])
+        matrix = colour_matrix(brightness, saturation, self.hsv_h * draw[2])
+        return torch.einsum("ij,jhw->ihw", matrix, image.float()).clamp_(0, 255)
 
     def letterboxed(self, sample: Sample) -> Layout:
         boxed = letterbox(sample.image, sample.boxes, self.img_size, self.fill)
@@ -108,12 +142,32 @@ class YoloTrainTransform(DetectionTransform):
         return tv_tensors.Image(canvas), torch.cat(boxes), torch.cat(regions)
 
     def random_affine(self, image: Tensor, boxes: Tensor, regions: Tensor) -> Layout:
-        """Zoom about the centre and shift; boxes and their visible regions move with the image."""
+        """Zoom about the centre and shift; boxes and their visible regions move with the image.
+
+        Without rotation or shear the warp is a crop, a resize and a paste (cheap ``uint8`` steps, antialiased
+        when zooming out): per axis, the whole input pixels that land inside the canvas are resized onto the whole
+        output pixels they cover, and boxes are mapped with exactly that scale and offset.
+        """
         zoom = 1 + self.scale * (2 * torch.rand(()).item() - 1)
         shift = (self.translate * self.img_size * (2 * torch.rand(2) - 1)).round().tolist()
-        affine = dict(angle=0.0, translate=shift, scale=zoom, shear=[0.0, 0.0])
-        canvas = (self.img_size, self.img_size)
-        image = F.affine(image, **affine, interpolation=v2.InterpolationMode.BILINEAR, fill=self.fill)
-        boxes = F.affine(as_boxes(boxes, canvas), **affine).as_subclass(Tensor)
-        regions = F.affine(as_boxes(regions, canvas), **affine).as_subclass(Tensor).clamp(0, self.img_size)
-        return image, boxes, regions
+        (x0, x1, u0, u1), (y0, y1, v0, v1) = (self.axis_crop(zoom, t) for t in shift)
+        canvas = torch.full_like(image, self.fill)
+        if x1 > x0 and y1 > y0 and u1 > u0 and v1 > v0:
+            crop = image[:, y0:y1, x0:x1]
+            canvas[:, v0:v1, u0:u1] = F.resize(crop, [v1 - v0, u1 - u0], antialias=True)
+        scale = torch.tensor([(u1 - u0) / max(x1 - x0, 1), (v1 - v0) / max(y1 - y0, 1)] * 2)
+        offset = torch.tensor([u0, v0] * 2, dtype=torch.float32)
+        origin = torch.tensor([x0, y0] * 2, dtype=torch.float32)
+        moved_boxes = (boxes - origin) * scale + offset
+        pasted = torch.tensor([u0, v0, u1, v1], dtype=torch.float32)
+        moved_regions = ((regions - origin) * scale + offset).clamp(min=pasted[:2].repeat(2), max=pasted[2:].repeat(2))
+        return tv_tensors.Image(canvas), moved_boxes, moved_regions
+
+    def axis_crop(self, zoom: float, shift: float) -> tuple[int, int, int, int]:
+        """Along one axis: the input pixels ``[x0, x1)`` that stay on the canvas under ``u = (x - c) zoom + c +
+        shift`` (``c`` the centre) and the output pixels ``[u0, u1)`` they are resized to."""
+        size, centre = self.img_size, self.img_size / 2
+        x0 = max(0, math.ceil((0 - centre - shift) / zoom + centre - 1e-6))
+        x1 = min(size, math.floor((size - centre - shift) / zoom + centre + 1e-6))
+        u0, u1 = (min(size, max(0, round((x - centre) * zoom + centre + shift))) for x in (x0, x1))
+        return x0, x1, u0, u1
