@@ -23,15 +23,14 @@ def main(cfg: DictConfig) -> None:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     records = datamodule.dataset("train").records
-    wh = letterboxed_sizes(
-        [torch.as_tensor(r.boxes) for r in records], [(r.height, r.width) for r in records], cfg.data.img_size
-    )
+    img_size = datamodule.img_size  # a number once the annotations are read (img_size: auto)
+    wh = letterboxed_sizes([torch.as_tensor(r.boxes) for r in records], [(r.height, r.width) for r in records], img_size)
     current = anchors_tensor(configured_anchors(cfg.model.get("anchors"), cfg.model.variant))
     levels, per_level = current.shape[:2]
     anchors = kmeans_anchors(wh, levels * per_level, seed=cfg.seed)
     iou_t = cfg.model.get("iou_t", 0.2)
     rows = [("configured", current.reshape(-1, 2)), ("clustered", anchors)]
-    print(f"{len(wh)} training boxes at img_size {cfg.data.img_size}, iou_t {iou_t}")
+    print(f"{len(wh)} training boxes at img_size {img_size}, iou_t {iou_t}")
     for name, table in rows:
         fit = anchor_fitness(wh, table, iou_t)
         print(f"{name:>10}: mean best IoU {fit['mean_iou']:.3f}, best possible recall {fit['best_possible_recall']:.3f}")

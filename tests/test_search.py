@@ -31,7 +31,7 @@ TINY_SEARCH = [
     "model.width=0.125",
     "data.img_size=64",
     "data.batch_size=4",
-    "data.num_workers=0",
+    "data.num_workers=0", "data.min_steps_per_epoch=0",
     "data.persistent_workers=false",
     "data.prepare.num_train=8",
     "data.prepare.num_val=4",

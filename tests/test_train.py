@@ -23,7 +23,7 @@ TINY = [
     "model.width=0.25",
     "data.img_size=128",
     "data.batch_size=4",
-    "data.num_workers=0",
+    "data.num_workers=0", "data.min_steps_per_epoch=0",
     "data.persistent_workers=false",
     "trainer.max_epochs=2",
     "trainer.log_every_n_steps=1",

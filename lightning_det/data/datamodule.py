@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -43,7 +44,8 @@ class DetectionDataModule(L.LightningDataModule):
         label_pad_width: fixed label rows per image; ``None`` pads to each batch's maximum.
         img_size: network input size; the default transforms use it, given ones must agree with it.
         train_transform, val_transform: pipelines (``conf/pipeline/*.yaml``); YOLO ones by default.
-        close_mosaic: train the last this-many epochs without mosaic.
+        close_mosaic: train the last epochs without mosaic: a share of the run when below 1 (0.1: the last tenth,
+            at least one epoch), else a count of epochs.
         skip_invalid: skip, count and report bad images/objects instead of stopping on the first.
         check_images: ``"header"`` (format, size, end marker: fast) or ``"decode"`` (every image decoded once);
             images that passed are cached, so a second run checks only new or changed files.
@@ -75,7 +77,7 @@ class DetectionDataModule(L.LightningDataModule):
         img_size: int = 416,
         train_transform: DetectionTransform | None = None,
         val_transform: DetectionTransform | None = None,
-        close_mosaic: int = 0,
+        close_mosaic: float = 0,
         skip_invalid: bool = False,
         check_images: str = "header",
         exif_orientation: bool = False,
@@ -195,9 +197,10 @@ class DetectionDataModule(L.LightningDataModule):
         trainer = self.trainer
         if not self.close_mosaic or trainer is None or trainer.max_epochs is None or trainer.max_epochs < 0:
             return True
-        enabled = trainer.current_epoch < trainer.max_epochs - self.close_mosaic
+        closed = closed_epochs(self.close_mosaic, trainer.max_epochs)
+        enabled = trainer.current_epoch < trainer.max_epochs - closed
         if not enabled and not self._mosaic_closed_logged:
-            rank_zero_info(f"epoch {trainer.current_epoch}: mosaic off for the last {self.close_mosaic} epochs")
+            rank_zero_info(f"epoch {trainer.current_epoch}: mosaic off for the last {closed} epochs")
             self._mosaic_closed_logged = True
         return enabled
 
@@ -250,3 +253,10 @@ class DetectionDataModule(L.LightningDataModule):
     def denormalize(self, images: Tensor) -> Tensor:
         """Batch images back to ``uint8 [B, 3, H, W]`` for display."""
         return self.val_transform.denormalize(images)
+
+
+def closed_epochs(close_mosaic: float, max_epochs: int) -> int:
+    """The last epochs trained without mosaic: a share of ``max_epochs`` below 1 (at least one epoch), else a count."""
+    if close_mosaic < 1:
+        return max(1, math.ceil(close_mosaic * max_epochs))
+    return int(close_mosaic)
