@@ -302,6 +302,7 @@ def test_more_processes_than_cores_or_visible_gpus_are_refused_before_the_data_i
 
 # A network and input small enough for about a second per epoch; the run is real: `python train.py` on sample data.
 TINY_RUN = ["model=yolov3_tiny", "model.width=0.25", "data.img_size=64", "data.batch_size=4", "data.num_workers=0",
+            "data.min_steps_per_epoch=0",
             "data.persistent_workers=false", "data.prepare.num_train=16", "data.prepare.num_val=4",
             "trainer.log_every_n_steps=1", "callbacks.progress_bar.refresh_rate=0", "~callbacks.image_logger",
             "logger=csv"]
@@ -359,7 +360,8 @@ def test_sigterm_saves_the_interrupted_state_and_prints_the_command_that_resumes
     assert final["epoch"] == best_epoch and Path(final["checkpoint"]).parent == tmp_path / "resumed" / "checkpoints"
     last_table = [line for line in output.splitlines() if line.startswith("epoch ") and "val/mAP=" in line][-1]
     assert last_table.startswith(f"epoch {best_epoch}: val/mAP="), last_table  # the re-validation, labelled
-    assert load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["epoch"] == 2
+    resumed_last = load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert resumed_last["epoch"] == 2 and resumed_last["global_step"] == 12  # 3 epochs of 4 steps, none repeated
 
 
 @pytest.mark.slow  # the checkpoint side runs by default (test_nonfinite_weights_never_replace_a_checkpoint)
@@ -421,6 +423,28 @@ def test_the_rank_that_failed_first_is_named_last_not_the_peer_that_lost_it(tmp_
     alone = tmp_path / "alone"
     alone.mkdir()
     assert peer_failure(fake_trainer(0), ValueError("rank 0's own bug"), alone, wait=0.1) is None
+
+
+class FailOnRank(L.Callback):
+    """Raise on one rank only, as an out-of-memory error or a bad batch would."""
+
+    def __init__(self, rank: int, at_step: int = 2) -> None:
+        self.rank, self.at_step = rank, at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.at_step:
+            raise RuntimeError(f"rank {self.rank} broke on purpose")
+
+
+@pytest.mark.slow
+def test_under_ddp_the_failing_ranks_error_is_the_last_thing_printed(tmp_path):
+    done = train(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
+                 f"hydra.run.dir={tmp_path / 'run'}", "+callbacks.fail._target_=test_faults.FailOnRank",
+                 "+callbacks.fail.rank=1")
+    assert done.returncode != 0
+    last_error = [line for line in done.stderr.splitlines() if line.startswith("RuntimeError")][-1]
+    assert last_error.startswith("RuntimeError: rank 1 failed first: RuntimeError: rank 1 broke on purpose  (rank 0 "
+                                 "then stopped with"), done.stderr[-3000:]
 
 
 # ===================================================================================================================
