@@ -294,6 +294,7 @@ def main() -> None:
                         help="models of --compare (default: all)")
     parser.add_argument("--rounds", type=int, default=3, help="--compare: rounds of one step per variant")
     parser.add_argument("--compile", action="store_true", help="--compare: add the torch.compile variant")
+    parser.add_argument("--short", action="store_true", help="--compare: only today's step and the new default")
     parser.add_argument("--loss", action="store_true", help="the YOLOv3 loss at 8, 200 and 1,000 objects")
     parser.add_argument("--loss-case", nargs=2, metavar=("VARIANT", "OBJECTS"), help=argparse.SUPPRESS)
     parser.add_argument("--optimizer", action="store_true", help="Adam's single-tensor, foreach and fused steps")
@@ -307,7 +308,8 @@ def main() -> None:
         return
 
     if args.compare:
-        variants = VARIANTS + [COMPILED] * args.compile
+        variants = [VARIANTS[0], VARIANTS[-1]] if args.short else VARIANTS
+        variants = variants + [COMPILED] * args.compile
         title = f"train step on CPU, {threads}, Adam; variants alternated over {args.rounds} rounds after 1"
         rows: list[tuple[str, ...]] = []
         for name, size, batch in COMPARE_CASES:
