@@ -220,6 +220,7 @@ def compose_data(name, data_dir, **overrides):
 @pytest.mark.parametrize("name", ["sample", "sample_coco"])
 def test_sample_configs_generate_and_serve_data(tmp_path, name):
     config = compose_data(name, tmp_path, prepare={"num_train": 4, "num_val": 2}, num_workers=0, batch_size=2,
+                          min_steps_per_epoch=0,
                           img_size=SIZE)
     datamodule = instantiate(config)
     assert isinstance(datamodule.train_transform, YoloTrainTransform) and datamodule.close_mosaic == 0.1
@@ -235,7 +236,8 @@ def test_sample_configs_generate_and_serve_data(tmp_path, name):
 def test_dataset_configs_build_their_sources(tmp_path, name):
     datamodule = instantiate(compose_data(name, tmp_path))
     assert datamodule.root == tmp_path / ("VOCdevkit" if name == "voc" else "coco")
-    assert datamodule.batch_size == 16 and datamodule.num_workers == 2 and datamodule.img_size == 416
+    assert datamodule.batch_size == 8 and datamodule.num_workers == 2 and datamodule.img_size == "auto"
+    assert datamodule.min_steps_per_epoch == 50
     if name == "voc":
         assert datamodule.sources["train"].splits == ["2007/trainval", "2012/trainval"]
         assert datamodule.sources["val"].splits == ["2007/test"] and len(datamodule.classes) == 20

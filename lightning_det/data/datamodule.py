@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, SequentialSampler
 
+from lightning_det.data.adapt import choose_img_size, epoch_repeats
 from lightning_det.data.collate import collate_detection
 from lightning_det.data.dataset import (
     AspectRatioBatchSampler,
@@ -42,7 +43,10 @@ class DetectionDataModule(L.LightningDataModule):
         val_split: ``None`` uses ``val``; a fraction holds out that share of the training images (seeded).
         prepare: called with ``root`` by ``prepare_data`` (once per node), e.g. to generate the sample data.
         label_pad_width: fixed label rows per image; ``None`` pads to each batch's maximum.
-        img_size: network input size; the default transforms use it, given ones must agree with it.
+        img_size: network input size; the default transforms use it, given ones must agree with it. ``"auto"``:
+            chosen from the training boxes by :func:`~lightning_det.data.adapt.choose_img_size` when they are read.
+        min_steps_per_epoch: repeat a small training set within each epoch until an epoch has at least this many
+            optimizer steps (:func:`~lightning_det.data.adapt.epoch_repeats`); 0: one pass per epoch.
         train_transform, val_transform: pipelines (``conf/pipeline/*.yaml``); YOLO ones by default.
         close_mosaic: train the last epochs without mosaic: a share of the run when below 1 (0.1: the last tenth,
             at least one epoch), else a count of epochs.
@@ -74,7 +78,8 @@ class DetectionDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         label_pad_width: int | None = None,
-        img_size: int = 416,
+        img_size: int | str = 416,
+        min_steps_per_epoch: int = 0,
         train_transform: DetectionTransform | None = None,
         val_transform: DetectionTransform | None = None,
         close_mosaic: float = 0,
@@ -102,7 +107,10 @@ class DetectionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        if img_size != "auto" and (isinstance(img_size, bool) or not isinstance(img_size, int)):
+            raise ValueError(f"data.img_size must be a whole number of pixels or auto, got {img_size!r}")
         self.img_size = img_size
+        self.min_steps_per_epoch = min_steps_per_epoch
         self.train_transform = train_transform or YoloTrainTransform(img_size=img_size)
         self.val_transform = val_transform or LetterboxTransform(img_size=img_size)
         self._check_transforms()
@@ -178,6 +186,16 @@ class DetectionDataModule(L.LightningDataModule):
             self.records[role] = records
             objects = sum(len(r.labels) for r in records)
             rank_zero_info(f"{role}: {len(records)} images, {objects} objects, {len(self.classes)} classes")
+            if role == "train" and self.img_size == "auto":
+                self.use_img_size(choose_img_size(records))
+
+    def use_img_size(self, size: int) -> None:
+        """Set the input size of both pipelines (``img_size: auto`` resolved from the training boxes)."""
+        self.img_size = size
+        for transform in (self.train_transform, self.val_transform):
+            transform.img_size = size
+        rank_zero_info(f"img_size {size}: the smallest input keeping 95 % of the training boxes' shorter sides "
+                       "at 8 px or more (data.img_size=<pixels> to set it)")
 
     def _hold_out(self, records: list[AnnotationRecord]) -> tuple[list[AnnotationRecord], list[AnnotationRecord]]:
         """Seeded split of the training records into (train, val) for ``val_split``."""
@@ -227,12 +245,23 @@ class DetectionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
-        sampler = MosaicSampler(len(dataset), self.mosaic_enabled, shuffle=True, seed=self.seed)
+        sampler = MosaicSampler(len(dataset), self.mosaic_enabled, shuffle=True, seed=self.seed,
+                                repeats=self.epoch_repeats(len(dataset)))
         if self.group_aspect_ratio:
             landscape = [record.width >= record.height for record in dataset.records]
             batches = AspectRatioBatchSampler(sampler, self.batch_size, landscape=landscape)
             return self._loader(dataset, batch_sampler=batches, batch_size=1)
         return self._loader(dataset, sampler=sampler)
+
+    def epoch_repeats(self, num_images: int) -> int:
+        """Passes over the training set per epoch, for ``min_steps_per_epoch`` steps on every device."""
+        trainer = self.trainer
+        per_step = self.batch_size * (trainer.world_size * trainer.accumulate_grad_batches if trainer else 1)
+        repeats = epoch_repeats(num_images, per_step, self.min_steps_per_epoch)
+        if repeats > 1:
+            rank_zero_info(f"train: {num_images} images shown {repeats} times per epoch, so that an epoch has "
+                           f"at least {self.min_steps_per_epoch} optimizer steps (data.min_steps_per_epoch)")
+        return repeats
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.dataset("val"))
