@@ -75,8 +75,8 @@ def check_config(cfg: DictConfig) -> None:
                 "option (e.g. optimizer=sgd)"
             ) from None
         for key in node:
-            if key.startswith("_") or key not in hints:
-                continue
+            if key.startswith("_") or key not in hints or OmegaConf.is_interpolation(node, key):
+                continue  # an interpolated value is checked where it is set
             value = _value(node, key)
             if value is _UNRESOLVED:
                 continue
