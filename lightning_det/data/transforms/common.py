@@ -127,7 +127,7 @@ class LetterboxTransform(DetectionTransform):
     """
 
     def __init__(
-        self, img_size: int = 416, fill: int = 114, rect: bool = False, stride: int = 32,
+        self, img_size: int | str = 416, fill: int = 114, rect: bool = False, stride: int = 32,
         **normalization: Sequence[float],
     ) -> None:
         super().__init__(**normalization)

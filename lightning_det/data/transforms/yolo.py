@@ -58,7 +58,7 @@ class YoloTrainTransform(DetectionTransform):
 
     def __init__(
         self,
-        img_size: int = 416,
+        img_size: int | str = 416,  # "auto": set by DetectionDataModule from the training boxes
         mosaic: float = 1.0,
         scale: float = 0.5,
         translate: float = 0.1,
