@@ -77,12 +77,12 @@ def test_trainers_callbacks_and_loggers_build(tmp_path, trainer):
 
 def test_sample_tuning_applies_only_to_the_sample_pair(tmp_path):
     tuned = composed(tmp_path)
-    assert tuned.data.train_transform.mosaic == 0.0 and tuned.trainer.max_epochs == 25
+    assert tuned.trainer.max_epochs == 25
     plain = composed(tmp_path, "data=voc")
-    assert plain.data.train_transform.mosaic == 1.0 and plain.trainer.max_epochs == 100
+    assert plain.trainer.max_epochs == 100
     assert plain.data.img_size == "auto" and plain.model.width == 0.5  # the general rules, as on the sample
     darknet = composed(tmp_path, "data=voc", "model=yolov3_tiny")
-    assert darknet.model.width == 1.0 and darknet.data.train_transform.mosaic == 1.0
+    assert darknet.model.width == 1.0 and darknet.data.img_size == "auto"
     overridden = composed(tmp_path, "model.width=0.25", "data.img_size=128")
     assert overridden.model.width == 0.25 and overridden.data.img_size == 128
 
