@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import lightning as L
 from lightning.pytorch.callbacks import Timer
@@ -35,17 +34,14 @@ def schedules_of(trainer: L.Trainer) -> list[Schedule]:
 class TimeBudget(L.Callback):
     """With ``trainer.max_time`` set, fit ``max_epochs`` and the schedule to the time left; else do nothing.
 
-    Args:
-        first_estimate_after: training batches of the first epoch timed for a first estimate (the warm-up is
-            laid over it before the first epoch ends); every epoch end refines it with the measured epoch time,
-            validation and checkpoints included.
+    The estimate is made at every epoch end from the mean epoch time so far, validation and checkpoints
+    included. Not from the first batches: the first epoch also pays for loader start-up and for filling the
+    decoded-image cache, and a plan laid over it would squeeze warm-up and decay into too few epochs.
     """
 
-    def __init__(self, first_estimate_after: int = 5) -> None:
-        self.first_estimate_after = max(2, first_estimate_after)
+    def __init__(self) -> None:
         self.budget: float | None = None
         self.max_epochs_cap: int | None = None
-        self._first_batch_end = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
@@ -55,16 +51,6 @@ class TimeBudget(L.Callback):
             return
         cap = trainer.max_epochs
         self.max_epochs_cap = cap if cap is not None and cap > 0 else None
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        if self.budget is None or trainer.current_epoch != 0:
-            return
-        if batch_idx == 0:  # the first batch pays for worker start-up: time from its end
-            self._first_batch_end = time.monotonic()
-        elif batch_idx == self.first_estimate_after and trainer.num_training_batches > batch_idx + 1:
-            per_batch = (time.monotonic() - self._first_batch_end) / batch_idx
-            self.refit(trainer, per_batch * trainer.num_training_batches, epochs_done=0)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.budget is None:
