@@ -40,33 +40,27 @@ class TimeBudget(L.Callback):
     """
 
     def __init__(self) -> None:
-        self.budget: float | None = None
+        self.timer: Timer | None = None
         self.max_epochs_cap: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        self.timer = timer
-        self.budget = getattr(timer, "_duration", None)
-        if self.budget is None:
-            return
+        self.timer = timer if timer is not None and timer.time_remaining() is not None else None
         cap = trainer.max_epochs
         self.max_epochs_cap = cap if cap is not None and cap > 0 else None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.budget is None:
+        if self.timer is None:
             return
         done = trainer.current_epoch + 1  # the Timer's elapsed time covers epochs before a resume too
-        self.refit(trainer, self.timer.time_elapsed("train") / done, done)
-
-    def refit(self, trainer: L.Trainer, epoch_seconds: float, epochs_done: int) -> None:
-        remaining = self.budget - self.timer.time_elapsed("train")
-        epochs = epochs_done + max(0, math.floor(remaining / max(epoch_seconds, 1e-6)))
+        epoch_seconds = self.timer.time_elapsed() / done
+        epochs = done + max(0, math.floor(self.timer.time_remaining() / max(epoch_seconds, 1e-6)))
         if self.max_epochs_cap is not None:
             epochs = min(epochs, self.max_epochs_cap)
-        epochs = max(int(trainer.strategy.broadcast(epochs)), epochs_done, 1)
+        epochs = max(int(trainer.strategy.broadcast(epochs)), done)
         if epochs != trainer.fit_loop.max_epochs:
-            log.info("time budget %.0f s: %.1f s per epoch, so %d epochs; schedule laid over them",
-                     self.budget, epoch_seconds, epochs)
+            log.info("time budget: %.1f s per epoch, %.0f s left, so %d epochs; schedule laid over them",
+                     epoch_seconds, self.timer.time_remaining(), epochs)
         trainer.fit_loop.max_epochs = epochs
         steps = epochs * max(1, trainer.num_training_batches // trainer.accumulate_grad_batches)
         for schedule in schedules_of(trainer):
