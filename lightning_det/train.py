@@ -47,14 +47,19 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
 
 
-def build_model(cfg: DictConfig, num_classes: int, class_names: list[str]) -> L.LightningModule:
+def build_model(
+    cfg: DictConfig, num_classes: int, class_names: list[str], records: list | None = None, img_size: int = 416
+) -> L.LightningModule:
     """The detector from ``cfg.model``; optimizer, scheduler and metric go in as plain configs.
 
     The model saves them as hyper-parameters, so a checkpoint holds only plain data and can rebuild its
-    detector with ``load_from_checkpoint`` alone.
+    detector with ``load_from_checkpoint`` alone. Given the training ``records``, data-dependent settings
+    (YOLO's ``anchors: auto`` at ``img_size``) are resolved from them first, so the checkpoint holds the values.
     """
     arguments = OmegaConf.to_container(cfg.model, resolve=True)
     model_class = get_class(arguments.pop("_target_"))
+    if records is not None:
+        arguments = model_class.fit_to_data(arguments, records, img_size, seed=cfg.seed)
     plain = {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else None
              for key in ("optimizer", "scheduler", "metric")}
     return model_class(
@@ -120,7 +125,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = build_model(cfg, num_classes=datamodule.num_classes, class_names=list(datamodule.classes))
+    if cfg.data.get("img_size") == "auto":  # resolved from the training boxes: the checkpoint keeps the number
+        cfg.data.img_size = datamodule.img_size
+    model = build_model(cfg, num_classes=datamodule.num_classes, class_names=list(datamodule.classes),
+                        records=datamodule.records["train"], img_size=datamodule.img_size)
     model.inference_pipeline = OmegaConf.to_container(cfg.data.val_transform, resolve=True)
     if cfg.get("init_from"):
         initialise_from(model, cfg.init_from, list(cfg.get("init_exclude") or []), cfg.get("init_cutoff"),

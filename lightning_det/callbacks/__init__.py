@@ -9,6 +9,7 @@ from lightning_det.callbacks.image_logger import ValidationImageLogger
 from lightning_det.callbacks.interrupt import InterruptCheckpoint
 from lightning_det.callbacks.multiscale import MultiScale
 from lightning_det.callbacks.speed import ChannelsLast, Compile
+from lightning_det.callbacks.time_budget import TimeBudget
 
 __all__ = [
     "ChannelsLast",
@@ -21,5 +22,6 @@ __all__ = [
     "RestoreBestOnDecay",
     "RunCheckpoint",
     "SafeCheckpointIO",
+    "TimeBudget",
     "ValidationImageLogger",
 ]

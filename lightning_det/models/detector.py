@@ -105,6 +105,12 @@ class Detector(L.LightningModule):
         self.inference_pipeline: dict[str, Any] | None = None
 
     # --- hooks a subclass implements -------------------------------------------------------------------------
+    @classmethod
+    def fit_to_data(cls, arguments: dict[str, Any], records: list, img_size: int, seed: int = 0) -> dict[str, Any]:
+        """The constructor ``arguments`` with data-dependent settings resolved from the training records (YOLO's
+        ``anchors: auto``), before the network is built; the default changes nothing."""
+        return arguments
+
     def loss(self, outputs: Any, batch: dict[str, Any]) -> dict[str, Tensor]:
         raise NotImplementedError
 
