@@ -121,9 +121,9 @@ def make_step(model: Detector, batch: dict[str, Any], optimizer: torch.optim.Opt
 
 def seconds_per_step(model: Detector, batch: dict[str, Any], warmup: int, iterations: int) -> float:
     """Median wall time of one training step after ``warmup`` untimed ones, with the defaults of ``train.py``
-    (channels-last layout, the fused optimizer)."""
+    (channels-last layout, the foreach optimizer)."""
     model.to(memory_format=torch.channels_last)
-    step = make_step(model, batch, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, fused=True))
+    step = make_step(model, batch, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, foreach=True))
     for _ in range(warmup):
         step()
     return statistics.median(timed(step) for _ in range(iterations))  # robust to a step slowed by other work
@@ -161,17 +161,17 @@ def todays_loss(model: Detector) -> Detector:
     return model
 
 
-def adam(params: Any, fused: bool) -> torch.optim.Optimizer:
-    """``conf/optimizer/adam.yaml``'s Adam; ``fused=False`` is the single-tensor loop torch picks on CPU."""
+def adam(params: Any, configured: bool) -> torch.optim.Optimizer:
+    """``conf/optimizer/adam.yaml``'s Adam as configured (foreach), or the single-tensor loop torch picks on CPU."""
     cfg = OmegaConf.load(CONF / "optimizer" / "adam.yaml")
-    return instantiate(cfg, fused=fused, foreach=False)(params)
+    return instantiate(cfg)(params) if configured else instantiate(cfg, foreach=False)(params)
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     new_loss: bool
-    fused: bool
+    foreach: bool
     channels_last: bool
     compile: bool = False
 
@@ -181,7 +181,7 @@ LOSS_ONLY = Variant("+ chunked ignore IoU", True, False, False)
 VARIANTS = [
     TODAY,
     LOSS_ONLY,
-    Variant("+ fused Adam", False, True, False),
+    Variant("+ foreach Adam", False, True, False),
     Variant("+ channels_last", False, False, True),
     Variant("new default (all three)", True, True, True),
 ]
@@ -201,7 +201,7 @@ def variant_step(base: Detector, variant: Variant, batch: dict[str, Any]) -> Cal
         images = images.contiguous(memory_format=torch.channels_last)
     if variant.compile:
         model.compile()
-    return make_step(model, {**batch, "images": images}, adam(model.parameters(), variant.fused))
+    return make_step(model, {**batch, "images": images}, adam(model.parameters(), variant.foreach))
 
 
 def compare(name: str, img_size: int, batch_size: int, variants: list[Variant], rounds: int) -> list[tuple[str, ...]]:
@@ -271,7 +271,7 @@ def optimizer_rows(iterations: int) -> list[tuple[str, ...]]:
         results = {}
         for label, options in (("single-tensor", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
             params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
-            cfg = OmegaConf.merge(OmegaConf.load(CONF / "optimizer" / "adam.yaml"), {"fused": None, **options})
+            cfg = OmegaConf.merge(OmegaConf.load(CONF / "optimizer" / "adam.yaml"), {"foreach": False, **options})
             optimizer = instantiate(cfg)(params)
             for param, grad in zip(params, grads):
                 param.grad = grad
@@ -334,7 +334,7 @@ def main() -> None:
                      f"{case.batch_size / seconds:.2f}"))
 
     header = ("model", "params (M)", "input", "batch", "s/step", "images/s")
-    title = (f"train step on CPU (channels_last, fused SGD), {threads}, median of {args.iterations} steps after "
+    title = (f"train step on CPU (channels_last, foreach SGD), {threads}, median of {args.iterations} steps after "
              f"{args.warmup}")
     log.info(table(title, header, rows))
 

@@ -1,5 +1,5 @@
 """The speed options change speed only: channels-last and compiled models predict what the plain model predicts,
-and the fused optimizers of ``conf/optimizer`` move parameters as torch's single-tensor loop does."""
+and the multi-tensor (foreach) optimizers of ``conf/optimizer`` move parameters as torch's single-tensor loop does."""
 
 from pathlib import Path
 
@@ -75,14 +75,14 @@ def test_compiled_model_predicts_the_same_detections_and_keeps_its_parameter_nam
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
-def test_configured_fused_optimizer_matches_the_single_tensor_loop(name):
+def test_configured_foreach_optimizer_matches_the_single_tensor_loop(name):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
     start = [p.detach().clone() for p in net.parameters()]
     grads = [[torch.randn_like(p) for p in start] for _ in range(6)]
     config = OmegaConf.load(CONF / "optimizer" / f"{name}.yaml")
     finals = {}
-    for path, options in (("configured", {}), ("single-tensor", {"fused": False, "foreach": False})):
+    for path, options in (("configured", {}), ("single-tensor", {"foreach": False})):
         params = [nn.Parameter(p.clone()) for p in start]
         optimizer = instantiate(config, **options)(params)
         for step_grads in grads:
@@ -90,8 +90,8 @@ def test_configured_fused_optimizer_matches_the_single_tensor_loop(name):
                 param.grad = grad.clone()
             optimizer.step()
         finals[path] = params
-    assert config.fused is True
+    assert config.foreach is True
     moved = max((p - s).abs().max().item() for p, s in zip(finals["single-tensor"], start))
     assert moved > 1e-3
-    for fused, single in zip(finals["configured"], finals["single-tensor"]):
-        assert torch.allclose(fused, single, rtol=1e-5, atol=1e-7)
+    for multi, single in zip(finals["configured"], finals["single-tensor"]):
+        assert torch.allclose(multi, single, rtol=1e-5, atol=1e-7)
