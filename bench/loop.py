@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--width", type=float, default=0.5, help="yolov3_tiny channel multiplier")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per loop")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader workers of the real loops")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of all loops")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
@@ -103,17 +103,17 @@ def main() -> None:
     loops = {"pre-loaded batches": lambda: preloaded_loader}
     loops |= {f"DataModule, {w} workers": (lambda w=w: datamodule(args, w).train_dataloader()) for w in args.workers}
 
-    rates: dict[str, list[float]] = {name: [] for name in loops}
-    for _ in range(args.rounds):
-        for name, loader in loops.items():
-            rates[name].append(images_per_second(args, data.num_classes, loader(), untimed=epoch))
-    reference = rates["pre-loaded batches"]
-    rows = [(name, f"{statistics.median(r):.1f}", f"{statistics.median(a / b for a, b in zip(r, reference)):.2f}x")
-            for name, r in rates.items()]
     title = (f"Lightning training loop, {args.split} ({len(data.records['train'])} images), yolov3_tiny w{args.width}, "
              f"{args.img_size} px, batch {args.batch_size}, {args.threads} torch threads, {args.steps} steps after "
-             f"one epoch, median of {args.rounds} alternated rounds")
-    log.info(table(title, ("loop", "images/s", "vs pre-loaded"), rows))
+             f"one epoch, median over alternated rounds")
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    for done in range(1, args.rounds + 1):
+        for name, loader in loops.items():
+            rates[name].append(images_per_second(args, data.num_classes, loader(), untimed=epoch))
+        reference = rates["pre-loaded batches"]
+        rows = [(name, f"{statistics.median(r):.1f}", f"{statistics.median(a / b for a, b in zip(r, reference)):.2f}x")
+                for name, r in rates.items()]
+        log.info(table(f"{title} ({done} so far)", ("loop", "images/s", "vs pre-loaded"), rows))
 
 
 if __name__ == "__main__":
