@@ -90,7 +90,7 @@ def test_sample_tuning_applies_only_to_the_sample_pair(tmp_path):
 def test_ema_callback_composes_on_top_of_the_defaults(tmp_path):
     cfg = composed(tmp_path, "callbacks=[default,ema]", f"paths.output_dir={tmp_path}")
     names = {type(c).__name__ for c in build_callbacks(cfg)}
-    assert {"ModelEMA", "ModelCheckpoint", "EarlyStopping"} <= names
+    assert {"ModelEMA", "RunCheckpoint", "EarlyStopping"} <= names
 
 
 def test_freeze_callback_composes_and_freezes_the_backbone(tmp_path):
