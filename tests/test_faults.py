@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader
 from lightning_det import search
 from lightning_det.callbacks import Freeze, RunCheckpoint, SafeCheckpointIO
 from lightning_det.callbacks.ranks import peer_failure
-from lightning_det.data import read_coco, read_voc
+from lightning_det.data import COCOSource, DetectionDataModule, read_coco, read_voc
 from lightning_det.evaluate import record_targets, write_voc_results
 from lightning_det.metrics import COCOMeanAP, VOCMeanAP
-from lightning_det.models.detector import Detector
+from lightning_det.models.detector import Detector, labels_to_targets
 from lightning_det.train import build, check_devices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -847,3 +847,24 @@ def test_coco_area_ranges_use_the_annotation_area_like_pycocotools(tmp_path):
     by_box = COCOMeanAP(2)  # without the area: w*h bins the objects differently here
     by_box.update(detections, [{k: v for k, v in t.items() if k != "area"} for t in record_targets(records)])
     assert any(abs(by_box.compute()[k].item() - expected[k]) > 1e-3 for k in ("APs", "APm", "APl"))
+
+
+def test_validation_during_training_scores_with_the_annotation_area(tmp_path):
+    """The targets validation builds from batches (letterboxed, padded, mapped back) carry each object's own
+    ``area`` too, so metric=coco during training bins objects as pycocotools does, as evaluate does above."""
+    ours, _ = coco_with_mask_areas(tmp_path)
+    source = COCOSource(ours.name, "images")
+    datamodule = DetectionDataModule(tmp_path, source, source, classes=None, batch_size=5, num_workers=0,
+                                     img_size=128)
+    datamodule.setup("validate")
+    annotations = json.loads(ours.read_text())["annotations"]
+    expected = defaultdict(list)
+    for annotation in annotations:
+        expected[annotation["image_id"]].append(annotation.get("area", 0.0))
+    seen = {}
+    for batch in datamodule.val_dataloader():
+        for target in labels_to_targets(batch["labels"], batch["meta"]):
+            seen[int(target["image_id"])] = target["area"].tolist()
+    assert seen.keys() == expected.keys()  # COCO image ids are the json's
+    for image_id, areas in expected.items():  # json order; 0 where an annotation has no area (the metric uses w*h)
+        assert seen[image_id] == pytest.approx(areas, abs=0.05)

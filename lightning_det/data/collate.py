@@ -49,6 +49,7 @@ def collate_detection(
             "pad": torch.tensor([s.pad for s in samples], dtype=torch.float32),
             "path": [s.path for s in samples],
             "mosaic": torch.tensor([s.mosaic for s in samples], dtype=torch.bool),
+            **({"area": [s.area for s in samples]} if any(s.area is not None for s in samples) else {}),
         },
     }
 

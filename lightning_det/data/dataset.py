@@ -77,6 +77,7 @@ class DetectionDataset(Dataset[Sample]):
             image_id=record.image_id,
             path=record.path,
             orig_size=(record.height, record.width),
+            area=None if record.area is None else torch.from_numpy(record.area),
         )
 
     def __getitem__(self, item: int | tuple[int, bool]) -> Sample:

@@ -66,11 +66,15 @@ def labels_to_targets(labels: Tensor, meta: dict[str, Any]) -> Detections:
     rows = labels[valid]
     boxes = to_original_pixels(rows[:, 1:5], image_index, meta)
     counts = valid.sum(1).tolist()
-    return [
+    targets = [
         {"boxes": b, "labels": c.long(), "difficult": d > 0, "image_id": i}
         for b, c, d, i in zip(boxes.split(counts), rows[:, 0].split(counts), rows[:, 5].split(counts),
                               meta["image_id"])
     ]
+    for target, area in zip(targets, meta.get("area", [])):  # COCO's own object areas, for its size ranges
+        if area is not None:
+            target["area"] = area
+    return targets
 
 
 class NonFiniteLossError(RuntimeError):

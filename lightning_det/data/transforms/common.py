@@ -36,6 +36,8 @@ class Sample:
     scale: tuple[float, float] = (1.0, 1.0)
     pad: tuple[float, float] = (0.0, 0.0)
     mosaic: bool = False
+    area: Tensor | None = None  # float32 [N]: each object's own area in source pixels (COCO's, 0 where absent),
+    # kept by the evaluation transforms so validation bins objects by size as COCO does
 
 
 def as_boxes(boxes: Tensor, canvas_size: tuple[int, int]) -> tv_tensors.BoundingBoxes:
@@ -148,4 +150,5 @@ class LetterboxTransform(DetectionTransform):
             orig_size=sample.orig_size,
             scale=boxed.scale,
             pad=(float(boxed.pad[0]), float(boxed.pad[1])),
+            area=sample.area,
         )

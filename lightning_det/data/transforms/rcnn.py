@@ -67,4 +67,5 @@ class RCNNTransform(DetectionTransform):
             path=sample.path,
             orig_size=canvas if flipped else sample.orig_size,
             scale=(1.0, 1.0) if flipped else scale,
+            area=sample.area,
         )

@@ -105,4 +105,5 @@ class SSDEvalTransform(DetectionTransform):
             path=sample.path,
             orig_size=sample.orig_size,
             scale=(self.img_size / width, self.img_size / height),
+            area=sample.area,
         )
