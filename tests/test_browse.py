@@ -27,7 +27,8 @@ def config(tmp_path: Path, root: Path, *overrides: str):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose("browse", [
             "data=voc", f"data.root={root}", "data.classes=[cat,dog]", "data.train.splits=[2007/trainval]",
-            "data.num_workers=0", "data.persistent_workers=false", "data.img_size=64", "data.batch_size=1",
+            "data.num_workers=0", "data.min_steps_per_epoch=0", "data.persistent_workers=false", "data.img_size=64",
+            "data.batch_size=1",
             f"paths.output_dir={tmp_path / 'out'}", "images_per_row=1", *overrides,
         ])
 
