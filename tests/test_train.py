@@ -159,7 +159,7 @@ def test_default_sample_run_learns(tmp_path):
             f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-5000:]
-    assert max(scalars(tmp_path / "run")["val/mAP"]) > 0.5
+    assert max(scalars(tmp_path / "run")["val/mAP"]) > 0.55  # issue 9: >= 0.55 through the general rules (0.669 measured)
 
 
 def test_mixed_precision_accumulation_clipping_ema_and_multiscale_together(tmp_path):
