@@ -1,6 +1,8 @@
-"""Small on-disk datasets for tests: a VOC devkit folder and a COCO json, written from plain Python values.
+"""Small on-disk datasets for tests: a VOC devkit folder, a COCO json and an Ultralytics YOLO dataset, written from
+plain Python values.
 
-VOC objects are given as written in the XML (1-based inclusive pixel indices); COCO boxes as ``[x, y, w, h]``.
+VOC objects are given as written in the XML (1-based inclusive pixel indices); COCO boxes as ``[x, y, w, h]``; YOLO
+labels as the text lines of their label files.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 VOCObject = tuple[str, tuple[float, float, float, float], bool]  # name, (xmin, ymin, xmax, ymax), difficult
 VOCImage = tuple[int, int, list[VOCObject]]  # height, width, objects
+YOLOImage = tuple[int, int, list[str] | None]  # height, width, label file lines (None: no label file)
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +93,19 @@ def make_coco(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=1))
     return path
+
+
+def make_yolo(root: Path, splits: dict[str, dict[str, YOLOImage]], names: list[str] | dict[int, str]) -> Path:
+    """Write ``{"train": {"a.jpg": (h, w, ["0 0.5 0.5 0.2 0.4"]), ...}, ...}`` in the Ultralytics layout
+    (``images/<split>/``, ``labels/<split>/<stem>.txt``) with a ``data.yaml`` naming the splits as folders;
+    returns the yaml's path."""
+    for seed, (split, images) in enumerate(splits.items()):
+        for k, (file_name, (height, width, lines)) in enumerate(images.items()):
+            write_image(root / "images" / split / file_name, height, width, seed=seed * 1000 + k)
+            if lines is not None:
+                label = root / "labels" / split / f"{Path(file_name).stem}.txt"
+                label.parent.mkdir(parents=True, exist_ok=True)
+                label.write_text("".join(f"{line}\n" for line in lines))
+    data_yaml = root / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump({"path": str(root), **{s: f"images/{s}" for s in splits}, "names": names}))
+    return data_yaml

@@ -1,4 +1,4 @@
-"""Datasets (VOC, COCO, generated sample data), their pipelines, and the DataModule that serves batches."""
+"""Datasets (VOC, COCO, YOLO, generated sample data), their pipelines, and the DataModule that serves batches."""
 
 from lightning_det.data.coco import COCOSource, read_coco
 from lightning_det.data.collate import collate_detection
@@ -18,6 +18,7 @@ from lightning_det.data.records import (
 )
 from lightning_det.data.sample import SAMPLE_CLASSES, generate_sample_data
 from lightning_det.data.voc import VOC_CLASSES, VOCSource, read_voc
+from lightning_det.data.yolo_format import YOLODataModule, YOLOSource
 
 __all__ = [
     "AnnotationRecord",
@@ -33,6 +34,8 @@ __all__ = [
     "SAMPLE_CLASSES",
     "VOCSource",
     "VOC_CLASSES",
+    "YOLODataModule",
+    "YOLOSource",
     "collate_detection",
     "generate_sample_data",
     "read_annotations",
