@@ -5,7 +5,7 @@ import torch
 from helpers import one_torch_thread
 
 from lightning_det.data.transforms import LetterboxTransform, Sample, YoloTrainTransform, clip_and_filter
-from lightning_det.data.transforms.yolo import colour_matrix
+from lightning_det.data.transforms.common import colour_matrix
 
 SIZE = 416
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)

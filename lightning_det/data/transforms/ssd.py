@@ -1,8 +1,13 @@
 """The SSD pipeline: photometric distortion, zoom-out, minimum-IoU random crop, flip, resize to a square.
 
-Built from ``torchvision.transforms.v2``'s own SSD pieces (``RandomPhotometricDistort``, ``RandomZoomOut``,
-``RandomIoUCrop``). Zoom-out places the image on a canvas up to ``zoom_out_max`` times larger filled with the
-mean pixel, so after normalisation the border is zero; the crop keeps objects whose centre lies inside it.
+The reference's steps (torchvision's ``RandomPhotometricDistort``, ``RandomZoomOut`` and ``RandomIoUCrop``) are
+laid out on the boxes first, then done in one pass over the pixels. Zoom-out places the image on a canvas up to
+``zoom_out_max`` times larger filled with the mean pixel; the crop is drawn on that canvas by ``RandomIoUCrop``'s
+rule (:func:`iou_crop`) and keeps the objects whose centre lies inside it. Only the part of the image that lands
+in the crop is resized (``uint8``) onto the output square, and the colour distortion is one affine colour map
+applied with the float conversion; the rest of the square is the mean pixel (zero after normalisation). The
+canvas is never built, so a 4x zoom-out costs what a plain resize costs.
+
 Evaluation resizes to the square without keeping the aspect ratio and records ``scale`` so detections map back.
 """
 
@@ -13,10 +18,76 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision.ops import box_iou
 from torchvision.transforms.v2 import functional as F
 
-from lightning_det.data.transforms.common import DetectionTransform, Sample
+from lightning_det.data.transforms.common import (
+    GREY_WEIGHTS,
+    DetectionTransform,
+    Sample,
+    clip_and_filter,
+    colour_matrix,
+)
+
+# torchvision's RandomPhotometricDistort ranges
+BRIGHTNESS, CONTRAST, SATURATION, HUE = (0.875, 1.125), (0.5, 1.5), (0.5, 1.5), (-0.05, 0.05)
+
+
+def uniform(low_high: tuple[float, float]) -> float:
+    low, high = low_high
+    return low + (high - low) * torch.rand(()).item()
+
+
+def iou_crop(
+    boxes: Tensor, width: int, height: int, min_ious: Sequence[float], trials: int,
+    scale: tuple[float, float] = (0.3, 1.0), aspect_ratio: tuple[float, float] = (0.5, 2.0),
+) -> tuple[int, int, int, int, Tensor]:
+    """The SSD random crop of a ``width`` x ``height`` canvas: ``(x0, y0, x1, y1, kept)``.
+
+    torchvision's ``RandomIoUCrop`` rule, with each round's ``trials`` drawn at once: draw a minimum IoU from
+    ``min_ious`` (1 or more: keep the whole canvas); a trial has sides of ``scale`` times the canvas', an aspect
+    ratio in ``aspect_ratio``, a random place, some box centre strictly inside, and an IoU with one of those boxes
+    of at least the drawn value; the first such trial is the crop, else draw again. ``kept``: the boxes whose
+    centre lies inside it.
+    """
+    whole = (0, 0, width, height, torch.ones(len(boxes), dtype=torch.bool))
+    if len(boxes) == 0:
+        return whole
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    while True:
+        min_iou = min_ious[int(torch.randint(len(min_ious), ()))]
+        if min_iou >= 1.0:
+            return whole
+        sides = (scale[0] + (scale[1] - scale[0]) * torch.rand(trials, 2)) * torch.tensor([width, height])
+        sides = sides.long()  # truncated, as torchvision does
+        corners = ((torch.tensor([width, height]) - sides) * torch.rand(trials, 2)).long()
+        crops = torch.cat((corners, corners + sides), 1)  # [T, 4] xyxy
+        ratio = sides[:, 0] / sides[:, 1].clamp(min=1)
+        inside = ((centres > crops[:, None, :2]) & (centres < crops[:, None, 2:])).all(-1)  # [T, N]
+        overlap = box_iou(crops.float(), boxes).masked_fill(~inside, 0.0).amax(1)
+        good = (ratio >= aspect_ratio[0]) & (ratio <= aspect_ratio[1]) & (sides > 0).all(1)
+        good &= inside.any(1) & (overlap >= min_iou)
+        if good.any():
+            first = int(good.nonzero()[0])
+            x0, y0, x1, y1 = crops[first].tolist()
+            return x0, y0, x1, y1, inside[first]
+
+
+def photometric_map(
+    image: Tensor, brightness: float, contrast: float, saturation: float, hue: float, channels: Sequence[int]
+) -> Tensor:
+    """``uint8 [3, H, W]`` -> ``float`` 0..255: scale by ``brightness``, blend with the mean grey by ``contrast``,
+    with each pixel's grey by ``saturation``, turn the hue (see :func:`colour_matrix`), reorder to ``channels``;
+    clipped once at the end. Every step is linear and keeps the grey, so together they are one affine colour map
+    ``M x + b``, one pass over the pixels. Contrast comes first of its group (torchvision draws whether it goes
+    before or after saturation and hue; that changes only which mean grey it blends towards)."""
+    pixels = image.float()
+    if (brightness, contrast, saturation, hue, list(channels)) == (1.0, 1.0, 1.0, 0.0, [0, 1, 2]):
+        return pixels
+    matrix = (contrast * colour_matrix(brightness, saturation, hue))[list(channels)]
+    mean_grey = brightness * float(torch.tensor(GREY_WEIGHTS) @ pixels.mean((1, 2)))  # after the brightness
+    offset = (1 - contrast) * mean_grey  # the grey, kept by saturation, hue and channel order
+    return (torch.einsum("ij,jhw->ihw", matrix, pixels) + offset).clamp_(0, 255)
 
 
 class SSDTrainTransform(DetectionTransform):
@@ -50,34 +121,80 @@ class SSDTrainTransform(DetectionTransform):
     ) -> None:
         super().__init__(mean=mean, std=std)
         self.img_size = img_size
-        fill = {tv_tensors.Image: [round(m) for m in self.mean], "others": 0}
-        self.augment = v2.Compose([
-            v2.RandomPhotometricDistort(p=photometric),
-            v2.RandomZoomOut(fill=fill, side_range=(1.0, zoom_out_max), p=zoom_out),
-            v2.RandomIoUCrop(sampler_options=[*crop_min_iou, 1.0], trials=crop_trials),
-            v2.RandomHorizontalFlip(p=flip),
-            v2.Resize((img_size, img_size), antialias=True),
-            v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=min_size, labels_getter=lambda s: (s["labels"], s["difficult"])),
-        ])
+        self.photometric = photometric
+        self.zoom_out, self.zoom_out_max = zoom_out, zoom_out_max
+        self.crop_min_iou, self.crop_trials = [*crop_min_iou, 1.0], crop_trials
+        self.flip = flip
+        self.min_size = min_size
+
+    @property
+    def decode_size(self) -> int:
+        """Images are kept at most twice the output side (see :class:`DetectionDataset`): a crop of half the
+        image or more is never enlarged, and a large photo is not resized from full size for every sample."""
+        return 2 * self.img_size
 
     def __call__(self, samples: list[Sample]) -> Sample:
         (sample,) = samples
         height, width = sample.image.shape[-2:]
-        out = self.augment({
-            "image": tv_tensors.Image(sample.image),
-            "boxes": tv_tensors.BoundingBoxes(sample.boxes, format="XYXY", canvas_size=(height, width)),
-            "labels": sample.labels,
-            "difficult": sample.difficult,
-        })
+        canvas_w, canvas_h, left, top = self.zoom_out_layout(width, height)
+        boxes = sample.boxes + torch.tensor([left, top] * 2, dtype=torch.float32)
+        x0, y0, x1, y1, inside = self.crop_on_canvas(boxes, canvas_w, canvas_h)
+        # the image's part of the crop, in image pixels, and the output pixels it is resized onto
+        size = self.img_size
+        sx, sy = size / (x1 - x0), size / (y1 - y0)
+        src_x0, src_x1 = max(left, x0) - left, min(left + width, x1) - left
+        src_y0, src_y1 = max(top, y0) - top, min(top + height, y1) - top
+        out_x0, out_x1 = (round((x - x0) * sx) for x in (src_x0 + left, src_x1 + left))
+        out_y0, out_y1 = (round((y - y0) * sy) for y in (src_y0 + top, src_y1 + top))
+        image = torch.zeros(3, size, size)  # the mean pixel, normalised
+        if out_x1 > out_x0 and out_y1 > out_y0:
+            patch = F.resize(sample.image[:, src_y0:src_y1, src_x0:src_x1], [out_y1 - out_y0, out_x1 - out_x0],
+                             antialias=True)
+            image[:, out_y0:out_y1, out_x0:out_x1] = self.normalize(self.distort_colour(patch))
+        # boxes with exactly the per-axis scale and offset of that resize
+        scale = torch.tensor([(out_x1 - out_x0) / max(src_x1 - src_x0, 1), (out_y1 - out_y0) / max(src_y1 - src_y0, 1)])
+        boxes = (boxes - torch.tensor([src_x0 + left, src_y0 + top] * 2)) * scale.repeat(2)
+        boxes = boxes + torch.tensor([out_x0, out_y0] * 2, dtype=torch.float32)
+        boxes, keep = clip_and_filter(boxes, torch.tensor([[0.0, 0.0, size, size]]), self.min_size, 0.0)
+        keep &= inside
+        boxes = boxes[keep]
+        if torch.rand(()) < self.flip:
+            image = image.flip(-1)
+            boxes = torch.stack((size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]), -1)
         return Sample(
-            image=self.normalize(out["image"].as_subclass(Tensor)),
-            boxes=out["boxes"].as_subclass(Tensor).float(),
-            labels=out["labels"],
-            difficult=out["difficult"],
+            image=image,
+            boxes=boxes,
+            labels=sample.labels[keep],
+            difficult=sample.difficult[keep],
             image_id=sample.image_id,
             path=sample.path,
-            orig_size=(self.img_size, self.img_size),
+            orig_size=(size, size),
+        )
+
+    def zoom_out_layout(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """``(canvas_w, canvas_h, left, top)``: RandomZoomOut's canvas and the image's place on it."""
+        if torch.rand(()) >= self.zoom_out:
+            return width, height, 0, 0
+        ratio = uniform((1.0, self.zoom_out_max))
+        canvas_w, canvas_h = int(width * ratio), int(height * ratio)
+        shift = torch.rand(2)
+        return canvas_w, canvas_h, int((canvas_w - width) * shift[0]), int((canvas_h - height) * shift[1])
+
+    def crop_on_canvas(self, boxes: Tensor, canvas_w: int, canvas_h: int) -> tuple[int, int, int, int, Tensor]:
+        """The random crop ``(x0, y0, x1, y1)`` of the canvas and which boxes it keeps (see :func:`iou_crop`)."""
+        return iou_crop(boxes, canvas_w, canvas_h, self.crop_min_iou, self.crop_trials)
+
+    def distort_colour(self, patch: Tensor) -> Tensor:
+        """The photometric distortion: brightness, contrast, saturation, hue and a channel shuffle, each with
+        probability ``photometric`` (torchvision's ranges), as one :func:`photometric_map`."""
+        apply = (torch.rand(5) < self.photometric).tolist()
+        return photometric_map(
+            patch,
+            brightness=uniform(BRIGHTNESS) if apply[0] else 1.0,
+            contrast=uniform(CONTRAST) if apply[1] else 1.0,
+            saturation=uniform(SATURATION) if apply[2] else 1.0,
+            hue=uniform(HUE) if apply[3] else 0.0,
+            channels=torch.randperm(3).tolist() if apply[4] else [0, 1, 2],
         )
 
 

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from lightning_det.data.transforms.common import (
     DetectionTransform,
+    colour_matrix,
     Resized,
     Sample,
     as_boxes,
@@ -22,23 +22,6 @@ from lightning_det.data.transforms.common import (
 )
 
 Layout = tuple[Tensor, Tensor, Tensor]  # canvas image, unclipped boxes, visible region per box
-
-GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # the luma of torchvision's rgb_to_grayscale
-RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
-YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
-
-
-def colour_matrix(brightness: float, saturation: float, hue: float) -> Tensor:
-    """The RGB matrix that scales brightness by ``brightness``, blends each pixel with its grey by
-    ``saturation`` (0: grey, 1: unchanged) and turns the hue by ``hue`` of the colour circle, by rotating the
-    chroma plane (I, Q) of YIQ about the luma axis. All three are linear, so one 3 x 3 product does them at once
-    (HSV's hue shift is not linear; this rotation is its linear counterpart and keeps the luma)."""
-    grey = torch.tensor(GREY_WEIGHTS)
-    saturate = saturation * torch.eye(3) + (1 - saturation) * grey.expand(3, 3)
-    cos, sin = math.cos(2 * math.pi * hue), math.sin(2 * math.pi * hue)
-    rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, sin], [0.0, -sin, cos]])  # HSV's direction: red -> green
-    return brightness * (YIQ_TO_RGB @ rotate @ RGB_TO_YIQ) @ saturate
-
 
 class YoloTrainTransform(DetectionTransform):
     """Augment one image, or four into a mosaic, into an ``img_size`` square.
