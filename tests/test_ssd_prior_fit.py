@@ -32,7 +32,7 @@ def test_small_objects_get_smaller_default_boxes():
     fitted = SSD.fit_to_data(dict(ARGUMENTS), records, 320)
     assert fitted["s_min"] < 0.2
     feature_sizes = [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]  # ssdlite at 320 px
-    boxes = square_resized_boxes(records, 320)
+    boxes, _ = square_resized_boxes(records, 320)
 
     def recall(s_min, s_max):
         return recall_by_torchvision(boxes, layout_priors(feature_sizes, (320, 320), ARGUMENTS["aspect_ratios"],
@@ -58,3 +58,24 @@ def test_match_recall_agrees_with_torchvision():
     priors = layout_priors([(20, 20), (10, 10)], (320, 320), [[2], [2]], 0.1, 0.3)
     for threshold in (0.3, 0.5):
         assert match_recall(boxes, priors, threshold) == recall_by_torchvision(boxes, priors, threshold)
+
+
+def test_a_small_class_among_many_large_boxes_gets_default_boxes_of_its_own():
+    """BCCD's case: the share over all boxes passes (64 large of 70) while the small class matches nothing; the
+    check goes by class, so the scales are refitted until the small class matches too."""
+    large = grid_records(100.0)[0]
+    small = np.array([[20.0 + 45 * i, 290, 32.0 + 45 * i, 302] for i in range(6)], dtype=np.float32)
+    boxes = np.concatenate((large.boxes, small))
+    labels = np.array([0] * len(large.boxes) + [1] * len(small))
+    records = [AnnotationRecord("x.jpg", 0, 320, 320, boxes, labels, np.zeros(len(boxes), dtype=bool))]
+    feature_sizes = [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
+
+    def recall(s_min, s_max, which):
+        priors = layout_priors(feature_sizes, (320, 320), ARGUMENTS["aspect_ratios"], s_min, s_max)
+        return recall_by_torchvision(torch.as_tensor(boxes[labels == which]), priors)
+
+    assert (64 * recall(0.2, 0.95, 0) + 6 * recall(0.2, 0.95, 1)) / 70 >= 0.9  # the overall share passes ...
+    assert recall(0.2, 0.95, 1) == 0.0  # ... with no small box matched
+    fitted = SSD.fit_to_data(dict(ARGUMENTS), records, 320)
+    assert recall(fitted["s_min"], fitted["s_max"], 1) > 0.0
+    assert recall(fitted["s_min"], fitted["s_max"], 0) > 0.5  # the large boxes still match

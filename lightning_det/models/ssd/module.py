@@ -120,7 +120,7 @@ class SSD(Detector):
             return layout_priors(feature_sizes, size, aspect_ratios, s_min, s_max, steps=arguments.get("steps"),
                                  clip=arguments.get("clip", False))
 
-        s_min, s_max = fit_scales(square_resized_boxes(records, img_size, seed), priors_for,
+        s_min, s_max = fit_scales(*square_resized_boxes(records, img_size, seed), priors_for,
                                   arguments.get("s_min", 0.2), arguments.get("s_max", 0.9),
                                   arguments.get("overlap_threshold", 0.5))
         return {**arguments, "s_min": s_min, "s_max": s_max}
