@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, SequentialSampler
@@ -24,10 +25,12 @@ from lightning_det.data.dataset import (
     SortedAspectRatioBatchSampler,
 )
 from lightning_det.data.records import AnnotationRecord, AnnotationSource, read_annotations
+from lightning_det.data.repeat_factor import class_image_shares, image_repeat_factors, pass_length
 from lightning_det.data.transforms import DetectionTransform, LetterboxTransform, YoloTrainTransform
 
 log = logging.getLogger(__name__)
 
+SAMPLERS = (None, "repeat_factor")  # how training images are drawn: each once a pass, or by repeat factor
 ROLES_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
@@ -62,6 +65,10 @@ class DetectionDataModule(L.LightningDataModule):
         group_aspect_ratio: training batches hold only landscape or only portrait images (less padding).
         rect_eval: evaluation batches hold images of similar aspect ratio, taken in order of height / width, for
             transforms that keep the aspect ratio (``LetterboxTransform(rect=True)``, ``RCNNTransform``).
+        sampler: ``None`` shows every training image once a pass; ``"repeat_factor"`` shows images of rare classes
+            more often (:mod:`~lightning_det.data.repeat_factor`, the LVIS rule).
+        repeat_threshold: with ``"repeat_factor"``, a class found in a smaller share of the training images than
+            this has its images repeated ``sqrt(repeat_threshold / share)`` times.
     """
 
     def __init__(
@@ -91,8 +98,14 @@ class DetectionDataModule(L.LightningDataModule):
         size_divisor: int = 1,
         group_aspect_ratio: bool = False,
         rect_eval: bool = False,
+        sampler: str | None = None,
+        repeat_threshold: float = 0.001,
     ) -> None:
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"data.sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+        if not 0 < repeat_threshold <= 1:
+            raise ValueError(f"data.repeat_threshold must be a share of images in (0, 1], got {repeat_threshold}")
         if val is None and val_split is None:
             raise ValueError("no validation data: set data.val to an annotation source, or data.val_split=0.1")
         if val_split is not None and not 0 < val_split < 1:
@@ -123,6 +136,8 @@ class DetectionDataModule(L.LightningDataModule):
         self.seed = seed
         self.group_aspect_ratio = group_aspect_ratio
         self.rect_eval = rect_eval
+        self.sampler = sampler
+        self.repeat_threshold = repeat_threshold
         self.records: dict[str, list[AnnotationRecord]] = {}  # per role: train, val, test
         self._source_records: dict[str, list[AnnotationRecord]] = {}  # per configured source
         self._mosaic_override: bool | None = None
@@ -245,13 +260,26 @@ class DetectionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
+        factors = self.repeat_factors(dataset.records) if self.sampler == "repeat_factor" else None
+        per_pass = len(dataset) if factors is None else pass_length(torch.from_numpy(factors))
         sampler = MosaicSampler(len(dataset), self.mosaic_enabled, shuffle=True, seed=self.seed,
-                                repeats=self.epoch_repeats(len(dataset)))
+                                repeats=self.epoch_repeats(per_pass), repeat_factors=factors)
         if self.group_aspect_ratio:
             landscape = [record.width >= record.height for record in dataset.records]
             batches = AspectRatioBatchSampler(sampler, self.batch_size, landscape=landscape)
             return self._loader(dataset, batch_sampler=batches, batch_size=1)
         return self._loader(dataset, sampler=sampler)
+
+    def repeat_factors(self, records: list[AnnotationRecord]) -> np.ndarray:
+        """The training images' repeat factors (``sampler: repeat_factor``), with the class shares they come from."""
+        factors = image_repeat_factors(records, self.num_classes, self.repeat_threshold)
+        _, share = class_image_shares(records, self.num_classes)
+        shares = ", ".join(f"{name} {value:.3f}" for name, value in zip(self.classes, share))
+        rank_zero_info(f"repeat-factor sampling (data.repeat_threshold={self.repeat_threshold:g}): share of training "
+                       f"images per class: {shares}; {int((factors > 1).sum())} of {len(records)} images repeated "
+                       f"(up to {factors.max(initial=1.0):.2f} times), {pass_length(torch.from_numpy(factors))} "
+                       "images a pass")
+        return factors
 
     def epoch_repeats(self, num_images: int) -> int:
         """Passes over the training set per epoch, for ``min_steps_per_epoch`` steps on every device."""

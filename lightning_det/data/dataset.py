@@ -11,6 +11,7 @@ from torch.utils.data import BatchSampler, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from lightning_det.data.records import AnnotationRecord, load_image
+from lightning_det.data.repeat_factor import pass_length, repeated_indices
 from lightning_det.data.transforms import DetectionTransform, Sample
 
 # Decoded images a dataset keeps in memory (per loader worker, each holding its own copy), when all of them fit:
@@ -94,29 +95,37 @@ class MosaicSampler(Sampler[tuple[int, bool]]):
 
     Because the decision travels with the indices, switching mosaic off (``close_mosaic``) reaches the workers
     even when they are persistent and hold their own copy of the dataset. The order is a permutation seeded by
-    ``seed + epoch`` (Lightning calls :meth:`set_epoch`), so it is the same on every DDP rank.
+    ``seed + epoch`` (Lightning calls :meth:`set_epoch`), so it is the same on every DDP rank. With
+    ``repeat_factors`` (:mod:`~lightning_det.data.repeat_factor`) a pass shows image ``i`` about ``factors[i]``
+    times, drawn anew each epoch, in a pass of fixed length.
     """
 
     def __init__(self, size: int, mosaic_enabled: Callable[[], bool], shuffle: bool = True, seed: int = 0,
-                 repeats: int = 1) -> None:
+                 repeats: int = 1, repeat_factors: Sequence[float] | None = None) -> None:
         self.size = size
         self.mosaic_enabled = mosaic_enabled
         self.shuffle = shuffle
         self.seed = seed
         self.repeats = repeats  # passes over the dataset per epoch, each in its own order (small sets)
+        self.repeat_factors = None if repeat_factors is None else torch.as_tensor(repeat_factors, dtype=torch.float64)
+        self.pass_length = size if self.repeat_factors is None else pass_length(self.repeat_factors)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size * self.repeats
+        return self.pass_length * self.repeats
+
+    def _one_pass(self, generator: torch.Generator) -> Tensor:
+        if self.repeat_factors is None:
+            return torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        indices = repeated_indices(self.repeat_factors, generator)
+        return indices[torch.randperm(len(indices), generator=generator)] if self.shuffle else indices
 
     def __iter__(self) -> Iterator[tuple[int, bool]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        passes = [torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
-                  for _ in range(self.repeats)]
-        order = torch.cat(passes)
+        order = torch.cat([self._one_pass(generator) for _ in range(self.repeats)])
         mosaic = bool(self.mosaic_enabled())
         return iter([(index, mosaic) for index in order.tolist()])
 
