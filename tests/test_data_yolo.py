@@ -178,3 +178,13 @@ def test_data_config_serves_contract_batches_from_the_yaml(tmp_path):
     # 128x64 letterboxed into 64x64: scale 0.5, 16 px of padding above; the box 16..48 x 16..48 becomes 8..24 x 24..40
     np.testing.assert_allclose(batch["labels"][0, 0].tolist(), [0, 8, 24, 24, 40, 0], atol=1e-4)
     assert len(datamodule.records["train"]) == 2
+
+
+def test_config_checks_reach_the_forwarded_settings(tmp_path):
+    from lightning_det.config_checks import ConfigValueError, check_config
+
+    data = OmegaConf.merge(OmegaConf.load(CONF / "data/yolo.yaml"), {"yaml": str(tmp_path / "data.yaml")})
+    check_config(OmegaConf.create({"data": data}))
+    data.skip_invalid = "flase"  # a typo Hydra passes through as a (truthy) string
+    with pytest.raises(ConfigValueError, match="data.skip_invalid='flase' must be true/false"):
+        check_config(OmegaConf.create({"data": data}))

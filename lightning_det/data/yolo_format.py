@@ -14,9 +14,11 @@ are clipped; beyond that the object is invalid. Object ids in messages are line 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,6 +261,25 @@ def report_orphan_labels(image_paths: list[str], invalid: InvalidInputLog) -> No
                                "add the image, or delete the label file")
 
 
+def forwarding_parameters(set_here: tuple[str, ...]) -> Callable[[type], type]:
+    """Give a subclass whose ``__init__`` forwards ``**kwargs`` to its parent the signature and type hints of the
+    parameters it forwards (all the parent's but ``set_here``), so the config checks
+    (:mod:`lightning_det.config_checks`) check ``data.skip_invalid=flase`` as they do for the parent."""
+
+    def decorate(cls: type) -> type:
+        parent_init = cls.__mro__[1].__init__
+        own = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        taken = {p.name for p in own} | set(set_here)
+        forwarded = [p.replace(kind=p.KEYWORD_ONLY) for name, p in inspect.signature(parent_init).parameters.items()
+                     if name not in taken]
+        cls.__signature__ = inspect.Signature(own[1:] + forwarded)  # without self
+        cls.__init__.__annotations__ = {**typing.get_type_hints(parent_init), **typing.get_type_hints(cls.__init__)}
+        return cls
+
+    return decorate
+
+
+@forwarding_parameters(set_here=("root", "train", "val"))
 class YOLODataModule(DetectionDataModule):
     """The data module of a ``data.yaml``: its ``train`` and ``val`` entries become the sources, so
     ``data=yolo data.yaml=<file>`` is the whole configuration. ``test`` names the key whose images ``evaluate`` and
