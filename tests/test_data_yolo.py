@@ -188,3 +188,14 @@ def test_config_checks_reach_the_forwarded_settings(tmp_path):
     data.skip_invalid = "flase"  # a typo Hydra passes through as a (truthy) string
     with pytest.raises(ConfigValueError, match="data.skip_invalid='flase' must be true/false"):
         check_config(OmegaConf.create({"data": data}))
+
+
+def test_test_key_is_what_evaluate_scores_when_asked(tmp_path):
+    from lightning_det.data import YOLODataModule
+
+    data_yaml = make_yolo(tmp_path, {"train": {"a.jpg": (32, 32, ["0 0.5 0.5 0.5 0.5"])},
+                                     "val": {"b.jpg": (32, 32, [])}, "test": {"c.jpg": (32, 32, [])}}, NAMES)
+    for test, expected in ((None, "b.jpg"), ("test", "c.jpg")):
+        datamodule = YOLODataModule(str(data_yaml), test=test, num_workers=0, img_size=32)
+        datamodule.setup("test")
+        assert [Path(r.path).name for r in datamodule.records["test"]] == [expected]
