@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.models import mobilenet_v3_large
 from torchvision.ops import box_iou
 
 from lightning_det.data import DetectionDataModule, VOCSource
@@ -149,3 +150,16 @@ def test_confusion_image_is_row_normalised():
 def test_roi_pool_needs_a_single_level_backbone():
     with pytest.raises(ValueError, match="single-level"):
         FasterRCNN(num_classes=2, roi_pooling="pool", **SMALL)
+
+
+def test_width_narrows_the_mobilenet_as_torchvision_does():
+    """``width`` is torchvision's ``width_mult``: the backbone body has exactly the parameters of torchvision's
+    ``mobilenet_v3_large(width_mult=...)`` features, and ImageNet weights are refused for a narrowed one."""
+    for width in (1.0, 0.5):
+        body = FasterRCNN(num_classes=2, width=width, **SMALL).backbone.body
+        reference = mobilenet_v3_large(weights=None, width_mult=width).features
+        assert sum(p.numel() for p in body.parameters()) == sum(p.numel() for p in reference.parameters())
+    with pytest.raises(ValueError, match="width=0.5"):
+        FasterRCNN(num_classes=2, width=0.5, backbone_weights="DEFAULT", **SMALL)
+    with pytest.raises(ValueError, match="only the mobilenet_v3_fpn"):
+        FasterRCNN(num_classes=2, **{**SMALL, "backbone": "vgg16", "anchor_sizes": None}, width=0.5)

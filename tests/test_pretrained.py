@@ -255,7 +255,7 @@ def test_a_width_multiplier_cannot_take_imagenet_weights(files, variant):
 def test_model_config_with_backbone_weights_composes_and_builds(files, states, tmp_path):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True, overrides=[
-            "model=faster_rcnn_mobilenet", f"model.backbone_weights={files['mobilenet_v3_large']}",
+            "model=faster_rcnn_mobilenet", "model.width=1.0", f"model.backbone_weights={files['mobilenet_v3_large']}",
             "model.fpn_channels=16", "model.representation=32", f"hydra.run.dir={tmp_path}",
         ])
     HydraConfig.instance().set_config(cfg)

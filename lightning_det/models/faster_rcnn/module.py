@@ -40,6 +40,8 @@ class FasterRCNN(Detector):
         frozen_blocks: VGG16 conv blocks kept frozen (the reference freezes the first two).
         representation: width of the two-layer MLP box head of the FPN backbones (VGG16 uses fc6/fc7, 4096).
         fpn_channels: FPN width of ``mobilenet_v3_fpn`` (torchvision uses 256; narrower is much faster on CPU).
+        width: channel multiplier of the ``mobilenet_v3_fpn`` backbone (torchvision's ``width_mult``); 1.0 is the
+            published network, the only one ``backbone_weights`` fit.
         backbone_weights: ImageNet weights for the backbone (torchvision's vgg16, resnet50 or mobilenet_v3_large):
             a torchvision-format state dict file (e.g. ``resnet50-11ad3fa6.pth``) or a torchvision weights name
             (``IMAGENET1K_V1``, ``DEFAULT``, ``ResNet50_Weights.IMAGENET1K_V2``) read from torch.hub's cache or
@@ -68,6 +70,7 @@ class FasterRCNN(Detector):
         frozen_blocks: int = 2,
         representation: int = 1024,
         fpn_channels: int = 256,
+        width: float = 1.0,
         backbone_weights: str | None = None,
         pretrained_layout: bool | None = None,
         anchor_sizes: Sequence[Sequence[int]] | None = None,
@@ -99,7 +102,7 @@ class FasterRCNN(Detector):
         super().__init__(**kwargs)
         self.pretrained_layout = backbone_weights is not None if pretrained_layout is None else pretrained_layout
         network = build_network(
-            backbone, frozen_blocks, representation, fpn_channels, backbone_weights, self.pretrained_layout
+            backbone, frozen_blocks, representation, fpn_channels, backbone_weights, self.pretrained_layout, width
         )
         self.backbone = network.backbone
         self.rpn = RegionProposalNetwork(

@@ -64,11 +64,12 @@ def vgg16_fc_head(classifier: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(1), classifier[0], nn.ReLU(inplace=True), classifier[3], nn.ReLU(inplace=True))
 
 
-def mobilenet_v3_fpn(fpn_channels: int, pretrained_layout: bool = False) -> BackboneWithFPN:
-    """MobileNetV3-Large with an FPN of ``fpn_channels`` on its last two stages (strides 16 and 32) plus a max-pooled
-    level (stride 64): torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` layout with a choosable FPN width."""
+def mobilenet_v3_fpn(fpn_channels: int, pretrained_layout: bool = False, width: float = 1.0) -> BackboneWithFPN:
+    """MobileNetV3-Large (channels times ``width``) with an FPN of ``fpn_channels`` on its last two stages (strides
+    16 and 32) plus a max-pooled level (stride 64): torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` layout with
+    a choosable backbone and FPN width."""
     norm = FrozenBatchNorm2d if pretrained_layout else nn.BatchNorm2d
-    body = mobilenet_v3_large(weights=None, norm_layer=norm).features
+    body = mobilenet_v3_large(weights=None, norm_layer=norm, width_mult=width).features
     stage_ends = [0] + [i for i, block in enumerate(body) if getattr(block, "_is_cn", False)] + [len(body) - 1]
     if pretrained_layout:
         body[: stage_ends[-TRAINABLE_STAGES]].requires_grad_(False)
@@ -84,14 +85,20 @@ def build_network(
     fpn_channels: int = 256,
     backbone_weights: str | None = None,
     pretrained_layout: bool = False,
+    width: float = 1.0,
 ) -> Network:
     """``vgg16`` (conv5_3 + fc6/fc7, ``frozen_blocks`` first conv blocks frozen), ``resnet50_fpn`` (256-channel
-    FPN) or ``mobilenet_v3_fpn`` (an FPN of ``fpn_channels``); the FPN ones get a two-layer MLP RoI head of
-    width ``representation``. ``backbone_weights``: ImageNet weights; ``pretrained_layout``: the layout that
-    goes with them (see the module docstring)."""
+    FPN) or ``mobilenet_v3_fpn`` (an FPN of ``fpn_channels``, the MobileNet's channels times ``width``); the FPN
+    ones get a two-layer MLP RoI head of width ``representation``. ``backbone_weights``: ImageNet weights;
+    ``pretrained_layout``: the layout that goes with them (see the module docstring)."""
     if name not in TORCHVISION_SOURCES:
         raise ValueError(f"unknown Faster R-CNN backbone {name!r}: use vgg16, resnet50_fpn or mobilenet_v3_fpn")
-    network = network_of(name, frozen_blocks, representation, fpn_channels, pretrained_layout)
+    if width != 1.0 and name != "mobilenet_v3_fpn":
+        raise ValueError(f"width={width}: only the mobilenet_v3_fpn backbone has a channel multiplier; set width=1.0")
+    if width != 1.0 and backbone_weights is not None:
+        raise ValueError(f"backbone_weights: ImageNet weights fit the published network only, but width={width}; "
+                         "set model.width=1.0 or drop backbone_weights")
+    network = network_of(name, frozen_blocks, representation, fpn_channels, pretrained_layout, width)
     if backbone_weights is not None:
         architecture, prefixes = TORCHVISION_SOURCES[name]
         parts = nn.ModuleDict({"backbone": network.backbone, "box_head": network.box_head})
@@ -100,7 +107,7 @@ def build_network(
 
 
 def network_of(
-    name: str, frozen_blocks: int, representation: int, fpn_channels: int, pretrained_layout: bool
+    name: str, frozen_blocks: int, representation: int, fpn_channels: int, pretrained_layout: bool, width: float
 ) -> Network:
     if name == "vgg16":
         vgg = vgg16(weights=None)
@@ -117,5 +124,5 @@ def network_of(
         return Network(backbone, 256, ["0", "1", "2", "3"], TwoMLPHead(256 * 49, representation), representation, sizes)
     sizes = ((32, 64, 128, 256, 512),) * 3
     head = TwoMLPHead(fpn_channels * 49, representation)
-    backbone = mobilenet_v3_fpn(fpn_channels, pretrained_layout)
+    backbone = mobilenet_v3_fpn(fpn_channels, pretrained_layout, width)
     return Network(backbone, fpn_channels, ["0", "1"], head, representation, sizes)
