@@ -2,11 +2,11 @@
 same loop on batches loaded beforehand, alternated in one run.
 
     python bench/loop.py                              # BCCD (640 x 480 JPEGs), yolov3_tiny w0.5, 256 px, batch 8
-    python bench/loop.py --workers 0 2 --rounds 3 --root /tmp/bccd_root --split bccd/train
+    python bench/loop.py --workers 0 2 --rounds 3 --root /data/VOCdevkit --split 2007/trainval
 
-``--root`` is a VOC devkit root holding the split (``bccd/train`` is ``<root>/VOCbccd/ImageSets/Main/train.txt``;
-for BCCD, a folder with a ``VOCbccd`` symlink to ``../shared/datasets/bccd/BCCD``). The first epoch of each loop is
-untimed: it starts the workers and decodes the images a small set then keeps; the rate is that of the epochs after.
+``--root`` and ``--split`` are those of ``VOCSource`` (default: BCCD's yearless folder and its ``train`` split). The
+first epoch of each loop is untimed: it starts the workers and decodes the images a small set then keeps; the rate
+is that of the epochs after.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
 from lightning_det.models.yolov3 import YOLOv3
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+BCCD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bccd" / "BCCD"
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,8 @@ def images_per_second(args: argparse.Namespace, num_classes: int, loader: DataLo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=Path("/tmp/bccd_root"), help="VOC devkit root")
-    parser.add_argument("--split", default="bccd/train", help="training split, <year>/<name>")
+    parser.add_argument("--root", type=Path, default=BCCD, help="VOC root (a devkit, or one yearless VOC folder)")
+    parser.add_argument("--split", default="train", help="training split: <year>/<name>, or <name> in a yearless folder")
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--width", type=float, default=0.5, help="yolov3_tiny channel multiplier")
     parser.add_argument("--batch-size", type=int, default=8)
