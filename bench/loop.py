@@ -3,6 +3,7 @@ same loop on batches loaded beforehand, alternated in one run.
 
     python bench/loop.py                              # BCCD (640 x 480 JPEGs), yolov3_tiny w0.5, 256 px, batch 8
     python bench/loop.py --workers 0 2 --rounds 3 --root /data/VOCdevkit --split 2007/trainval
+    python bench/loop.py --mosaic 0 --workers 0 1 2   # the shipped pipeline (mosaic off)
 
 ``--root`` and ``--split`` are those of ``VOCSource`` (default: BCCD's yearless folder and its ``train`` split). The
 first epoch of each loop is untimed: it starts the workers and decodes the images a small set then keeps; the rate
@@ -57,7 +58,8 @@ class StepTimer(L.Callback):
 def datamodule(args: argparse.Namespace, workers: int) -> DetectionDataModule:
     data = DetectionDataModule(
         args.root, VOCSource([args.split]), VOCSource([args.split]), batch_size=args.batch_size, num_workers=workers,
-        persistent_workers=workers > 0, img_size=args.img_size, train_transform=YoloTrainTransform(args.img_size),
+        persistent_workers=workers > 0, img_size=args.img_size,
+        train_transform=YoloTrainTransform(args.img_size, mosaic=args.mosaic),
         val_transform=LetterboxTransform(args.img_size),
     )
     data.setup("fit")
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--width", type=float, default=0.5, help="yolov3_tiny channel multiplier")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--mosaic", type=float, default=1.0, help="mosaic probability (the shipped default is 0.0)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per loop")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader workers of the real loops")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of all loops")
@@ -105,7 +108,8 @@ def main() -> None:
     loops |= {f"DataModule, {w} workers": (lambda w=w: datamodule(args, w).train_dataloader()) for w in args.workers}
 
     title = (f"Lightning training loop, {args.split} ({len(data.records['train'])} images), yolov3_tiny w{args.width}, "
-             f"{args.img_size} px, batch {args.batch_size}, {args.threads} torch threads, {args.steps} steps after "
+             f"{args.img_size} px, batch {args.batch_size}, mosaic {args.mosaic}, {args.threads} torch threads, "
+             f"{args.steps} steps after "
              f"one epoch, median over alternated rounds")
     rates: dict[str, list[float]] = {name: [] for name in loops}
     for done in range(1, args.rounds + 1):
