@@ -1,12 +1,17 @@
-"""The rules that fit the input size and the epoch length to the training data, on hand-worked cases."""
+"""The rules that fit the input size, the epoch length and the loader workers to the data and the machine, on
+hand-worked cases."""
 
 from __future__ import annotations
 
+import os
+
+import lightning as L
 import numpy as np
 import pytest
+import torch
 
 from lightning_det.data import DetectionDataModule, VOCSource
-from lightning_det.data.adapt import choose_img_size, epoch_repeats
+from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers
 from lightning_det.data.records import AnnotationRecord
 from helpers import make_voc
 
@@ -69,3 +74,34 @@ def test_datamodule_repeats_the_set_and_resolves_auto_size(tmp_path):
 def test_img_size_must_be_a_number_or_auto(tmp_path):
     with pytest.raises(ValueError, match="data.img_size.*auto"):
         DetectionDataModule(tmp_path, VOCSource(["train"]), VOCSource(["train"]), img_size="big")
+
+
+@pytest.mark.parametrize(("on_cpu", "cores", "threads", "processes", "workers"), [
+    (True, 2, 2, 1, 0),  # this machine: the step takes both cores
+    (True, 8, 4, 1, 4),  # OMP_NUM_THREADS=4 on 8 cores: the other 4 feed it
+    (True, 8, 2, 2, 2),  # two CPU processes of 2 threads: (8 - 4) / 2 each
+    (False, 16, 16, 1, 8),  # one GPU: every core but the main process's, capped
+    (False, 16, 16, 4, 3),  # four GPUs: 4 cores each, one for the process
+    (False, 1, 1, 1, 0),
+])
+def test_loader_workers_by_hand(on_cpu, cores, threads, processes, workers):
+    assert loader_workers(on_cpu, cores, threads, processes) == workers
+
+
+def test_auto_workers_follow_the_trainer(tmp_path):
+    """A CPU trainer whose step uses every core gets no workers (and so no persistent workers)."""
+    images = {f"{k:02d}": (48, 64, [("cell", (1, 1, 40, 30), False)]) for k in range(4)}
+    root = make_voc(tmp_path, {"train": images})
+    datamodule = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), classes=None, batch_size=2,
+                                     img_size=64, persistent_workers=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    datamodule.trainer = trainer
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        loader = datamodule.val_dataloader()
+    finally:
+        torch.set_num_threads(threads)
+    assert loader.num_workers == 0 and not loader.persistent_workers
+    with pytest.raises(ValueError, match="data.num_workers.*auto"):
+        DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), num_workers="many")

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.accelerators import CPUAccelerator
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, SequentialSampler
 
-from lightning_det.data.adapt import choose_img_size, epoch_repeats
+from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers
 from lightning_det.data.collate import collate_detection
 from lightning_det.data.dataset import (
     AspectRatioBatchSampler,
@@ -45,6 +47,8 @@ class DetectionDataModule(L.LightningDataModule):
             found in all sources (VOC).
         val_split: ``None`` uses ``val``; a fraction holds out that share of the training images (seeded).
         prepare: called with ``root`` by ``prepare_data`` (once per node), e.g. to generate the sample data.
+        num_workers: loader worker processes; ``"auto"``: :func:`~lightning_det.data.adapt.loader_workers` (none on
+            a CPU run, whose step already uses every core; up to 8 per process on an accelerator).
         label_pad_width: fixed label rows per image; ``None`` pads to each batch's maximum.
         img_size: network input size; the default transforms use it, given ones must agree with it. ``"auto"``:
             chosen from the training boxes by :func:`~lightning_det.data.adapt.choose_img_size` when they are read.
@@ -81,7 +85,7 @@ class DetectionDataModule(L.LightningDataModule):
         val_split: float | None = None,
         prepare: Callable[[Path], Any] | None = None,
         batch_size: int = 16,
-        num_workers: int = 2,
+        num_workers: int | str = "auto",
         pin_memory: bool = False,
         persistent_workers: bool = False,
         label_pad_width: int | None = None,
@@ -117,9 +121,13 @@ class DetectionDataModule(L.LightningDataModule):
         self.val_split = val_split
         self.prepare = prepare
         self.batch_size = batch_size
+        if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                      or num_workers < 0):
+            raise ValueError(f"data.num_workers must be a whole number >= 0 or auto, got {num_workers!r}")
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        self.persistent_workers = persistent_workers
+        self._workers: int | None = None
         if img_size != "auto" and (isinstance(img_size, bool) or not isinstance(img_size, int)):
             raise ValueError(f"data.img_size must be a whole number of pixels or auto, got {img_size!r}")
         self.img_size = img_size
@@ -249,14 +257,32 @@ class DetectionDataModule(L.LightningDataModule):
         return DetectionDataset(records, self.val_transform)
 
     def _loader(self, dataset: DetectionDataset, **kwargs: Any) -> DataLoader:
+        workers = self.workers()
         return DataLoader(
             dataset,
             **{"batch_size": self.batch_size, **kwargs},
             collate_fn=self.collate,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
+            persistent_workers=self.persistent_workers and workers > 0,
         )
+
+    def workers(self) -> int:
+        """``num_workers``, or for ``auto`` :func:`~lightning_det.data.adapt.loader_workers` for this trainer's
+        accelerator and this machine (printed once)."""
+        if self.num_workers != "auto":
+            return self.num_workers
+        if self._workers is None:
+            trainer = self.trainer
+            on_cpu = trainer is None or isinstance(trainer.accelerator, CPUAccelerator)
+            processes = trainer.num_devices if trainer is not None else 1
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = torch.get_num_threads()
+            self._workers = loader_workers(on_cpu, cores, threads, processes)
+            run = f"a CPU run whose step uses {threads} threads" if on_cpu else "an accelerator run"
+            rank_zero_info(f"data.num_workers auto: {self._workers} loader workers per process ({cores} cores, {run}; "
+                           "data.num_workers=<n> to set it)")
+        return self._workers
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
