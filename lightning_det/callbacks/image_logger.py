@@ -43,14 +43,16 @@ class ValidationImageLogger(L.Callback):
         logger = tensorboard(trainer)
         if batch_idx != 0 or trainer.sanity_checking or logger is None:
             return
+        logger.experiment.add_image("val/images", self.predictions(trainer, pl_module, batch),
+                                    global_step=trainer.global_step)
+
+    def predictions(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> torch.Tensor:
+        """The grid of the batch's first ``max_images`` images with their labels and the model's detections."""
         n = min(self.max_images, batch["images"].shape[0])
         images = batch["images"][:n]
         with torch.no_grad():
             detections = pl_module.decode(pl_module(images), {**batch, "images": images})
-        logger.experiment.add_image(
-            "val/images", self.render(trainer.datamodule.denormalize(images), batch["labels"][:n], detections, pl_module),
-            global_step=trainer.global_step,
-        )
+        return self.render(trainer.datamodule.denormalize(images), batch["labels"][:n], detections, pl_module)
 
     def render(self, images: torch.Tensor, labels: torch.Tensor, detections: list[dict], pl_module: Any) -> torch.Tensor:
         names = pl_module.class_names

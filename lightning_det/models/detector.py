@@ -129,12 +129,16 @@ class Detector(L.LightningModule):
         self._log_losses("train", losses, batch_size=batch["images"].shape[0])
         return losses["loss"]
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Detections] | None:
+        """Returns the batch's detections and targets (original pixels) for callbacks such as the results report."""
         outputs = self(batch["images"])
         self._log_losses("val", self.loss(outputs, batch), batch_size=batch["images"].shape[0])
-        if self.val_metric is not None:
-            detections = self.detections_in_original_pixels(outputs, batch)
-            self.val_metric.update(detections, labels_to_targets(batch["labels"], batch["meta"]))
+        if self.val_metric is None:
+            return None
+        detections = self.detections_in_original_pixels(outputs, batch)
+        targets = labels_to_targets(batch["labels"], batch["meta"])
+        self.val_metric.update(detections, targets)
+        return {"detections": detections, "targets": targets}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Detections:
         return self.detections_in_original_pixels(self(batch["images"]), batch)
