@@ -3,7 +3,8 @@
     python -m lightning_det.evaluate ckpt_path=<checkpoint> data=voc data.root=/data/VOCdevkit
 
 Writes, in the run directory, ``voc/comp4_det_test_<class>.txt`` (the VOC devkit's per-class format: image id,
-score, 1-based box) and ``coco_results.json`` (COCO's results format with the dataset's category ids).
+score, 1-based box), ``coco_results.json`` (COCO's results format with the dataset's category ids) and the results
+report's ``pr_curve.png``, ``f1_curve.png``, ``confusion_matrix.png`` and ``labels.png`` (of the scored images).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from lightning_det.data.records import AnnotationRecord
 from lightning_det.inference import load_detector
 from lightning_det.metrics import COCOMeanAP, VOCMeanAP
 from lightning_det.models.detector import Detections
+from lightning_det.report import confusion_matrix
+from lightning_det.report.writer import write_evaluation_report
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
         "coco": COCOMeanAP(n),
     }
     record_of = {record.image_id: record for record in datamodule.records["test"]}
-    all_detections, image_ids, stems = [], [], []
+    all_detections, all_targets, image_ids, stems = [], [], [], []
     for batch in datamodule.test_dataloader():
         batch = model.transfer_batch_to_device(batch, model.device, 0)
         detections = [{k: v.cpu() for k, v in d.items()} for d in model.predict_step(batch, 0)]
@@ -102,6 +105,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
         for metric in metrics.values():
             metric.update(detections, targets)
         all_detections += detections
+        all_targets += targets
         image_ids += batch["meta"]["image_id"].tolist()
         stems += [Path(p).stem for p in batch["meta"]["path"]]
 
@@ -111,6 +115,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
     (output / "coco_results.json").write_text(json.dumps(coco_results(image_ids, all_detections, category_ids)))
     results = {name: metric.compute() for name, metric in metrics.items()}
     log.info("%d images\n%s", len(image_ids), metric_table(model.class_names, results))
+    confusion = confusion_matrix(all_detections, all_targets, n, conf=0.25, iou_threshold=0.5)
+    write_evaluation_report(output, model.class_names, results["voc"], confusion, datamodule.records["test"],
+                            conf=0.25, iou_threshold=0.5)
     return results
 
 

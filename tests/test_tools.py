@@ -66,6 +66,10 @@ def test_evaluate_prints_every_metric_and_writes_result_files(runs):
     results = json.loads((runs / "evaluate" / "coco_results.json").read_text())
     assert len(results) == sum(len(v) for v in lines.values()) > 0
     assert all(r["bbox"][2] >= 0 and r["bbox"][3] >= 0 and 0 <= r["category_id"] < 6 for r in results)
+    assert "best F1" in text
+    for name in ("pr_curve", "f1_curve", "confusion_matrix", "labels"):  # the results report of the scored images
+        pixels = np.asarray(Image.open(runs / "evaluate" / f"{name}.png").convert("L"), dtype=np.float64)
+        assert min(pixels.shape) >= 200 and pixels.std() > 5, name
 
 
 def test_predict_matches_evaluate_and_stays_in_original_pixels(runs):
