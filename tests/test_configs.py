@@ -77,9 +77,9 @@ def test_trainers_callbacks_and_loggers_build(tmp_path, trainer):
 
 def test_sample_tuning_applies_only_to_the_sample_pair(tmp_path):
     tuned = composed(tmp_path)
-    assert tuned.trainer.max_epochs == 25
+    assert tuned.trainer.max_time == "00:00:09:00"
     plain = composed(tmp_path, "data=voc")
-    assert plain.trainer.max_epochs == 100
+    assert plain.trainer.max_epochs == 100 and "max_time" not in plain.trainer
     assert plain.data.img_size == "auto" and plain.model.width == 0.5  # the general rules, as on the sample
     darknet = composed(tmp_path, "data=voc", "model=yolov3_tiny")
     assert darknet.model.width == 1.0 and darknet.data.img_size == "auto"

@@ -93,7 +93,7 @@ def test_auto_workers_follow_the_trainer(tmp_path):
     images = {f"{k:02d}": (48, 64, [("cell", (1, 1, 40, 30), False)]) for k in range(4)}
     root = make_voc(tmp_path, {"train": images})
     datamodule = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), classes=None, batch_size=2,
-                                     img_size=64, persistent_workers=True)
+                                     img_size=64, num_workers="auto", persistent_workers=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     datamodule.trainer = trainer
     threads = torch.get_num_threads()

@@ -47,8 +47,8 @@ class DetectionDataModule(L.LightningDataModule):
             found in all sources (VOC).
         val_split: ``None`` uses ``val``; a fraction holds out that share of the training images (seeded).
         prepare: called with ``root`` by ``prepare_data`` (once per node), e.g. to generate the sample data.
-        num_workers: loader worker processes; ``"auto"``: :func:`~lightning_det.data.adapt.loader_workers` (none on
-            a CPU run, whose step already uses every core; up to 8 per process on an accelerator).
+        num_workers: loader worker processes; ``"auto"``: :func:`~lightning_det.data.adapt.loader_workers` (the
+            cores a CPU run's step leaves free, none by default; up to 8 per process on an accelerator).
         label_pad_width: fixed label rows per image; ``None`` pads to each batch's maximum.
         img_size: network input size; the default transforms use it, given ones must agree with it. ``"auto"``:
             chosen from the training boxes by :func:`~lightning_det.data.adapt.choose_img_size` when they are read.
@@ -85,7 +85,7 @@ class DetectionDataModule(L.LightningDataModule):
         val_split: float | None = None,
         prepare: Callable[[Path], Any] | None = None,
         batch_size: int = 16,
-        num_workers: int | str = "auto",
+        num_workers: int | str = 2,
         pin_memory: bool = False,
         persistent_workers: bool = False,
         label_pad_width: int | None = None,
