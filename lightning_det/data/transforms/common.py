@@ -93,6 +93,15 @@ def letterbox(image: Tensor, boxes: Tensor, size: int, fill: int = 114, stride: 
     )
 
 
+def map_resized(boxes: Tensor, source: tuple[int, int, int, int], target: tuple[int, int, int, int]) -> Tensor:
+    """xyxy ``boxes`` (``[N, 4]``) moved as the pixels of ``source`` (x0, y0, x1, y1) move when they are resized
+    onto ``target``: the exact per-axis scale and offset of that resize (an empty source keeps the scale finite)."""
+    (x0, y0, x1, y1), (u0, v0, u1, v1) = source, target
+    scale = torch.tensor([(u1 - u0) / max(x1 - x0, 1), (v1 - v0) / max(y1 - y0, 1)] * 2)
+    origin = torch.tensor([x0, y0] * 2, dtype=torch.float32)
+    return (boxes - origin) * scale + torch.tensor([u0, v0] * 2, dtype=torch.float32)
+
+
 def clip_and_filter(
     boxes: Tensor, regions: Tensor, min_size: float = 2.0, min_visible: float = 0.2
 ) -> tuple[Tensor, Tensor]:

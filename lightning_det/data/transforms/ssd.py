@@ -27,6 +27,7 @@ from lightning_det.data.transforms.common import (
     Sample,
     clip_and_filter,
     colour_matrix,
+    map_resized,
 )
 
 # torchvision's RandomPhotometricDistort ranges
@@ -138,7 +139,7 @@ class SSDTrainTransform(DetectionTransform):
         height, width = sample.image.shape[-2:]
         canvas_w, canvas_h, left, top = self.zoom_out_layout(width, height)
         boxes = sample.boxes + torch.tensor([left, top] * 2, dtype=torch.float32)
-        x0, y0, x1, y1, inside = self.crop_on_canvas(boxes, canvas_w, canvas_h)
+        x0, y0, x1, y1, inside = iou_crop(boxes, canvas_w, canvas_h, self.crop_min_iou, self.crop_trials)
         # the image's part of the crop, in image pixels, and the output pixels it is resized onto
         size = self.img_size
         sx, sy = size / (x1 - x0), size / (y1 - y0)
@@ -151,10 +152,8 @@ class SSDTrainTransform(DetectionTransform):
             patch = F.resize(sample.image[:, src_y0:src_y1, src_x0:src_x1], [out_y1 - out_y0, out_x1 - out_x0],
                              antialias=True)
             image[:, out_y0:out_y1, out_x0:out_x1] = self.normalize(self.distort_colour(patch))
-        # boxes with exactly the per-axis scale and offset of that resize
-        scale = torch.tensor([(out_x1 - out_x0) / max(src_x1 - src_x0, 1), (out_y1 - out_y0) / max(src_y1 - src_y0, 1)])
-        boxes = (boxes - torch.tensor([src_x0 + left, src_y0 + top] * 2)) * scale.repeat(2)
-        boxes = boxes + torch.tensor([out_x0, out_y0] * 2, dtype=torch.float32)
+        on_canvas = (src_x0 + left, src_y0 + top, src_x1 + left, src_y1 + top)
+        boxes = map_resized(boxes, on_canvas, (out_x0, out_y0, out_x1, out_y1))
         boxes, keep = clip_and_filter(boxes, torch.tensor([[0.0, 0.0, size, size]]), self.min_size, 0.0)
         keep &= inside
         boxes = boxes[keep]
@@ -179,10 +178,6 @@ class SSDTrainTransform(DetectionTransform):
         canvas_w, canvas_h = int(width * ratio), int(height * ratio)
         shift = torch.rand(2)
         return canvas_w, canvas_h, int((canvas_w - width) * shift[0]), int((canvas_h - height) * shift[1])
-
-    def crop_on_canvas(self, boxes: Tensor, canvas_w: int, canvas_h: int) -> tuple[int, int, int, int, Tensor]:
-        """The random crop ``(x0, y0, x1, y1)`` of the canvas and which boxes it keeps (see :func:`iou_crop`)."""
-        return iou_crop(boxes, canvas_w, canvas_h, self.crop_min_iou, self.crop_trials)
 
     def distort_colour(self, patch: Tensor) -> Tensor:
         """The photometric distortion: brightness, contrast, saturation, hue and a channel shuffle, each with

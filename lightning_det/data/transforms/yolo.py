@@ -18,6 +18,7 @@ from lightning_det.data.transforms.common import (
     as_boxes,
     clip_and_filter,
     letterbox,
+    map_resized,
     resize_to_fit,
 )
 
@@ -138,12 +139,10 @@ class YoloTrainTransform(DetectionTransform):
         if x1 > x0 and y1 > y0 and u1 > u0 and v1 > v0:
             crop = image[:, y0:y1, x0:x1]
             canvas[:, v0:v1, u0:u1] = F.resize(crop, [v1 - v0, u1 - u0], antialias=True)
-        scale = torch.tensor([(u1 - u0) / max(x1 - x0, 1), (v1 - v0) / max(y1 - y0, 1)] * 2)
-        offset = torch.tensor([u0, v0] * 2, dtype=torch.float32)
-        origin = torch.tensor([x0, y0] * 2, dtype=torch.float32)
-        moved_boxes = (boxes - origin) * scale + offset
-        pasted = torch.tensor([u0, v0, u1, v1], dtype=torch.float32)
-        moved_regions = ((regions - origin) * scale + offset).clamp(min=pasted[:2].repeat(2), max=pasted[2:].repeat(2))
+        source, target = (x0, y0, x1, y1), (u0, v0, u1, v1)
+        moved_boxes = map_resized(boxes, source, target)
+        pasted = torch.tensor(target, dtype=torch.float32)
+        moved_regions = map_resized(regions, source, target).clamp(min=pasted[:2].repeat(2), max=pasted[2:].repeat(2))
         return tv_tensors.Image(canvas), moved_boxes, moved_regions
 
     def axis_crop(self, zoom: float, shift: float) -> tuple[int, int, int, int]:
