@@ -39,6 +39,13 @@ class Mapping:
     convert: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict)
 
 
+def check_published_width(width: float, backbone_weights: str | None) -> None:
+    """ImageNet weights fit the published network only: refuse them for a narrowed one, naming the fix."""
+    if backbone_weights is not None and width != 1.0:
+        raise ValueError(f"backbone_weights: ImageNet weights fit the published network only, but width={width}; "
+                         "set model.width=1.0 or drop backbone_weights")
+
+
 def renamed(module: nn.Module, prefixes: dict[str, str]) -> Mapping:
     """Each tensor of ``module`` whose name starts with a key of ``prefixes`` takes the torchvision tensor with
     that prefix replaced by the value (``{"backbone.body.": "features."}``)."""

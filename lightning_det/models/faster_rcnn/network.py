@@ -20,7 +20,7 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from lightning_det.models.backbones.pretrained import load_torchvision_weights, renamed
+from lightning_det.models.backbones.pretrained import check_published_width, load_torchvision_weights, renamed
 
 VGG_BLOCK_ENDS = (5, 10, 17, 24, 31)  # layer count of torchvision's vgg16().features up to each max-pool
 TRAINABLE_STAGES = 3  # torchvision's default for fine-tuning an ImageNet ResNet / MobileNet in a detector
@@ -95,9 +95,7 @@ def build_network(
         raise ValueError(f"unknown Faster R-CNN backbone {name!r}: use vgg16, resnet50_fpn or mobilenet_v3_fpn")
     if width != 1.0 and name != "mobilenet_v3_fpn":
         raise ValueError(f"width={width}: only the mobilenet_v3_fpn backbone has a channel multiplier; set width=1.0")
-    if width != 1.0 and backbone_weights is not None:
-        raise ValueError(f"backbone_weights: ImageNet weights fit the published network only, but width={width}; "
-                         "set model.width=1.0 or drop backbone_weights")
+    check_published_width(width, backbone_weights)
     network = network_of(name, frozen_blocks, representation, fpn_channels, pretrained_layout, width)
     if backbone_weights is not None:
         architecture, prefixes = TORCHVISION_SOURCES[name]

@@ -21,7 +21,7 @@ from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.ops import Conv2dNormActivation
 
 from lightning_det.models.backbones.mobilenet import SSDLITE_NORM, MobileNetV3Features
-from lightning_det.models.backbones.pretrained import load_torchvision_weights
+from lightning_det.models.backbones.pretrained import check_published_width, load_torchvision_weights
 from lightning_det.models.backbones.vgg import ReducedVGG16, scaled
 
 # Extra layers of the VGG variants: (1x1 width, 3x3 width, 3x3 stride, 3x3 padding), then SSD512's 4x4 last layer.
@@ -73,9 +73,7 @@ class SSDNetwork(nn.Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown SSD variant {variant!r}: use one of {', '.join(VARIANTS)}")
-        if backbone_weights is not None and width != 1.0:
-            raise ValueError(f"backbone_weights: ImageNet weights fit the published network only, but width={width}; "
-                             "set model.width=1.0 or drop backbone_weights")
+        check_published_width(width, backbone_weights)
         lite = variant == "ssdlite"
         if lite:
             self.backbone: nn.Module = MobileNetV3Features(width)
