@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_det.callbacks.checkpoint_io import write_atomically
 from lightning_det.callbacks.ranks import end_with_launcher, peer_failure
 from lightning_det.checks import check_run
+from lightning_det.data.adapt import usable_cores
 from lightning_det.models.detector import NonFiniteLossError
 from lightning_det.models.weights import initialise_from
 
@@ -113,7 +114,7 @@ def check_devices(trainer_cfg: DictConfig) -> None:
                              f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); set trainer.devices={visible} or "
                              f"fewer" + (", or trainer.accelerator=cpu" if visible == 0 else ""))
         return
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if wanted > cores:
         raise ValueError(f"{key} asks for {wanted} CPU processes but this machine gives the run {cores} cores; set "
                          f"trainer.devices={cores} or fewer (each process is one DDP rank with a copy of the model)")

@@ -7,6 +7,7 @@ The rules were chosen by measuring real datasets (BENCHMARKS.md, "Real data", "D
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,6 +49,11 @@ def epoch_repeats(num_images: int, images_per_step: int, min_steps: int) -> int:
     if min_steps <= 0 or num_images <= 0:
         return 1
     return max(1, math.ceil(min_steps * images_per_step / num_images))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which a container or ``taskset`` narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def loader_workers(on_cpu: bool, cores: int, step_threads: int, processes: int = 1, cap: int = 8) -> int:

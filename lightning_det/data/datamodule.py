@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.accelerators import CPUAccelerator
 import numpy as np
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, SequentialSampler
 
-from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers
+from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers, usable_cores
 from lightning_det.data.collate import collate_detection
 from lightning_det.data.dataset import (
     AspectRatioBatchSampler,
@@ -276,7 +275,7 @@ class DetectionDataModule(L.LightningDataModule):
             trainer = self.trainer
             on_cpu = trainer is None or isinstance(trainer.accelerator, CPUAccelerator)
             processes = trainer.num_devices if trainer is not None else 1
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores = usable_cores()
             threads = torch.get_num_threads()
             self._workers = loader_workers(on_cpu, cores, threads, processes)
             run = f"a CPU run whose step uses {threads} threads" if on_cpu else "an accelerator run"
