@@ -9,7 +9,7 @@ from torchvision.ops import box_convert, box_iou
 from lightning_det.data.records import AnnotationRecord
 from lightning_det.models.ssd import SSD
 from lightning_det.models.ssd.module import layout_priors
-from lightning_det.models.ssd.prior_fit import match_recall, square_resized_boxes
+from lightning_det.models.ssd.prior_fit import class_recalls, square_resized_boxes
 
 ARGUMENTS = {"variant": "ssdlite", "aspect_ratios": [[2, 3]] * 6, "s_min": 0.2, "s_max": 0.95, "fit_scales": True}
 
@@ -51,13 +51,15 @@ def test_scales_that_fit_are_kept_and_explicit_sizes_never_change():
     assert SSD.fit_to_data({**ARGUMENTS, "fit_scales": False}, grid_records(5.0), 320)["s_min"] == 0.2
 
 
-def test_match_recall_agrees_with_torchvision():
+def test_match_recall_of_one_class_agrees_with_torchvision():
     generator = torch.Generator().manual_seed(0)
     corners = torch.rand(50, 2, generator=generator) * 250
     boxes = torch.cat((corners, corners + 10 + torch.rand(50, 2, generator=generator) * 60), 1)
     priors = layout_priors([(20, 20), (10, 10)], (320, 320), [[2], [2]], 0.1, 0.3)
+    one_class = torch.zeros(len(boxes), dtype=torch.long)
     for threshold in (0.3, 0.5):
-        assert match_recall(boxes, priors, threshold) == recall_by_torchvision(boxes, priors, threshold)
+        recall = class_recalls(boxes, one_class, priors, threshold).item()
+        assert recall == recall_by_torchvision(boxes, priors, threshold)
 
 
 def test_a_small_class_among_many_large_boxes_gets_default_boxes_of_its_own():

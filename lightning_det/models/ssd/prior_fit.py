@@ -44,13 +44,9 @@ def square_resized_boxes(
     return boxes, labels
 
 
-def match_recall(boxes: Tensor, priors: Tensor, threshold: float) -> float:
-    """Share of ``boxes`` (xyxy) whose best default box (``priors``, cx cy w h) overlaps them by ``threshold``."""
-    return float(matched(boxes, priors, threshold).float().mean()) if len(boxes) else 1.0
-
-
 def class_recalls(boxes: Tensor, labels: Tensor, priors: Tensor, threshold: float) -> Tensor:
-    """:func:`match_recall` of each class present in ``labels``, in label order."""
+    """Per class present in ``labels`` (in label order), the share of its ``boxes`` (xyxy) whose best default box
+    (``priors``, cx cy w h) overlaps them by ``threshold``."""
     hits = matched(boxes, priors, threshold).float()
     return torch.stack([hits[labels == c].mean() for c in labels.unique()]) if len(boxes) else torch.ones(1)
 
