@@ -1,10 +1,13 @@
 """Train a detector: ``python train.py model=yolov3 data=voc data.root=/data/VOCdevkit trainer.devices=4``."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from lightning_det.search import search
-from lightning_det.train import run
+from lightning_det.checks.config import refuse_renamed_overrides
+from lightning_det.search.study import search
+from lightning_det.tools.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -17,4 +20,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_renamed_overrides(sys.argv[1:])
     main()

@@ -1,5 +1,5 @@
 """Inference latency of a detector with its decoding and NMS: eager PyTorch against its TorchScript trace and its
-ONNX file in ONNX Runtime (what ``python -m lightning_det.export`` writes), batch 1, on this CPU.
+ONNX file in ONNX Runtime (what ``python -m lightning_det.tools.export`` writes), batch 1, on this CPU.
 
     python bench/export.py
     python bench/export.py --models yolov3_tiny --iterations 50 --threads 1
@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tables import table
 
-from lightning_det.export import ExportableDetector, export_onnx, export_torchscript
+from lightning_det.tools.export import ExportableDetector, export_onnx, export_torchscript
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = ["yolov3_tiny", "yolov3", "ssdlite", "ssd300"]

@@ -21,9 +21,9 @@ import argparse
 import copy
 import logging
 import resource
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +36,8 @@ from omegaconf import OmegaConf
 from tables import table
 
 from lightning_det.models.detector import Detector
-from lightning_det.models.yolov3.anchors import PredictionGrid
 from lightning_det.models.yolov3.decode import decode_boxes
+from lightning_det.models.yolov3.grid import PredictionGrid
 from lightning_det.models.yolov3.loss import YOLOv3Loss
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

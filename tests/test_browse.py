@@ -8,7 +8,7 @@ from helpers import make_voc
 from hydra import compose, initialize_config_dir
 from torchvision.io import read_image
 
-from lightning_det.browse import browse, label_summary
+from lightning_det.tools.browse import browse, label_summary
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 LIME = torch.tensor([0, 255, 0], dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""python -m lightning_det.convert: each format written with its own conventions, read back to the same boxes."""
+"""python -m lightning_det.tools.convert: each format written with its own conventions, read back to the same boxes."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lightning_det.convert import main as convert
 from lightning_det.data import COCOSource, VOCSource, YOLOSource, read_annotations
+from lightning_det.tools.convert import main as convert
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -176,14 +176,14 @@ def test_refusals_are_one_clear_line(voc_root, tmp_path, capsys):
 
 
 def test_help_is_short_and_names_the_formats():
-    done = subprocess.run([sys.executable, "-m", "lightning_det.convert", "--help"], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "lightning_det.tools.convert", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "{voc,coco,yolo}" in done.stdout and len(done.stdout.splitlines()) <= 45
 
 
 # --- BCCD: a real VOC folder, converted to YOLO and COCO, scored from one checkpoint ----------------------------
 def evaluate_with(tmp_path: Path, name: str, checkpoint: Path, data: list[str]) -> dict:
-    from lightning_det.evaluate import evaluate
+    from lightning_det.tools.evaluate import evaluate
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"ckpt_path={checkpoint}", *data, "data.num_workers=0",
@@ -198,7 +198,7 @@ def evaluate_with(tmp_path: Path, name: str, checkpoint: Path, data: list[str]) 
 @pytest.mark.skipif(not BCCD.is_dir(), reason=f"the BCCD dataset is not at {BCCD} (../shared/datasets/bccd)")
 def test_bccd_in_three_formats_gives_the_same_boxes_and_the_same_map(tmp_path):
     for target in ("yolo", "coco"):
-        done = subprocess.run([sys.executable, "-m", "lightning_det.convert", str(BCCD), "--to", target, "--out",
+        done = subprocess.run([sys.executable, "-m", "lightning_det.tools.convert", str(BCCD), "--to", target, "--out",
                                str(tmp_path / target)], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "val: 87 images, 1138 objects" in done.stdout

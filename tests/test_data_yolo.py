@@ -181,7 +181,7 @@ def test_data_config_serves_contract_batches_from_the_yaml(tmp_path):
 
 
 def test_config_checks_reach_the_forwarded_settings(tmp_path):
-    from lightning_det.config_checks import ConfigValueError, check_config
+    from lightning_det.checks.config import ConfigValueError, check_config
 
     data = OmegaConf.merge(OmegaConf.load(CONF / "data/yolo.yaml"), {"yaml": str(tmp_path / "data.yaml")})
     check_config(OmegaConf.create({"data": data}))

@@ -15,17 +15,17 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from helpers import one_torch_thread
 from hydra.utils import instantiate
 from PIL import Image
 from torch import nn
 
-from helpers import one_torch_thread
-from lightning_det.export import ExportableDetector, export, export_pipeline
-from lightning_det.inference import image_batch, load_detector
 from lightning_det.models.faster_rcnn import FasterRCNN
 from lightning_det.models.postprocess import suppress_and_pad, suppress_and_split
 from lightning_det.models.ssd import SSD
 from lightning_det.models.yolov3 import YOLOv3
+from lightning_det.tools.export import ExportableDetector, export, export_pipeline
+from lightning_det.tools.inference import image_batch, load_detector
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96
@@ -212,7 +212,7 @@ def test_padded_layout_holds_the_split_detections_by_hand():
 def test_command_line_writes_next_to_the_checkpoint_and_prints_the_input_contract(cases, tmp_path):
     case = cases["yolov3_tiny"]
     done = subprocess.run(
-        [sys.executable, "-m", "lightning_det.export", f"ckpt_path={case.checkpoint}", "dynamic_batch=true",
+        [sys.executable, "-m", "lightning_det.tools.export", f"ckpt_path={case.checkpoint}", "dynamic_batch=true",
          f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -229,7 +229,7 @@ def test_command_line_writes_next_to_the_checkpoint_and_prints_the_input_contrac
 def test_faster_rcnn_says_why_it_is_not_exported():
     model = FasterRCNN(num_classes=2, backbone="mobilenet_v3_fpn", representation=64)
     with pytest.raises(NotImplementedError, match="FasterRCNN cannot be exported.*YOLOv3 and SSD"):
-        ExportableDetector(model, (SIZE, SIZE))
+        ExportableDetector(model, (SIZE, SIZE)).eval()(torch.zeros(1, 3, SIZE, SIZE))
 
 
 def test_unknown_format_is_refused(cases):

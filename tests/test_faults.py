@@ -34,14 +34,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
-from lightning_det import search
 from lightning_det.callbacks import Freeze, RunCheckpoint, SafeCheckpointIO
 from lightning_det.callbacks.ranks import peer_failure
 from lightning_det.data import COCOSource, DetectionDataModule, read_coco, read_voc
-from lightning_det.evaluate import record_targets, write_voc_results
 from lightning_det.metrics import COCOMeanAP, VOCMeanAP
 from lightning_det.models.detector import Detector, labels_to_targets
-from lightning_det.train import build, check_devices
+from lightning_det.search import study as search
+from lightning_det.tools.evaluate import record_targets, write_voc_results
+from lightning_det.tools.train import build, check_devices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -469,8 +469,8 @@ def compose_train(*overrides: str):
     ("data.check_images=full", "data.check_images='full' is not one of ['header', 'decode']"),
 ])
 def test_a_mistyped_config_value_is_refused_with_its_key_and_choices(override, message):
-    from lightning_det.checks import check_run
-    from lightning_det.config_checks import ConfigValueError
+    from lightning_det.checks.config import ConfigValueError
+    from lightning_det.checks.run import check_run
 
     check_run(compose_train())  # the defaults pass
     with pytest.raises(ConfigValueError) as error:
@@ -505,9 +505,9 @@ def broken_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 @pytest.mark.parametrize("kind", ["empty", "text", "truncated"])
 def test_a_broken_checkpoint_is_refused_by_every_entry_point_naming_the_file(tmp_path, kind):
-    from lightning_det.checks import CheckpointError, check_run
-    from lightning_det.inference import load_detector
-    from lightning_det.train import run
+    from lightning_det.checks.run import CheckpointError, check_run
+    from lightning_det.tools.inference import load_detector
+    from lightning_det.tools.train import run
 
     path, message = broken_files(tmp_path)[kind]
     expected = re.escape(f"ckpt_path={path} {message}")
@@ -525,7 +525,7 @@ def test_a_broken_checkpoint_is_refused_by_every_entry_point_naming_the_file(tmp
 
 
 def test_a_checkpoint_of_another_network_is_described_against_the_run(tmp_path):
-    from lightning_det.checks import CheckpointError, check_run
+    from lightning_det.checks.run import CheckpointError, check_run
 
     path = tiny_checkpoint(tmp_path / "w05.ckpt", width=0.5, num_classes=2)
     check_run(compose_train(f"ckpt_path={path}", "model.width=0.5", "data.classes=[cat,dog]"))
@@ -549,7 +549,7 @@ def test_a_checkpoint_of_another_network_is_described_against_the_run(tmp_path):
     (np.array([0, 2, 0], np.int32).tobytes() + b"\x00" * 10, "is not a whole Darknet .weights file"),
 ])
 def test_an_empty_or_tiny_darknet_file_is_refused_naming_it(tmp_path, content, message):
-    from lightning_det.checks import check_run
+    from lightning_det.checks.run import check_run
 
     path = tmp_path / "yolov3.weights"
     path.write_bytes(content)
@@ -665,7 +665,7 @@ def test_exif_orientation_is_ignored_by_default_and_applied_on_request(tmp_path,
 
 
 def test_predict_on_a_folder_names_each_bad_image_and_finishes_the_others(tmp_path, caplog):
-    from lightning_det.predict import predict
+    from lightning_det.tools.predict import predict
 
     checkpoint = tiny_checkpoint(tmp_path / "model.ckpt")
     folder = tmp_path / "photos"

@@ -27,7 +27,7 @@ from lightning_det.models.backbones.pretrained import load_mapped
 from lightning_det.models.faster_rcnn import FasterRCNN
 from lightning_det.models.faster_rcnn.network import build_network
 from lightning_det.models.ssd import SSD
-from lightning_det.train import build_model
+from lightning_det.tools.train import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

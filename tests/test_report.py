@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train import scalars, small_sample, train
 
 from lightning_det.metrics import VOCMeanAP
-from lightning_det.report import append_row, best_f1_threshold, confusion_matrix, f1_by_threshold, read_rows
-from test_train import scalars, small_sample, train
+from lightning_det.report.confusion import confusion_matrix
+from lightning_det.report.curves import best_f1_threshold, f1_by_threshold
+from lightning_det.report.results_csv import append_row, read_rows
 
 
 def image(boxes, labels, scores=None, difficult=None) -> dict:

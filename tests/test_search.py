@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import create_trial
 
-import lightning_det.search as search_module
+import lightning_det.search.study as search_module
 from lightning_det.models.detector import NonFiniteLossError
-from lightning_det.search import declared_space, search
-from lightning_det.search_samplers import EvolutionSampler
+from lightning_det.search.samplers import EvolutionSampler
+from lightning_det.search.study import declared_space, search
 
 REPO = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_det.models.ssd.targets import BACKGROUND, IGNORE, decode, encode, match, pairwise_iou
+from lightning_det.models.boxes import pairwise_iou
+from lightning_det.models.ssd.targets import BACKGROUND, IGNORE, decode, encode, match
 
 
 def labels(*images: list[tuple[float, ...]], width: int = 3) -> torch.Tensor:

@@ -32,7 +32,7 @@ def runs(tmp_path_factory) -> Path:
     command("train.py", "model.width=0.25", "trainer.max_epochs=2", "data.batch_size=4", "data.img_size=128", *data,
             f"paths.log_dir={tmp / 'logs'}", f"hydra.run.dir={tmp / 'run'}")
     checkpoint = next((tmp / "run" / "checkpoints").glob("best-*.ckpt"))
-    evaluated = command("-m", "lightning_det.evaluate", f"ckpt_path={checkpoint}", *data, "data.img_size=320",
+    evaluated = command("-m", "lightning_det.tools.evaluate", f"ckpt_path={checkpoint}", *data, "data.img_size=320",
                         f"hydra.run.dir={tmp / 'evaluate'}")
     (tmp / "evaluate" / "stdout.txt").write_text(evaluated.stdout + evaluated.stderr)
 
@@ -41,9 +41,9 @@ def runs(tmp_path_factory) -> Path:
     inputs.mkdir()
     for stem in (voc / "ImageSets" / "Main" / "val.txt").read_text().split()[:2]:
         (inputs / f"{stem}.jpg").write_bytes((voc / "JPEGImages" / f"{stem}.jpg").read_bytes())
-    command("-m", "lightning_det.predict", f"ckpt_path={checkpoint}", f"input={inputs}", "score_thresh=0.0",
+    command("-m", "lightning_det.tools.predict", f"ckpt_path={checkpoint}", f"input={inputs}", "score_thresh=0.0",
             f"hydra.run.dir={tmp / 'predict'}")
-    command("-m", "lightning_det.export", f"ckpt_path={checkpoint}", f"output={tmp / 'model.onnx'}", "batch_size=2",
+    command("-m", "lightning_det.tools.export", f"ckpt_path={checkpoint}", f"output={tmp / 'model.onnx'}", "batch_size=2",
             f"hydra.run.dir={tmp / 'export'}")
     return tmp
 
@@ -92,7 +92,7 @@ def test_exported_onnx_gives_predicts_detections(runs):
     original pixels, reproduces predict's detections (the same boxes, scores and classes)."""
     import onnxruntime
 
-    from lightning_det.inference import image_batch, load_detector
+    from lightning_det.tools.inference import image_batch, load_detector
 
     detections = json.loads((runs / "predict" / "detections.json").read_text())
     paths = [Path(p) for p in detections]

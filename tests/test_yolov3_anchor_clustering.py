@@ -11,7 +11,7 @@ import torch
 from lightning_det.data.records import AnnotationRecord
 from lightning_det.models import YOLOv3
 from lightning_det.models.yolov3.anchor_clustering import anchor_fitness, kmeans_anchors, letterboxed_sizes
-from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS
+from lightning_det.models.yolov3.grid import DEFAULT_ANCHORS
 
 
 def test_three_shape_clusters_are_recovered():
@@ -38,7 +38,7 @@ def test_letterbox_scaling_uses_the_long_side():
 
 
 def test_command_prints_anchors_for_the_sample_data(tmp_path):
-    args = [sys.executable, "-m", "lightning_det.anchors", f"data.root={tmp_path / 'sample'}",
+    args = [sys.executable, "-m", "lightning_det.tools.anchors", f"data.root={tmp_path / 'sample'}",
             "data.prepare.num_train=16", "data.prepare.num_val=4", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(args, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from lightning_det.models.yolov3.anchors import anchors_tensor, make_grid
 from lightning_det.models.yolov3.decode import YOLOv3Decoder, decode_boxes
+from lightning_det.models.yolov3.grid import anchors_tensor, make_grid
 
 GRID = make_grid([(2, 2)], anchors_tensor([[10, 10]]), [8])
 IMAGE = (16, 16)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from lightning_det.models.yolov3.anchors import anchors_tensor, make_grid
 from lightning_det.models.yolov3 import loss as loss_module
+from lightning_det.models.yolov3.grid import anchors_tensor, make_grid
 from lightning_det.models.yolov3.loss import YOLOv3Loss, max_iou_with_objects
 from lightning_det.models.yolov3.targets import build_targets
 

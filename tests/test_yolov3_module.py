@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_det.models import YOLOv3
+from lightning_det.models.yolov3.grid import DEFAULT_ANCHORS
 from lightning_det.models.yolov3.loss import YOLOv3Loss
 from lightning_det.models.yolov3.module import flatten
-from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS, anchors_tensor, make_grid
+from lightning_det.models.yolov3.grid import DEFAULT_ANCHORS, anchors_tensor, make_grid
 from lightning_det.models.yolov3.targets import build_targets, shape_iou
 
 GRID = make_grid([(52, 52), (26, 26), (13, 13)], anchors_tensor(DEFAULT_ANCHORS["yolov3"]), [8, 16, 32])

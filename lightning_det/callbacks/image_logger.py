@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from lightning_det.drawing import draw_labels
-from lightning_det.models.detector import tensorboard
+from lightning_det.report.drawing import draw_labels
+from lightning_det.report.loggers import tensorboard
 
 
 class ValidationImageLogger(L.Callback):

@@ -27,8 +27,7 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
 from lightning_det.metrics.common import PerClassVector, check_labels, check_target_boxes
-
-Detections = list[dict[str, Tensor]]
+from lightning_det.models.boxes import Detections
 
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
 COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()

@@ -30,8 +30,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_det.metrics.common import PerClassVector, check_labels, check_target_boxes
-
-Detections = list[dict[str, Tensor]]
+from lightning_det.models.boxes import Detections
 
 # The 11 recall levels of the VOC07 metric, built as 0.1 * k in float64 like the devkit ports in common use
 # (py-faster-rcnn, Detectron2, MMDetection), so a recall of exactly 0.3, 0.6 or 0.7 is scored as they score it.

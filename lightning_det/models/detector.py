@@ -6,6 +6,10 @@ A subclass implements three hooks and nothing else of the loop:
 - ``loss(outputs, batch)``: a dict of loss terms with the total under ``"loss"``;
 - ``decode(outputs, batch)``: per image ``{"boxes", "scores", "labels"}`` in batch-image pixels.
 
+and, where the family has them, the hooks the tools call: ``fit_to_data`` (settings resolved from the training
+boxes, before the network is built), ``decode_padded`` (fixed-shape decoding: what ``export`` puts in the graph)
+and ``load_foreign_weights`` (``init_from`` for the reference implementation's weight files).
+
 The base maps detections back to original-image pixels, logs every loss term under ``train/`` and ``val/``,
 computes the validation metric, builds the optimizer and scheduler from Hydra partials, and stops training
 cleanly when the loss stops being finite.
@@ -16,26 +20,21 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
+from lightning_det.models.boxes import Detections
+from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.optim import parameter_groups
+from lightning_det.report.loggers import tensorboard
 
 log = logging.getLogger(__name__)
 
-Detections = list[dict[str, Tensor]]
 
-
-def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
-    """The run's TensorBoard logger, on rank zero only: where images, PR curves and confusion matrices go."""
-    if not trainer.is_global_zero:
-        return None
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 # A factory given as a Hydra config (``{"_target_": ..., "_partial_": True, ...}``) or as the callable itself.
 # Configs keep checkpoints plain data, so they load with ``torch.load(weights_only=True)``.
@@ -84,6 +83,10 @@ class NonFiniteLossError(RuntimeError):
 class Detector(L.LightningModule):
     """Base class of every detector; see the module docstring for the hooks a subclass implements."""
 
+    #: Settings a family renamed or moved into a part, ``old key -> new path`` under ``model.``: a config or
+    #: command line still using the old key is refused with the new one (see ``checks.config.check_renamed``).
+    renamed: ClassVar[dict[str, str]] = {}
+
     def __init__(
         self,
         num_classes: int,
@@ -120,6 +123,14 @@ class Detector(L.LightningModule):
 
     def decode(self, outputs: Any, batch: dict[str, Any]) -> Detections:
         raise NotImplementedError
+
+    def decode_padded(self, outputs: Any, image_size: tuple[int, int]) -> PaddedDetections:
+        """``decode`` as fixed-shape tensors, written with tensor operations only so it traces into ONNX."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be exported: it has no fixed-shape decoding")
+
+    def load_foreign_weights(self, path: str, cutoff: int | None = None) -> dict[str, Any]:
+        """``init_from`` for a file that is not a PyTorch one; returns what was read, for the log."""
+        raise ValueError(f"init_from: {path} is not a PyTorch file and {type(self).__name__} reads no other format")
 
     # --- the shared loop -------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from lightning_det.models.boxes import group_sizes, rank_within_groups
+
 # Sort key of a kept candidate: image * IMAGE_KEY + its position in score order. Unique while a batch has fewer
 # candidates than this, so any sort (ONNX's TopK is not stable) orders by image, then best first.
 IMAGE_KEY = 2**40
@@ -30,6 +32,20 @@ class PaddedDetections(NamedTuple):
     num_detections: Tensor  # [B] long
 
 
+def top_candidates(
+    scores: Tensor, pre_nms_topk: int, score_thresh: float, num_classes: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The candidates entering NMS from per-image scores ``[B, N * num_classes]`` laid out box-major (every
+    (box, class) pair a candidate; ``num_classes=1`` for one score per box): each image's ``pre_nms_topk`` best,
+    then those scoring above ``score_thresh``. Returns their scores, box indices, class indices and images, flat
+    over the batch."""
+    scores, candidate = scores.topk(min(pre_nms_topk, scores.shape[1]), dim=1)
+    image = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(candidate)
+    above = scores > score_thresh
+    candidate = candidate[above]
+    return scores[above], candidate // num_classes, candidate % num_classes, image[above]
+
+
 def best_per_image(
     boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, batch: int, num_classes: int,
     nms_thresh: float, max_per_image: int, class_agnostic: bool = False,
@@ -45,11 +61,9 @@ def best_per_image(
     position = torch.ones_like(keep).cumsum(0)
     keep = keep[(image[keep] * IMAGE_KEY + position).argsort()]
     owner = image[keep]
-    member = owner[:, None] == torch.arange(batch, device=keep.device)  # [kept, batch]
-    counts = member.sum(0)
-    rank = torch.ones_like(keep).cumsum(0) - 1 - (counts.cumsum(0) - counts)[owner]
+    rank = rank_within_groups(owner, group_sizes(owner, batch))
     within = rank < max_per_image
-    return keep[within], rank[within], (member & within[:, None]).sum(0)
+    return keep[within], rank[within], group_sizes(owner[within], batch)
 
 
 def suppress_and_split(

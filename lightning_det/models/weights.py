@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_det.checks import is_torch_file, read_checkpoint
+from lightning_det.checks.run import is_torch_file, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,9 @@ def initialise_from(
                 "tensors); check that the model settings match the checkpoint's, or set init_partial=true to "
                 f"train from this partial start:\n{report.summary()}"
             )
-    elif hasattr(model, "load_foreign_weights"):
+    else:
         header = model.load_foreign_weights(str(path), cutoff)
         log.info("init_from %s: read %s", path, header)
-    else:
-        raise ValueError(f"init_from: {path} is not a PyTorch file and {type(model).__name__} reads no other format")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

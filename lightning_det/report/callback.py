@@ -11,8 +11,8 @@ import torch
 
 from lightning_det.callbacks.image_logger import ValidationImageLogger
 from lightning_det.metrics import VOCMeanAP
-from lightning_det.models.detector import tensorboard
 from lightning_det.report.confusion import confusion_matrix
+from lightning_det.report.loggers import tensorboard
 from lightning_det.report.plots import results_figure
 from lightning_det.report.results_csv import append_row, read_rows
 from lightning_det.report.writer import save_figure, save_image, write_evaluation_report

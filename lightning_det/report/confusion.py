@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_det.metrics.voc import _best_ground_truth
-
-Detections = list[dict[str, Tensor]]
+from lightning_det.models.boxes import Detections
 
 
 def _stack(items: Detections, key: str, width: int) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,6 @@
 """Write the report's images beside the checkpoints and the same pixels to TensorBoard.
 
-Both training (the ``ResultsReport`` callback) and ``python -m lightning_det.evaluate`` go through
+Both training (the ``ResultsReport`` callback) and ``python -m lightning_det.tools.evaluate`` go through
 ``write_evaluation_report``, so the two report the same things the same way.
 """
 
@@ -20,7 +20,12 @@ from lightning_det.callbacks.checkpoint_io import write_atomically
 from lightning_det.data.records import AnnotationRecord
 from lightning_det.report.curves import best_f1_threshold
 from lightning_det.report.plots import (
-    confusion_figure, f1_figure, labels_figure, png_bytes, png_pixels, pr_figure,
+    confusion_figure,
+    f1_figure,
+    labels_figure,
+    png_bytes,
+    png_pixels,
+    pr_figure,
 )
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
-from lightning_det.models.detector import Detections
+from lightning_det.models.boxes import Detections
 from lightning_det.models.postprocess import suppress_and_split
 
 

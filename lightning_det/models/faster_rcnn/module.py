@@ -11,13 +11,15 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lightning_det.models.backbones.pretrained import forget_weights_file
-from lightning_det.models.detector import Detections, Detector, tensorboard
+from lightning_det.models.boxes import Detections
+from lightning_det.models.detector import Detector
 from lightning_det.models.faster_rcnn.decode import decode_detections
 from lightning_det.models.faster_rcnn.loss import roi_losses, rpn_losses
 from lightning_det.models.faster_rcnn.network import build_network
 from lightning_det.models.faster_rcnn.roi_head import RoIHead
 from lightning_det.models.faster_rcnn.rpn import RegionProposalNetwork, RPNOutputs
 from lightning_det.models.faster_rcnn.targets import assign_anchors, ground_truth, sample_proposals
+from lightning_det.report.loggers import log_image
 
 
 class FasterRCNNOutputs(NamedTuple):
@@ -173,6 +175,13 @@ class FasterRCNN(Detector):
             logits, boxes, image, batch["images"].shape[0], outputs.image_size, **self.decode_rule
         )
 
+    def decode_padded(self, outputs: FasterRCNNOutputs, image_size: tuple[int, int]) -> None:
+        raise NotImplementedError(
+            "FasterRCNN cannot be exported yet: its RoI head splits proposals per image by Python counts (a trace"
+            " would freeze them), and its pipeline keeps each image's aspect ratio instead of one input size."
+            " YOLOv3 and SSD checkpoints export."
+        )
+
     def on_train_epoch_end(self) -> None:
         """Log the epoch's RPN (background, object) and RoI (background, classes) confusion matrices as images."""
         for name, metric in (("rpn", self.rpn_confusion), ("roi", self.roi_confusion)):
@@ -188,6 +197,4 @@ def confusion_image(matrix: Tensor, cell: int = 16) -> Tensor:
 
 
 def log_matrix_image(module: Detector, tag: str, matrix: Tensor) -> None:
-    logger = tensorboard(module.trainer)
-    if logger is not None:
-        logger.experiment.add_image(tag, confusion_image(matrix).cpu(), module.global_step)
+    log_image(module.trainer, tag, confusion_image(matrix))

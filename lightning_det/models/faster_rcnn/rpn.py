@@ -13,6 +13,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
+from lightning_det.models.boxes import group_sizes, rank_within_groups
+
 
 class RPNOutputs(NamedTuple):
     """Raw RPN predictions for every anchor of the padded batch, levels concatenated in anchor order."""
@@ -23,13 +25,11 @@ class RPNOutputs(NamedTuple):
     anchor_level: Tensor  # [A] feature level of each anchor
 
 
-def rank_within_images(image: Tensor) -> Tensor:
+def rank_within_images(image: Tensor, batch: int) -> Tensor:
     """For rows already sorted by descending score, each row's rank among the rows of its own image."""
     order = torch.sort(image, stable=True).indices
-    counts = torch.bincount(image)
-    starts = counts.cumsum(0) - counts
     rank = torch.empty_like(image)
-    rank[order] = torch.arange(len(image), device=image.device) - starts[image[order]]
+    rank[order] = rank_within_groups(image[order], group_sizes(image, batch))
     return rank
 
 
@@ -94,5 +94,5 @@ class RegionProposalNetwork(nn.Module):
         groups = image * (int(level.max()) + 1) + level[anchor_index.flatten()][keep]
         keep = batched_nms(boxes, scores, groups, self.nms_thresh)
         keep = keep[scores[keep].argsort(descending=True)]
-        keep = keep[rank_within_images(image[keep]) < post_nms]
+        keep = keep[rank_within_images(image[keep], batch) < post_nms]
         return boxes[keep], image[keep]

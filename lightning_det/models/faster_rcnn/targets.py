@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from lightning_det.models.boxes import group_sizes, rank_within_groups
+
 IGNORE = -1
 
 
@@ -40,11 +42,9 @@ def random_rank_within_groups(group: Tensor, eligible: Tensor, num_groups: int) 
     noise = torch.rand(group.shape, device=group.device, dtype=torch.float64)
     key = torch.where(eligible, group.to(torch.float64), float(num_groups)) + noise
     order = key.argsort()
-    counts = torch.bincount(group[eligible], minlength=num_groups)
-    starts = counts.cumsum(0) - counts
+    sorted_group = torch.where(eligible, group, num_groups)[order]  # the ineligible rows: one last group
     rank = torch.empty_like(group)
-    rank[order] = torch.arange(len(group), device=group.device)
-    rank = rank - starts[group]
+    rank[order] = rank_within_groups(sorted_group, group_sizes(sorted_group, num_groups + 1))
     return torch.where(eligible, rank, torch.iinfo(rank.dtype).max)
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
-from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split
+from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split, top_candidates
 from lightning_det.models.ssd.targets import decode as decode_offsets
 
 
@@ -52,16 +51,10 @@ class SSDDecoder:
         self, loc: Tensor, conf: Tensor, priors: Tensor, image_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The batch's (box, score, label, image) candidates entering NMS, flat over images."""
-        batch, _, channels = conf.shape
-        num_classes = channels - 1
+        num_classes = conf.shape[-1] - 1
         boxes = clip_boxes_to_image(decode_offsets(loc, priors, self.variances), image_size)
         scores = conf.softmax(-1)[..., 1:].flatten(1)  # [B, N * C]: every (box, foreground class) pair
-
-        scores, candidate = scores.topk(min(self.nms_topk, scores.shape[1]), dim=1)
-        image = torch.arange(batch, device=conf.device)[:, None].expand_as(candidate)
-        above = scores > self.conf_thresh
-        scores, candidate, image = scores[above], candidate[above], image[above]
-        box_index, labels = candidate // num_classes, candidate % num_classes
+        scores, box_index, labels, image = top_candidates(scores, self.nms_topk, self.conf_thresh, num_classes)
         return boxes[image, box_index], scores, labels, image
 
     def suppression(self, conf: Tensor) -> tuple[int, int, float, int, bool]:

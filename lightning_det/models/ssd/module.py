@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from lightning_det.models.backbones.pretrained import forget_weights_file
-from lightning_det.models.detector import Detections, Detector
+from lightning_det.models.boxes import Detections
+from lightning_det.models.detector import Detector
 from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.ssd.decode import SSDDecoder
 from lightning_det.models.ssd.loss import MultiBoxLoss
@@ -17,7 +18,6 @@ from lightning_det.models.ssd.network import SSDNetwork, SSDOutputs
 from lightning_det.models.ssd.prior_fit import fit_scales, square_resized_boxes
 from lightning_det.models.ssd.priors import boxes_per_location, default_boxes, linear_scale_sizes
 from lightning_det.models.ssd.targets import Matches, cxcywh_to_xyxy, encode, match
-
 
 DEFAULT_ASPECT_RATIOS = ([2], [2, 3], [2, 3], [2, 3], [2], [2])
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lightning_det.models.ssd.targets import cxcywh_to_xyxy, pairwise_iou
+from lightning_det.models.boxes import pairwise_iou
+from lightning_det.models.ssd.targets import cxcywh_to_xyxy
 
 if TYPE_CHECKING:
     from lightning_det.data.records import AnnotationRecord

@@ -11,17 +11,15 @@ Box coding with variances ``(v0, v1)``: ``t_xy = (g_xy - d_xy) / (v0 d_wh)``, ``
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from lightning_det.models.boxes import MAX_LOG_SCALE, pairwise_iou
+
 BACKGROUND = 0
 IGNORE = -1
-
-# Cap on the log-size offset before exp (torchvision's bbox_xform_clip), so a wild prediction is never inf.
-MAX_LOG_SCALE = math.log(1000.0 / 16)
 
 
 class Matches(NamedTuple):
@@ -31,16 +29,6 @@ class Matches(NamedTuple):
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.cat((boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2), -1)
-
-
-def pairwise_iou(objects: Tensor, priors: Tensor) -> Tensor:
-    """IoU of ``objects [B, P, 4]`` with ``priors [N, 4]`` (both xyxy) -> ``[B, P, N]``."""
-    top_left = torch.maximum(objects[..., None, :2], priors[:, :2])
-    bottom_right = torch.minimum(objects[..., None, 2:], priors[:, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    area_objects = (objects[..., 2:] - objects[..., :2]).prod(-1)
-    area_priors = (priors[:, 2:] - priors[:, :2]).prod(-1)
-    return inter / (area_objects[..., None] + area_priors - inter).clamp(min=1e-9)
 
 
 def match(labels: Tensor, priors_xyxy: Tensor, threshold: float = 0.5) -> Matches:

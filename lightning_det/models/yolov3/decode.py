@@ -7,17 +7,13 @@ A prediction ``(tx, ty, tw, th, to, tc...)`` at cell ``(cx, cy)`` of a level wit
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
-from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split
-from lightning_det.models.yolov3.anchors import PredictionGrid
-
-# Cap on tw, th before exp (torchvision's bbox_xform_clip): a box at most 62.5x its anchor, and never inf.
-MAX_LOG_SCALE = math.log(1000.0 / 16)
+from lightning_det.models.boxes import MAX_LOG_SCALE
+from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split, top_candidates
+from lightning_det.models.yolov3.grid import PredictionGrid
 
 
 def decode_boxes(raw: Tensor, cell_xy: Tensor, anchor_wh: Tensor, stride: Tensor) -> Tensor:
@@ -68,23 +64,17 @@ class YOLOv3Decoder:
         self, preds: Tensor, grid: PredictionGrid, image_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The batch's (box, score, label, image) candidates entering NMS, flat over images."""
-        batch, _, channels = preds.shape
-        num_classes = channels - 5
+        num_classes = preds.shape[-1] - 5
         boxes = clip_boxes_to_image(decode_boxes(preds[..., :4], grid.cell_xy, grid.anchor_wh, grid.stride), image_size)
         class_scores = preds[..., 4:5].sigmoid() * preds[..., 5:].sigmoid()
-        if self.multi_label:
-            scores = class_scores.flatten(1)  # [B, N * C]: every (box, class) pair is a candidate
-        else:
-            scores, best_class = class_scores.max(-1)
-
-        scores, candidate = scores.topk(min(self.pre_nms_topk, scores.shape[1]), dim=1)
-        image = torch.arange(batch, device=preds.device)[:, None].expand_as(candidate)
-        above = scores > self.conf_thresh
-        scores, candidate, image = scores[above], candidate[above], image[above]
-        if self.multi_label:
-            box_index, labels = candidate // num_classes, candidate % num_classes
-        else:
-            box_index, labels = candidate, best_class[image, candidate]
+        if self.multi_label:  # every (box, class) pair is a candidate
+            scores, box_index, labels, image = top_candidates(
+                class_scores.flatten(1), self.pre_nms_topk, self.conf_thresh, num_classes
+            )
+        else:  # each box with its best class
+            best_score, best_class = class_scores.max(-1)
+            scores, box_index, _, image = top_candidates(best_score, self.pre_nms_topk, self.conf_thresh, 1)
+            labels = best_class[image, box_index]
         return boxes[image, box_index], scores, labels, image
 
     def suppression(self, preds: Tensor) -> tuple[int, int, float, int, bool]:

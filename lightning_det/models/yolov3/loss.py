@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
-from lightning_det.models.yolov3.anchors import PredictionGrid
 from lightning_det.models.yolov3.decode import decode_boxes
+from lightning_det.models.yolov3.grid import PredictionGrid
 from lightning_det.models.yolov3.targets import Targets
 
 BOX_LOSSES = ("giou", "xywh")

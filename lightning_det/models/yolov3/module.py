@@ -8,18 +8,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_det.models.detector import Detections, Detector
+from lightning_det.models.boxes import Detections
+from lightning_det.models.detector import Detector
 from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.yolov3.anchor_clustering import check_anchors, letterboxed_sizes
-from lightning_det.models.yolov3.anchors import (
+from lightning_det.models.yolov3.darknet_weights import load_darknet_weights
+from lightning_det.models.yolov3.decode import YOLOv3Decoder
+from lightning_det.models.yolov3.grid import (
     DEFAULT_ANCHORS,
     PredictionGrid,
     anchors_tensor,
     configured_anchors,
     make_grid,
 )
-from lightning_det.models.yolov3.darknet_weights import load_darknet_weights
-from lightning_det.models.yolov3.decode import YOLOv3Decoder
 from lightning_det.models.yolov3.loss import YOLOv3Loss
 from lightning_det.models.yolov3.network import build_network
 from lightning_det.models.yolov3.targets import Targets, build_targets

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_det.models.yolov3.anchors import PredictionGrid
+from lightning_det.models.yolov3.grid import PredictionGrid
 
 
 @dataclass(frozen=True)

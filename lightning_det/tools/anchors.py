@@ -1,7 +1,7 @@
 """Print YOLOv3 anchors clustered on the configured training set, with their best possible recall.
 
-    python -m lightning_det.anchors data=voc data.root=/data/VOCdevkit model=yolov3
-    python -m lightning_det.anchors data.classes=null model=yolov3_tiny data.img_size=608
+    python -m lightning_det.tools.anchors data=voc data.root=/data/VOCdevkit model=yolov3
+    python -m lightning_det.tools.anchors data.classes=null model=yolov3_tiny data.img_size=608
 
 Uses the same config as ``train.py``: the data group picks the training set, the model its number of levels
 and anchors per level, ``data.img_size`` the input size and ``model.iou_t`` the recall threshold.
@@ -9,16 +9,19 @@ and anchors per level, ``data.img_size`` the input size and ``model.iou_t`` the 
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_det.checks.config import refuse_renamed_overrides
 from lightning_det.models.yolov3.anchor_clustering import anchor_fitness, kmeans_anchors, letterboxed_sizes
-from lightning_det.models.yolov3.anchors import anchors_tensor, configured_anchors
+from lightning_det.models.yolov3.grid import anchors_tensor, configured_anchors
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
@@ -40,4 +43,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_renamed_overrides(sys.argv[1:])
     main()

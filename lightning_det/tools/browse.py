@@ -1,6 +1,6 @@
 """Draw a few batches as the model sees them, with their labels: the check to run before a long training.
 
-    python -m lightning_det.browse data=voc data.root=/data/VOCdevkit model=yolov3 batches=4
+    python -m lightning_det.tools.browse data=voc data.root=/data/VOCdevkit model=yolov3 batches=4
 
 Writes ``<split>_batch<i>.png`` to the run directory and logs what the drawn batches hold: objects per class and
 the box sizes in network-input pixels (objects much smaller than the finest stride are hard to learn).
@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from torchvision.io import write_png
 from torchvision.utils import make_grid
 
-from lightning_det.drawing import draw_labels
+from lightning_det.report.drawing import draw_labels
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def browse(cfg: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="browse")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="browse")
 def main(cfg: DictConfig) -> None:
     browse(cfg)
 

@@ -48,7 +48,7 @@ def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
     """``(target, parameter) -> allowed strings``, taken from the code that decides."""
     from lightning_det.data.image_checks import CHECK_LEVELS
     from lightning_det.models.ssd.network import VARIANTS as SSD_VARIANTS
-    from lightning_det.models.yolov3.anchors import DEFAULT_ANCHORS
+    from lightning_det.models.yolov3.grid import DEFAULT_ANCHORS
     from lightning_det.models.yolov3.loss import BOX_LOSSES
 
     return {
@@ -59,8 +59,58 @@ def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
     }
 
 
+def renamed_settings() -> dict[str, list[tuple[str, str]]]:
+    """Every family's renamed model settings: ``old key -> [(family, new path under model.)]``."""
+    from lightning_det.models import SSD, FasterRCNN, YOLOv3
+
+    table: dict[str, list[tuple[str, str]]] = {}
+    for family in (YOLOv3, SSD, FasterRCNN):
+        for old, new in family.renamed.items():
+            table.setdefault(old, []).append((family.__name__, new))
+    return table
+
+
+def renamed_message(key: str, moves: list[tuple[str, str]]) -> str:
+    if len({new for _, new in moves}) == 1:
+        return f"model.{key} was renamed: use model.{moves[0][1]}"
+    return f"model.{key} was renamed: " + "; ".join(f"{family} uses model.{new}" for family, new in moves)
+
+
+def check_renamed_overrides(overrides: list[str]) -> None:
+    """Refuse command-line overrides of renamed model settings, naming the new key. Hydra would refuse them
+    first, but only with "Key 'conf_thresh' is not in struct", which does not say where the setting went."""
+    table = renamed_settings()
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("model.") and key[len("model."):] in table:
+            raise ConfigValueError(f"{override}: {renamed_message(key[len('model.'):], table[key[len('model.'):]])}")
+
+
+def refuse_renamed_overrides(argv: list[str]) -> None:
+    """``check_renamed_overrides`` for an entry point's ``sys.argv``: one line and exit status 2, no traceback."""
+    try:
+        check_renamed_overrides(argv)
+    except ConfigValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def check_renamed(cfg: DictConfig) -> None:
+    """Refuse a composed model config (a user's own yaml, an experiment file) holding a renamed setting."""
+    model = cfg.get("model")
+    if not OmegaConf.is_dict(model) or "_target_" not in model:
+        return
+    try:
+        renamed = getattr(get_object(model._target_), "renamed", {})
+    except Exception:  # noqa: BLE001 - an unimportable target is reported by check_config
+        return
+    for key in model:
+        if key in renamed:
+            raise ConfigValueError(f"{renamed_message(str(key), [('', renamed[key])])} (in the model config)")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigValueError` for the first mistyped value of ``cfg``."""
+    check_renamed(cfg)
     for key, types_allowed in TOP_LEVEL.items():
         if key in cfg:
             check_value(key, _value(cfg, key), types_allowed)

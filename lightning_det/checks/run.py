@@ -16,7 +16,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_det.config_checks import check_config
+from lightning_det.checks.config import check_config
 
 #: Hyper-parameters that decide the network's tensor shapes (where a detector has them).
 NETWORK_SETTINGS = ("variant", "width", "depth", "backbone", "representation", "fpn_channels")

@@ -21,8 +21,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import Trial, TrialState
 
 from lightning_det.models.detector import NonFiniteLossError
-from lightning_det.summary_tables import markdown_table, write_csv
-from lightning_det.train import run
+from lightning_det.search.tables import markdown_table, write_csv
+from lightning_det.tools.train import run
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Detect objects in images with a trained checkpoint: drawn images and a json of detections.
 
-    python -m lightning_det.predict ckpt_path=<checkpoint> input=<image or folder>
+    python -m lightning_det.tools.predict ckpt_path=<checkpoint> input=<image or folder>
 
 Boxes are in original-image pixels; the json lists, per image, ``boxes`` (xyxy), ``scores`` and class ``labels``
 (names). Everything the checkpoint needs (classes, image pipeline, decoding settings) is stored in it.
@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
-from lightning_det.config_checks import check_config
+from lightning_det.checks.config import check_config
 from lightning_det.data.image_checks import decode_rgb
-from lightning_det.inference import image_batch, load_detector
+from lightning_det.tools.inference import image_batch, load_detector
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
@@ -73,7 +73,7 @@ def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: 
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     paths = image_files(Path(cfg.input))

@@ -1,6 +1,6 @@
 """Score a checkpoint on a dataset with the VOC07, VOC area and COCO metrics, and write result files.
 
-    python -m lightning_det.evaluate ckpt_path=<checkpoint> data=voc data.root=/data/VOCdevkit
+    python -m lightning_det.tools.evaluate ckpt_path=<checkpoint> data=voc data.root=/data/VOCdevkit
 
 Writes, in the run directory, ``voc/comp4_det_test_<class>.txt`` (the VOC devkit's per-class format: image id,
 score, 1-based box), ``coco_results.json`` (COCO's results format with the dataset's category ids) and the results
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import hydra
@@ -19,13 +20,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_det.config_checks import check_config
+from lightning_det.checks.config import check_config, refuse_renamed_overrides
 from lightning_det.data.records import AnnotationRecord
-from lightning_det.inference import load_detector
 from lightning_det.metrics import COCOMeanAP, VOCMeanAP
-from lightning_det.models.detector import Detections
-from lightning_det.report import confusion_matrix
+from lightning_det.models.boxes import Detections
+from lightning_det.report.confusion import confusion_matrix
 from lightning_det.report.writer import write_evaluation_report
+from lightning_det.tools.inference import load_detector
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,12 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     evaluate(cfg)
 
 
 if __name__ == "__main__":
+    refuse_renamed_overrides(sys.argv[1:])
     main()

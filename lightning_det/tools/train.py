@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_det.callbacks.checkpoint_io import write_atomically
 from lightning_det.callbacks.ranks import end_with_launcher, peer_failure
-from lightning_det.checks import check_run
+from lightning_det.checks.run import check_run
 from lightning_det.data.adapt import usable_cores
 from lightning_det.models.detector import NonFiniteLossError
 from lightning_det.models.weights import initialise_from
@@ -51,7 +51,8 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 def build_model(
     cfg: DictConfig, num_classes: int, class_names: list[str], records: list | None = None, img_size: int = 416
 ) -> L.LightningModule:
-    """The detector from ``cfg.model``; optimizer, scheduler and metric go in as plain configs.
+    """The detector from ``cfg.model``; its parts (``loss``, ``decoder`` ...), optimizer, scheduler and metric go
+    in as plain configs.
 
     The model saves them as hyper-parameters, so a checkpoint holds only plain data and can rebuild its
     detector with ``load_from_checkpoint`` alone. Given the training ``records``, data-dependent settings
@@ -63,9 +64,7 @@ def build_model(
         arguments = model_class.fit_to_data(arguments, records, img_size, seed=cfg.seed)
     plain = {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else None
              for key in ("optimizer", "scheduler", "metric")}
-    return model_class(
-        **instantiate(arguments, _convert_="all"), num_classes=num_classes, class_names=class_names, **plain
-    )
+    return model_class(**arguments, num_classes=num_classes, class_names=class_names, **plain)
 
 
 def apply_nominal_batch_size(cfg: DictConfig) -> None:

@@ -11,7 +11,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lightning_det.summary_tables import markdown_table, write_csv
+from lightning_det.search.tables import markdown_table, write_csv
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "job_result.json"

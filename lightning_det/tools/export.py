@@ -1,6 +1,6 @@
 """Export a trained checkpoint to ONNX or TorchScript, with box decoding and NMS inside the graph.
 
-    python -m lightning_det.export ckpt_path=<checkpoint> format=onnx          # or format=torchscript
+    python -m lightning_det.tools.export ckpt_path=<checkpoint> format=onnx          # or format=torchscript
 
 The exported model takes ``images [B, 3, H, W]`` float32: the tensor the checkpoint's evaluation pipeline makes
 (resize or letterbox to ``img_size``, then ``(pixel - mean) / std`` per RGB channel; the values are printed and
@@ -32,10 +32,10 @@ from lightning.pytorch.core.module import _jit_is_scripting
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from lightning_det.config_checks import check_config
-from lightning_det.inference import load_detector
+from lightning_det.checks.config import check_config
 from lightning_det.models.detector import Detector
 from lightning_det.models.postprocess import PAD_LABEL
+from lightning_det.tools.inference import load_detector
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +44,11 @@ INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
 
 
-def check_exportable(detector: Detector) -> None:
-    """Export needs a detector's fixed-shape decoding (``decode_padded``)."""
-    if not hasattr(detector, "decode_padded"):
-        raise NotImplementedError(
-            f"{type(detector).__name__} cannot be exported yet: it has no fixed-shape decoding (decode_padded),"
-            " which puts decoding and NMS in the graph. YOLOv3 and SSD checkpoints export. Faster R-CNN's RoI head"
-            " splits proposals per image by Python counts (a trace would freeze them), its proposal ranking uses"
-            " bincount (no ONNX operator), and its pipeline keeps each image's aspect ratio instead of one input size."
-        )
-
-
 class ExportableDetector(nn.Module):
     """A detector and its decoding as one module of fixed input size: normalised images in, padded detections out."""
 
     def __init__(self, detector: Detector, image_size: tuple[int, int]) -> None:
         super().__init__()
-        check_exportable(detector)
         self.detector = detector
         self.image_size = image_size
 
@@ -164,12 +152,11 @@ def export(
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: use one of {sorted(FORMATS)}")
     detector, _ = load_detector(ckpt_path)
-    check_exportable(detector)
     pipeline = export_pipeline(detector, img_size)
     side = pipeline["img_size"]
     module = ExportableDetector(detector, (side, side)).eval()
     example = torch.randn(batch_size, 3, side, side)
-    max_detections = module(example)[0].shape[1]
+    max_detections = module(example)[0].shape[1]  # an eager run: a detector that cannot export says why here
     props = metadata(detector, pipeline, max_detections)
     path = Path(output) if output else Path(ckpt_path).with_suffix(FORMATS[format])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +169,7 @@ def export(
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     export(cfg.ckpt_path, cfg.format, cfg.output, cfg.img_size, cfg.batch_size, cfg.dynamic_batch, cfg.opset)

@@ -1,6 +1,6 @@
 """Convert a detection dataset between Pascal VOC, COCO and Ultralytics YOLO, any to any.
 
-    python -m lightning_det.convert /data/BCCD --to yolo --out /data/BCCD_yolo
+    python -m lightning_det.tools.convert /data/BCCD --to yolo --out /data/BCCD_yolo
 
 The source is read by the same readers training uses (same checks, same boxes), then written by
 :mod:`lightning_det.data.writers` into a hidden folder beside ``--out`` that is renamed to ``--out`` when complete,
@@ -137,9 +137,9 @@ def summary(dataset: SplitRecords, source: Path, source_format: str, target_form
 
 def parser() -> argparse.ArgumentParser:
     parse = argparse.ArgumentParser(
-        prog="python -m lightning_det.convert",
+        prog="python -m lightning_det.tools.convert",
         description="Convert a detection dataset between Pascal VOC, COCO and Ultralytics YOLO.",
-        epilog="example: python -m lightning_det.convert /data/BCCD --to yolo --out /data/BCCD_yolo",
+        epilog="example: python -m lightning_det.tools.convert /data/BCCD --to yolo --out /data/BCCD_yolo",
     )
     parse.add_argument("source", metavar="SOURCE", type=Path, help="a VOC folder (Annotations/, JPEGImages/, "
                        "ImageSets/Main/), a COCO folder (annotations/instances_<split>.json, <split>/) or a data.yaml")
