@@ -1,4 +1,4 @@
-"""Draw validation images with ground truth and predicted boxes into TensorBoard once per epoch."""
+"""Draw validation images with ground truth and predicted boxes into the run's image loggers once per epoch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from lightning_det.report.drawing import draw_labels
-from lightning_det.report.loggers import tensorboard
+from lightning_det.report.loggers import image_loggers, log_image
 
 
 class ValidationImageLogger(L.Callback):
@@ -28,23 +28,20 @@ class ValidationImageLogger(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int
     ) -> None:
-        logger = tensorboard(trainer)
-        if logger is None or trainer.global_step != 1:
+        if trainer.global_step != 1 or not image_loggers(trainer):
             return
         n = min(self.max_images, batch["images"].shape[0])
         no_detections = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}] * n
         images = trainer.datamodule.denormalize(batch["images"][:n])
-        logger.experiment.add_image("train/first_batch", self.render(images, batch["labels"][:n], no_detections, pl_module))
+        log_image(trainer, "train/first_batch", self.render(images, batch["labels"][:n], no_detections, pl_module), step=0)
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        logger = tensorboard(trainer)
-        if batch_idx != 0 or trainer.sanity_checking or logger is None:
+        if batch_idx != 0 or trainer.sanity_checking or not image_loggers(trainer):
             return
-        logger.experiment.add_image("val/images", self.predictions(trainer, pl_module, batch),
-                                    global_step=trainer.global_step)
+        log_image(trainer, "val/images", self.predictions(trainer, pl_module, batch))
 
     def predictions(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict) -> torch.Tensor:
         """The grid of the batch's first ``max_images`` images with their labels and the model's detections."""

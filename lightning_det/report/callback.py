@@ -12,7 +12,6 @@ import torch
 from lightning_det.callbacks.image_logger import ValidationImageLogger
 from lightning_det.metrics import VOCMeanAP
 from lightning_det.report.confusion import confusion_matrix
-from lightning_det.report.loggers import tensorboard
 from lightning_det.report.plots import results_figure
 from lightning_det.report.results_csv import append_row, read_rows
 from lightning_det.report.writer import save_figure, save_image, write_evaluation_report
@@ -35,7 +34,8 @@ def epoch_row(trainer: L.Trainer) -> dict[str, float]:
 class ResultsReport(L.Callback):
     """Appends a row to ``<dirpath>/results.csv`` after every training epoch; when the best checkpoint is validated
     at the end of ``train`` (any ``trainer.validate``), writes ``results.png``, ``pr_curve.png``, ``f1_curve.png``,
-    ``confusion_matrix.png``, ``labels.png`` (training set) and ``val_batch_pred.png`` there and to TensorBoard.
+    ``confusion_matrix.png``, ``labels.png`` (training set) and ``val_batch_pred.png`` there and to the run's
+    image loggers (TensorBoard, MLflow, W&B).
 
     The curves come from a VOC metric at ``iou_threshold`` of the report's own, whatever ``metric=`` is
     (Ultralytics' plots are at IoU 0.5 too); the confusion matrix counts detections scoring at least ``conf``.
@@ -84,15 +84,13 @@ class ResultsReport(L.Callback):
         self.metric = None
         if not trainer.is_global_zero:
             return
-        logger = tensorboard(trainer)
-        experiment = logger.experiment if logger is not None else None
         step = trainer.global_step
         rows = read_rows(self.dirpath / "results.csv")
         if rows:
-            save_figure(self.dirpath, "results", results_figure(rows), experiment, step)
+            save_figure(self.dirpath, "results", results_figure(rows), trainer, step)
         records = trainer.datamodule.records
         write_evaluation_report(self.dirpath, pl_module.class_names, voc, confusion,
                                 records.get("train", records.get("val", [])), self.conf, self.iou_threshold,
-                                experiment, step)
+                                trainer, step)
         if self.grid is not None:
-            save_image(self.dirpath, "val_batch_pred", self.grid, experiment, step)
+            save_image(self.dirpath, "val_batch_pred", self.grid, trainer, step)

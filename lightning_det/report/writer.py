@@ -1,4 +1,4 @@
-"""Write the report's images beside the checkpoints and the same pixels to TensorBoard.
+"""Write the report's images beside the checkpoints and the same pixels to every image logger of the run.
 
 Both training (the ``ResultsReport`` callback) and ``python -m lightning_det.tools.evaluate`` go through
 ``write_evaluation_report``, so the two report the same things the same way.
@@ -9,9 +9,10 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Any
 
+import lightning as L
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
@@ -19,6 +20,7 @@ from torch import Tensor
 from lightning_det.callbacks.checkpoint_io import write_atomically
 from lightning_det.data.records import AnnotationRecord
 from lightning_det.report.curves import best_f1_threshold
+from lightning_det.report.loggers import log_image
 from lightning_det.report.plots import (
     confusion_figure,
     f1_figure,
@@ -31,25 +33,25 @@ from lightning_det.report.plots import (
 log = logging.getLogger(__name__)
 
 
-def save_png(folder: Path, name: str, data: bytes, experiment: Any = None, step: int = 0) -> Path:
-    """``<folder>/<name>.png`` written atomically, and the same image as ``report/<name>`` in TensorBoard
-    (``experiment``: a ``SummaryWriter``, or None)."""
+def save_png(folder: Path, name: str, data: bytes, trainer: L.Trainer | None = None, step: int = 0) -> Path:
+    """``<folder>/<name>.png`` written atomically, and the same image as ``report/<name>`` to the image loggers
+    of ``trainer`` (None: the file only, as ``evaluate`` does)."""
     path = folder / f"{name}.png"
     write_atomically(path, lambda file: file.write(data))
-    if experiment is not None:
-        experiment.add_image(f"report/{name}", png_pixels(data), step, dataformats="HWC")
+    if trainer is not None:
+        log_image(trainer, f"report/{name}", torch.tensor(png_pixels(data)).permute(2, 0, 1), step)
     return path
 
 
-def save_figure(folder: Path, name: str, figure: Figure, experiment: Any = None, step: int = 0) -> Path:
-    return save_png(folder, name, png_bytes(figure), experiment, step)
+def save_figure(folder: Path, name: str, figure: Figure, trainer: L.Trainer | None = None, step: int = 0) -> Path:
+    return save_png(folder, name, png_bytes(figure), trainer, step)
 
 
-def save_image(folder: Path, name: str, image: Tensor, experiment: Any = None, step: int = 0) -> Path:
+def save_image(folder: Path, name: str, image: Tensor, trainer: L.Trainer | None = None, step: int = 0) -> Path:
     """A ``uint8 [3, H, W]`` image (a drawn grid) as a PNG."""
     buffer = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(buffer, format="png")
-    return save_png(folder, name, buffer.getvalue(), experiment, step)
+    return save_png(folder, name, buffer.getvalue(), trainer, step)
 
 
 def label_arrays(records: list[AnnotationRecord]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,17 +70,18 @@ def write_evaluation_report(
     records: list[AnnotationRecord],
     conf: float,
     iou_threshold: float,
-    experiment: Any = None,
+    trainer: L.Trainer | None = None,
     step: int = 0,
 ) -> None:
     """``pr_curve.png``, ``f1_curve.png``, ``confusion_matrix.png`` and ``labels.png`` (of ``records``) from a
-    ``VOCMeanAP(iou_threshold=0.5).compute()`` result and a ``confusion_matrix``; logs the best-F1 threshold."""
+    ``VOCMeanAP(iou_threshold=0.5).compute()`` result and a ``confusion_matrix`` (also to ``trainer``'s image
+    loggers); logs the best-F1 threshold."""
     folder.mkdir(parents=True, exist_ok=True)
     pr_counts = voc["pr_counts"].cpu()
-    save_figure(folder, "pr_curve", pr_figure(pr_counts, voc["AP_per_class"].cpu(), class_names), experiment, step)
-    save_figure(folder, "f1_curve", f1_figure(pr_counts, class_names), experiment, step)
+    save_figure(folder, "pr_curve", pr_figure(pr_counts, voc["AP_per_class"].cpu(), class_names), trainer, step)
+    save_figure(folder, "f1_curve", f1_figure(pr_counts, class_names), trainer, step)
     save_figure(folder, "confusion_matrix", confusion_figure(confusion.cpu(), class_names, conf, iou_threshold),
-                experiment, step)
-    save_figure(folder, "labels", labels_figure(*label_arrays(records), class_names), experiment, step)
+                trainer, step)
+    save_figure(folder, "labels", labels_figure(*label_arrays(records), class_names), trainer, step)
     confidence, f1 = best_f1_threshold(pr_counts)
     log.info("best F1 %.3f (all classes) at confidence %.2f; report written to %s", f1, confidence, folder)
