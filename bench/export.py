@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 def build(name: str, conf: float) -> tuple[ExportableDetector, int]:
     cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    cfg.model.conf_thresh = conf
-    detector = instantiate(cfg.model, num_classes=20).eval()
+    cfg.model.decoder.score_thresh = conf
+    detector = instantiate(cfg.model, num_classes=20, _recursive_=False).eval()  # parts go in as configs
     side = int(cfg.data.img_size)
     return ExportableDetector(detector, (side, side)).eval(), side
 

@@ -55,7 +55,8 @@ def from_config(name: str, img_size: int | None = None, tuned: str | None = None
         cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
         if tuned:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(CONF / "tuned" / f"{tuned}.yaml"))
-        return instantiate(cfg.model, num_classes=NUM_CLASSES), img_size or int(cfg.data.img_size)
+        model = instantiate(cfg.model, num_classes=NUM_CLASSES, _recursive_=False)  # parts go in as configs
+        return model, img_size or int(cfg.data.img_size)
 
     return build
 
@@ -235,7 +236,7 @@ def loss_case(variant: str, objects: int, iterations: int) -> tuple[float, float
     predictions with ``objects`` per image. Run in a fresh process (``--loss-case``), so the peak is this loss's."""
     cfg = OmegaConf.load(CONF / "model" / "yolov3.yaml")
     img_size = int(cfg.data.img_size)
-    model = instantiate(cfg.model, num_classes=NUM_CLASSES, width=0.0625)  # the loss needs no full network
+    model = instantiate(cfg.model, num_classes=NUM_CLASSES, width=0.0625, _recursive_=False)  # no full network needed
     if variant == LOSS_VARIANTS[0]:
         todays_loss(model)
     batch = synthetic_batch(4, img_size, objects, side=(0.02, 0.2) if objects > 8 else (0.2, 0.6))

@@ -52,7 +52,8 @@ def detector(name: str) -> nn.Module:
     torch.manual_seed(0)
     k = MAX_DETECTIONS[name]
     if name == "yolov3_tiny":
-        model = YOLOv3(variant="tiny", width=0.25, num_classes=3, class_names=CLASSES, conf_thresh=0.5, nms_topk=k)
+        model = YOLOv3(variant="tiny", width=0.25, num_classes=3, class_names=CLASSES,
+                       decoder={"score_thresh": 0.5, "max_detections": k})
     else:
         model = SSD(variant="ssdlite", width=0.25, num_classes=3, class_names=CLASSES, conf_thresh=0.9, keep_topk=k)
     for module in model.modules():

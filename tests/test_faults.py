@@ -460,7 +460,7 @@ def compose_train(*overrides: str):
 
 @pytest.mark.parametrize("override, message", [
     ("data.skip_invalid=flase", "data.skip_invalid='flase' must be true/false"),
-    ("model.box_loss=iou", "model.box_loss='iou' is not one of ['giou', 'xywh']"),
+    ("model.loss.box_loss=iou", "model.loss.box_loss='iou' is not one of ['giou', 'xywh']"),
     ("model.variant=big", "model.variant='big' is not one of ['tiny', 'yolov3']"),
     ("optimizer.lr=fast", "optimizer.lr='fast' must be a number"),
     ("data.batch_size=2.5", "data.batch_size=2.5 must be an integer"),

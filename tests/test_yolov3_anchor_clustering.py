@@ -56,7 +56,7 @@ def test_auto_anchors_are_refitted_when_darknets_miss_the_boxes(caplog):
     # = 0.065 < iou_t 0.2, so the best possible recall is 0 and k-means takes over.
     records = flat_records([(300, 12)] * 40 + [(30, 30)] * 40 + [(100, 60)] * 40)
     with caplog.at_level(logging.INFO):
-        arguments = YOLOv3.fit_to_data({"variant": "tiny", "anchors": "auto", "iou_t": 0.2}, records, 416)
+        arguments = YOLOv3.fit_to_data({"variant": "tiny", "anchors": "auto", "assigner": {"iou_t": 0.2}}, records, 416)
     anchors = torch.tensor(arguments["anchors"]).view(-1, 2)
     assert anchors.shape == (6, 2) and torch.isclose(anchors, torch.tensor([300.0, 12.0])).all(1).any()
     assert "best possible recall 0.667" in caplog.text and "refitted by k-means to recall 1.000" in caplog.text

@@ -66,7 +66,7 @@ def overlapping_pair(first_classes, second_classes, batch=1):
 
 
 def test_nms_suppresses_within_a_class_only():
-    decoder = YOLOv3Decoder(multi_label=False, conf_thresh=0.01)
+    decoder = YOLOv3Decoder(multi_label=False, score_thresh=0.01)
     (same,) = decoder(overlapping_pair([0.9, 0.001], [0.9, 0.001]), GRID, IMAGE)
     assert same["labels"].tolist() == [0] and same["scores"].item() == pytest.approx(0.81)
     assert torch.allclose(same["boxes"], torch.tensor([[2.0, 0.0, 12.0, 9.0]]), atol=1e-4)
@@ -74,18 +74,18 @@ def test_nms_suppresses_within_a_class_only():
     (different,) = decoder(overlapping_pair([0.9, 0.001], [0.001, 0.9]), GRID, IMAGE)
     assert different["labels"].tolist() == [0, 1]
 
-    agnostic = YOLOv3Decoder(multi_label=False, conf_thresh=0.01, force_suppress=True)
+    agnostic = YOLOv3Decoder(multi_label=False, score_thresh=0.01, class_agnostic=True)
     (forced,) = agnostic(overlapping_pair([0.9, 0.001], [0.001, 0.9]), GRID, IMAGE)
     assert forced["labels"].tolist() == [0]
 
-    loose = YOLOv3Decoder(multi_label=False, conf_thresh=0.01, nms_thresh=0.7)  # IoU 0.667 survives 0.7
+    loose = YOLOv3Decoder(multi_label=False, score_thresh=0.01, nms_thresh=0.7)  # IoU 0.667 survives 0.7
     assert len(loose(overlapping_pair([0.9, 0.001], [0.9, 0.001]), GRID, IMAGE)[0]["boxes"]) == 2
 
 
 def test_images_of_a_batch_do_not_suppress_each_other():
     preds = overlapping_pair([0.9, 0.001], [0.9, 0.001], batch=3)
     preds[1] = silent()[0]  # the middle image has nothing
-    detections = YOLOv3Decoder(multi_label=False, conf_thresh=0.01)(preds, GRID, IMAGE)
+    detections = YOLOv3Decoder(multi_label=False, score_thresh=0.01)(preds, GRID, IMAGE)
     assert [len(d["boxes"]) for d in detections] == [1, 0, 1]
     assert detections[1]["boxes"].shape == (0, 4)
     assert torch.equal(detections[0]["boxes"], detections[2]["boxes"])
@@ -102,12 +102,13 @@ def four_separate_objects(batch=2):
 def test_topk_limits_apply_per_image():
     preds = four_separate_objects()  # four 2 x 2 boxes in separate cells: no suppression
     assert [len(d["scores"]) for d in YOLOv3Decoder(multi_label=False)(preds, GRID, IMAGE)] == [4, 4]
-    for decoder in (YOLOv3Decoder(multi_label=False, nms_topk=2), YOLOv3Decoder(multi_label=False, pre_nms_topk=2)):
+    for limit in ({"max_detections": 2}, {"pre_nms_topk": 2}):
+        decoder = YOLOv3Decoder(multi_label=False, **limit)
         detections = decoder(preds, GRID, IMAGE)
         for det in detections:
             assert torch.allclose(det["scores"], torch.tensor([0.9, 0.8]) * 0.99)
 
 
-def test_confidence_threshold():
-    detections = YOLOv3Decoder(multi_label=False, conf_thresh=0.65)(four_separate_objects(1), GRID, IMAGE)
+def test_score_threshold():
+    detections = YOLOv3Decoder(multi_label=False, score_thresh=0.65)(four_separate_objects(1), GRID, IMAGE)
     assert torch.allclose(detections[0]["scores"], torch.tensor([0.9, 0.8]) * 0.99)

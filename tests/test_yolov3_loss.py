@@ -13,7 +13,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 from lightning_det.models.yolov3 import loss as loss_module
 from lightning_det.models.yolov3.grid import anchors_tensor, make_grid
 from lightning_det.models.yolov3.loss import YOLOv3Loss, max_iou_with_objects
-from lightning_det.models.yolov3.targets import build_targets
+from lightning_det.models.yolov3.targets import YOLOv3Assigner
 
 GRID = make_grid([(4, 4), (2, 2)], anchors_tensor([[10, 10], [40, 40]]), [8, 16])
 NUM_CLASSES = 2
@@ -36,7 +36,7 @@ def raw(batch=1):
 
 def run(preds, labels, **options):
     labels = torch.tensor(labels, dtype=torch.float32)
-    targets = build_targets(labels, GRID)
+    targets = YOLOv3Assigner()(labels, GRID)
     return YOLOv3Loss(**options)(preds, GRID, targets, labels), targets
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lightning_det.models import YOLOv3
 from lightning_det.models.yolov3.grid import DEFAULT_ANCHORS
@@ -47,7 +47,7 @@ def test_config_builds_the_model(name, variant, levels):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     assert "num_classes" not in cfg.model
     assert cfg.data.img_size == "auto"  # a multiple of 32 chosen from the training boxes
-    model = instantiate(cfg.model, num_classes=3, width=0.125, depth=1.0)
+    model = instantiate(cfg.model, num_classes=3, width=0.125, depth=1.0, _recursive_=False)
     assert model.hparams.variant == variant and model.num_classes == 3
     assert cfg.model.anchors == "auto"  # Darknet's until refitted to a dataset
     expected_anchors = torch.tensor(DEFAULT_ANCHORS[variant], dtype=torch.float32).view(levels, 3, 2)
@@ -63,10 +63,10 @@ def test_config_composes_as_a_global_package(tmp_path, name):
     (tmp_path / "pipeline" / "yolo.yaml").write_text("# @package _global_\ndata:\n  pipeline_marker: yolo\n")
     (tmp_path / "run.yaml").write_text("defaults:\n  - model: yolov3\n  - _self_\n")
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
-        cfg = compose("run", overrides=[f"model={name}", "model.iou_t=0.3", "data.img_size=320"])
+        cfg = compose("run", overrides=[f"model={name}", "model.assigner.iou_t=0.3", "data.img_size=320"])
     assert cfg.model._target_ == "lightning_det.models.yolov3.YOLOv3"
     assert cfg.data.pipeline_marker == "yolo" and cfg.data.img_size == 320
-    assert instantiate(cfg.model, num_classes=2, width=0.125).iou_t == 0.3
+    assert instantiate(cfg.model, num_classes=2, width=0.125, _recursive_=False).assigner.iou_t == 0.3
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_bad_arguments_are_named(arguments, message):
 def test_a_few_steps_lower_every_loss_term(variant, box_loss):
     torch.manual_seed(0)
     depth = {"depth": 0.33} if variant == "yolov3" else {}
-    model = YOLOv3(variant=variant, width=0.125, box_loss=box_loss, num_classes=3, **depth)
+    model = YOLOv3(variant=variant, width=0.125, loss={"box_loss": box_loss}, num_classes=3, **depth)
     batch = synthetic_batch()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     first = None
@@ -116,7 +116,7 @@ def test_lightning_fit_and_predict(tmp_path):
         enable_progress_bar=False, default_root_dir=tmp_path,
     )
     trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
-    model.decoder.conf_thresh = 0.0  # an untrained net scores low; keep everything to see the mapping
+    model.decoder.score_thresh = 0.0  # an untrained net scores low; keep everything to see the mapping
     first, second = trainer.predict(model, dataloaders=loader)[0]
     assert len(first["boxes"]) > 0
     # image 1 was shrunk by 0.5 into the batch: its detections come back in its own 128 px frame
@@ -147,7 +147,7 @@ def test_rectangular_inputs_get_a_grid_of_their_own_shape():
     for stride in (32, 16):
         cells = grid.cell_xy[grid.stride == stride]
         assert cells.max(0).values.tolist() == [96 // stride - 1, 64 // stride - 1]
-    model.decoder.conf_thresh = 0.0
+    model.decoder.score_thresh = 0.0
     boxes = model.decode(outputs, batch)[0]["boxes"]
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     assert centres[:, 0].max() > 64 and centres[:, 1].max() <= 64
@@ -156,12 +156,69 @@ def test_rectangular_inputs_get_a_grid_of_their_own_shape():
 def test_classification_gain_is_scaled_to_the_class_count():
     """The default gains were tuned on COCO's 80 classes; Ultralytics' YOLOv3 multiplies cls by nc / 80."""
     torch.manual_seed(0)
-    model = YOLOv3(variant="tiny", width=0.125, num_classes=3, cls=37.4)
+    model = YOLOv3(variant="tiny", width=0.125, num_classes=3, loss={"cls": 37.4})
     batch = synthetic_batch()
     outputs = model(batch["images"])
     grid = model.grid(outputs)
     unscaled = YOLOv3Loss("giou", 3.54, 3.54, 3.54, 64.3, 37.4, 1.0, 1.0, 0.7)(
-        flatten(outputs), grid, model.build_targets(batch["labels"], grid), batch["labels"])
+        flatten(outputs), grid, model.assigner(batch["labels"], grid), batch["labels"])
     scaled = model.loss(outputs, batch)
     assert scaled["cls"].item() == pytest.approx(unscaled["cls"].item() * 3 / 80, rel=1e-6)
     assert scaled["obj"].item() == pytest.approx(unscaled["obj"].item(), rel=1e-6)
+
+
+class ConstantLoss:
+    """A stand-in ``loss`` part: keeps the settings it is built with and returns fixed terms."""
+
+    def __init__(self, **settings):
+        self.settings = settings
+
+    def __call__(self, preds, grid, targets, labels):
+        zero = preds.sum() * 0.0  # keeps the graph, so the loop could backpropagate through it
+        return {"loss": zero + 7.0, "box": zero + 1.0, "obj": zero + 2.0, "cls": zero + 4.0}
+
+
+def compose_train(*overrides):
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        return compose("train", overrides=["model=yolov3_tiny", "model.width=0.125", *overrides])
+
+
+def test_a_part_is_swapped_from_the_command_line():
+    """``model.loss._target_=...`` builds that class through train.py's path, with the config's other loss settings
+    and the class count; the checkpoint keeps the part as plain data."""
+    from lightning_det.checks.config import check_config
+    from lightning_det.tools.train import build_model
+
+    cfg = compose_train(f"model.loss._target_={__name__}.ConstantLoss", "model.loss.obj=5.0")
+    check_config(cfg)
+    model = build_model(cfg, num_classes=3, class_names=["a", "b", "c"])
+    assert isinstance(model.criterion, ConstantLoss)
+    assert model.criterion.settings["obj"] == 5.0 and model.criterion.settings["num_classes"] == 3
+    assert model.criterion.settings["box_loss"] == "giou"  # the rest of the node reaches the swapped part
+    batch = synthetic_batch()
+    assert model.loss(model(batch["images"]), batch)["loss"].item() == 7.0
+    assert model.hparams.loss["_target_"] == f"{__name__}.ConstantLoss" and isinstance(model.hparams.loss, dict)
+
+
+@pytest.mark.parametrize("old, new", sorted(YOLOv3.renamed.items()))
+def test_every_renamed_key_names_a_key_of_the_config(old, new):
+    model = compose_train().model
+    assert old not in model
+    assert OmegaConf.select(model, new, default="missing") != "missing"
+
+
+@pytest.mark.parametrize(("override", "new"), [("model.conf_thresh=0.1", "model.decoder.score_thresh"),
+                                                ("model.nms_topk=100", "model.decoder.max_detections"),
+                                                ("model.iou_t=0.3", "model.assigner.iou_t"),
+                                                ("model.giou=2.0", "model.loss.giou")])
+def test_an_old_key_is_refused_with_its_new_name(override, new):
+    from lightning_det.checks.config import ConfigValueError, check_renamed, check_renamed_overrides
+
+    with pytest.raises(ConfigValueError, match=rf"{override}: .*{new}\b"):
+        check_renamed_overrides([override])
+    old_key, value = override.removeprefix("model.").split("=")
+    cfg = compose_train()
+    with open_dict(cfg):
+        cfg.model[old_key] = value  # a user's own model yaml still holding the old key
+    with pytest.raises(ConfigValueError, match=rf"{new}\b"):
+        check_renamed(cfg)

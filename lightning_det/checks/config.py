@@ -53,7 +53,7 @@ def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
 
     return {
         ("lightning_det.models.yolov3.YOLOv3", "variant"): tuple(sorted(DEFAULT_ANCHORS)),
-        ("lightning_det.models.yolov3.YOLOv3", "box_loss"): tuple(BOX_LOSSES),
+        ("lightning_det.models.yolov3.loss.YOLOv3Loss", "box_loss"): tuple(BOX_LOSSES),
         ("lightning_det.models.ssd.SSD", "variant"): tuple(SSD_VARIANTS),
         ("lightning_det.data.DetectionDataModule", "check_images"): CHECK_LEVELS,
     }

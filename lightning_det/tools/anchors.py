@@ -4,7 +4,7 @@
     python -m lightning_det.tools.anchors data.classes=null model=yolov3_tiny data.img_size=608
 
 Uses the same config as ``train.py``: the data group picks the training set, the model its number of levels
-and anchors per level, ``data.img_size`` the input size and ``model.iou_t`` the recall threshold.
+and anchors per level, ``data.img_size`` the input size and ``model.assigner.iou_t`` the recall threshold.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import sys
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_det.checks.config import refuse_renamed_overrides
 from lightning_det.models.yolov3.anchor_clustering import anchor_fitness, kmeans_anchors, letterboxed_sizes
 from lightning_det.models.yolov3.grid import anchors_tensor, configured_anchors
+from lightning_det.models.yolov3.module import assigner_iou_t
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
@@ -31,7 +32,7 @@ def main(cfg: DictConfig) -> None:
     current = anchors_tensor(configured_anchors(cfg.model.get("anchors"), cfg.model.variant))
     levels, per_level = current.shape[:2]
     anchors = kmeans_anchors(wh, levels * per_level, seed=cfg.seed)
-    iou_t = cfg.model.get("iou_t", 0.2)
+    iou_t = assigner_iou_t(OmegaConf.to_container(cfg.model, resolve=True).get("assigner"))
     rows = [("configured", current.reshape(-1, 2)), ("clustered", anchors)]
     print(f"{len(wh)} training boxes at img_size {img_size}, iou_t {iou_t}")
     for name, table in rows:

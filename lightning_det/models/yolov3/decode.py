@@ -7,6 +7,8 @@ A prediction ``(tx, ty, tw, th, to, tc...)`` at cell ``(cx, cy)`` of a level wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
@@ -23,41 +25,35 @@ def decode_boxes(raw: Tensor, cell_xy: Tensor, anchor_wh: Tensor, stride: Tensor
     return torch.cat((centre - size / 2, centre + size / 2), -1)
 
 
+@dataclass
 class YOLOv3Decoder:
-    """Scores, thresholds and non-maximum suppression for a whole batch in one ``batched_nms`` call.
+    """The ``decoder`` part: scores, thresholds and non-maximum suppression for a whole batch in one
+    ``batched_nms`` call.
 
     Args:
-        conf_thresh: drop candidates scoring at or below this (0.001 keeps the low-score tail mAP needs).
+        score_thresh: drop candidates scoring at or below this (0.001 keeps the low-score tail mAP needs).
         nms_thresh: IoU above which a lower-scored box of the same class (and image) is suppressed.
-        nms_topk: detections kept per image after NMS, best first.
         pre_nms_topk: candidates per image entering NMS, best first (bounds NMS time at low thresholds).
-        multi_label: a box may be reported for every class scoring above ``conf_thresh`` (best for mAP);
+        max_detections: detections kept per image after NMS, best first.
+        multi_label: a box may be reported for every class scoring above ``score_thresh`` (best for mAP);
             otherwise only for its best class.
-        force_suppress: suppress across classes too (class-agnostic NMS).
+        class_agnostic: suppress across classes too.
     """
 
-    def __init__(
-        self,
-        conf_thresh: float = 0.001,
-        nms_thresh: float = 0.45,
-        nms_topk: int = 300,
-        pre_nms_topk: int = 3000,
-        multi_label: bool = True,
-        force_suppress: bool = False,
-    ) -> None:
-        self.conf_thresh = conf_thresh
-        self.nms_thresh = nms_thresh
-        self.nms_topk = nms_topk
-        self.pre_nms_topk = pre_nms_topk
-        self.multi_label = multi_label
-        self.force_suppress = force_suppress
+    score_thresh: float = 0.001
+    nms_thresh: float = 0.45
+    pre_nms_topk: int = 3000
+    max_detections: int = 300
+    multi_label: bool = True
+    class_agnostic: bool = False
 
     def __call__(self, preds: Tensor, grid: PredictionGrid, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
         """``preds [B, N, 5 + C]`` raw -> per image ``{"boxes", "scores", "labels"}`` in batch pixels."""
         return suppress_and_split(*self.candidates(preds, grid, image_size), *self.suppression(preds))
 
     def padded(self, preds: Tensor, grid: PredictionGrid, image_size: tuple[int, int]) -> PaddedDetections:
-        """The same detections as ``__call__`` in fixed-shape tensors of ``nms_topk`` rows per image (for export)."""
+        """The same detections as ``__call__`` in fixed-shape tensors of ``max_detections`` rows per image (for
+        export)."""
         return suppress_and_pad(*self.candidates(preds, grid, image_size), *self.suppression(preds))
 
     def candidates(
@@ -69,14 +65,14 @@ class YOLOv3Decoder:
         class_scores = preds[..., 4:5].sigmoid() * preds[..., 5:].sigmoid()
         if self.multi_label:  # every (box, class) pair is a candidate
             scores, box_index, labels, image = top_candidates(
-                class_scores.flatten(1), self.pre_nms_topk, self.conf_thresh, num_classes
+                class_scores.flatten(1), self.pre_nms_topk, self.score_thresh, num_classes
             )
         else:  # each box with its best class
             best_score, best_class = class_scores.max(-1)
-            scores, box_index, _, image = top_candidates(best_score, self.pre_nms_topk, self.conf_thresh, 1)
+            scores, box_index, _, image = top_candidates(best_score, self.pre_nms_topk, self.score_thresh, 1)
             labels = best_class[image, box_index]
         return boxes[image, box_index], scores, labels, image
 
     def suppression(self, preds: Tensor) -> tuple[int, int, float, int, bool]:
         """The NMS arguments after the candidates: batch size, class count, IoU threshold, cap, class-agnostic."""
-        return preds.shape[0], preds.shape[-1] - 5, self.nms_thresh, self.nms_topk, self.force_suppress
+        return preds.shape[0], preds.shape[-1] - 5, self.nms_thresh, self.max_detections, self.class_agnostic

@@ -12,7 +12,9 @@ Terms (each multiplied by its gain; the returned ``loss`` is their sum):
   paper: it found an object, just not the one it was assigned. Predictions that difficult objects would take
   are left out too.
 - ``cls``: binary cross-entropy with logits (one-vs-all, so multi-label data works) on the positives'
-  class logits against one-hot targets, positives weighted by ``cls_pw``.
+  class logits against one-hot targets, positives weighted by ``cls_pw``. Its gain is the one tuned on COCO's
+  80 classes, scaled by ``num_classes / 80`` as Ultralytics' YOLOv3 does: the BCE averages over the classes, so
+  with few classes each one would weigh more.
 
 Normalisation, chosen to match Ultralytics' YOLOv3 (whose default gains these are): every term is a *mean per
 feature level, summed over the levels*. ``box`` and ``cls`` average over the level's positives (``cls`` also over
@@ -33,6 +35,7 @@ from lightning_det.models.yolov3.grid import PredictionGrid
 from lightning_det.models.yolov3.targets import Targets
 
 BOX_LOSSES = ("giou", "xywh")
+COCO_CLASSES = 80  # the class count the default gains were tuned for
 
 
 # IoU entries (prediction x object pairs) computed at once by the ignore rule: bounds its memory in dense scenes
@@ -59,7 +62,10 @@ def max_iou_with_objects(boxes: Tensor, objects: Tensor, valid: Tensor) -> Tenso
 
 
 class YOLOv3Loss:
-    """Computes the loss terms; see the module docstring for what each gain and option does."""
+    """The ``loss`` part: computes the terms; see the module docstring for what each gain and option does.
+
+    ``num_classes`` is the data's class count, given by the module; it scales the ``cls`` gain (80: as given).
+    """
 
     def __init__(
         self,
@@ -72,11 +78,12 @@ class YOLOv3Loss:
         obj_pw: float = 1.0,
         cls_pw: float = 1.0,
         ignore_thresh: float | None = 0.7,
+        num_classes: int = COCO_CLASSES,
     ) -> None:
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
         self.box_loss = box_loss
-        self.gains = {"giou": giou, "xy": xy, "wh": wh, "obj": obj, "cls": cls}
+        self.gains = {"giou": giou, "xy": xy, "wh": wh, "obj": obj, "cls": cls * num_classes / COCO_CLASSES}
         self.obj_pw = obj_pw
         self.cls_pw = cls_pw
         self.ignore_thresh = ignore_thresh

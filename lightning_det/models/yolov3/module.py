@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from lightning_det.models.boxes import Detections
 from lightning_det.models.detector import Detector
+from lightning_det.models.parts import PartConfig, build_part
 from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.yolov3.anchor_clustering import check_anchors, letterboxed_sizes
 from lightning_det.models.yolov3.darknet_weights import load_darknet_weights
@@ -23,13 +24,10 @@ from lightning_det.models.yolov3.grid import (
 )
 from lightning_det.models.yolov3.loss import YOLOv3Loss
 from lightning_det.models.yolov3.network import build_network
-from lightning_det.models.yolov3.targets import Targets, build_targets
+from lightning_det.models.yolov3.targets import YOLOv3Assigner
 
 if TYPE_CHECKING:
     from lightning_det.data.records import AnnotationRecord
-
-
-COCO_CLASSES = 80  # the class count the default loss gains were tuned for
 
 
 class YOLOv3(Detector):
@@ -42,13 +40,36 @@ class YOLOv3(Detector):
         anchors: per level, smallest stride first, ``(w, h)`` pixel pairs; ``"auto"`` or ``"default"``: Darknet's
             COCO anchors (``auto`` is refitted to the training boxes by :meth:`fit_to_data` before training).
         strides: the levels' strides; fixed by the variant, given only to be checked against it.
-        iou_t, best_anchor_only: target assignment (see ``targets.py``).
-        box_loss, giou, xy, wh, obj, cls, obj_pw, cls_pw, ignore_thresh: the loss (see ``loss.py``). ``cls`` is
-            the gain tuned on COCO's 80 classes and is scaled by ``num_classes / 80``, as Ultralytics' YOLOv3 does:
-            the classification BCE averages over the classes, so with few classes each one would weigh more.
-        conf_thresh, nms_thresh, nms_topk, pre_nms_topk, multi_label, force_suppress: decoding (see ``decode.py``).
+        assigner: the target assignment part, :class:`~lightning_det.models.yolov3.targets.YOLOv3Assigner` by
+            default: called with ``(labels, grid)``, returns the ``Targets`` the loss takes.
+        loss: the loss part, :class:`~lightning_det.models.yolov3.loss.YOLOv3Loss` by default: built with the
+            data's ``num_classes``, called with ``(preds, grid, targets, labels)``, returns the loss terms.
+        decoder: the decoding part, :class:`~lightning_det.models.yolov3.decode.YOLOv3Decoder` by default: called
+            with ``(preds, grid, image_size)``; its ``padded`` method gives the fixed-shape output of export.
         **kwargs: ``num_classes``, ``class_names``, ``optimizer``, ``scheduler``, ``metric`` of ``Detector``.
+
+    Each part is a plain config (see ``models/parts.py``): ``None`` or no ``_target_`` takes the default class.
     """
+
+    renamed: ClassVar[dict[str, str]] = {
+        "iou_t": "assigner.iou_t",
+        "best_anchor_only": "assigner.best_anchor_only",
+        "box_loss": "loss.box_loss",
+        "giou": "loss.giou",
+        "xy": "loss.xy",
+        "wh": "loss.wh",
+        "obj": "loss.obj",
+        "cls": "loss.cls",
+        "obj_pw": "loss.obj_pw",
+        "cls_pw": "loss.cls_pw",
+        "ignore_thresh": "loss.ignore_thresh",
+        "conf_thresh": "decoder.score_thresh",
+        "nms_thresh": "decoder.nms_thresh",
+        "nms_topk": "decoder.max_detections",
+        "pre_nms_topk": "decoder.pre_nms_topk",
+        "multi_label": "decoder.multi_label",
+        "force_suppress": "decoder.class_agnostic",
+    }
 
     def __init__(
         self,
@@ -57,23 +78,9 @@ class YOLOv3(Detector):
         depth: float = 1.0,
         anchors: str | Sequence[Sequence[float]] | None = "auto",
         strides: Sequence[int] | None = None,
-        iou_t: float = 0.2,
-        best_anchor_only: bool = False,
-        box_loss: str = "giou",
-        giou: float = 3.54,
-        xy: float = 3.54,
-        wh: float = 3.54,
-        obj: float = 64.3,
-        cls: float = 37.4,
-        obj_pw: float = 1.0,
-        cls_pw: float = 1.0,
-        ignore_thresh: float | None = 0.7,
-        conf_thresh: float = 0.001,
-        nms_thresh: float = 0.45,
-        nms_topk: int = 300,
-        pre_nms_topk: int = 3000,
-        multi_label: bool = True,
-        force_suppress: bool = False,
+        assigner: PartConfig = None,
+        loss: PartConfig = None,
+        decoder: PartConfig = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -87,24 +94,24 @@ class YOLOv3(Detector):
         if strides is not None and list(strides) != self.strides:
             raise ValueError(f"variant {variant!r} predicts at strides {self.strides}, not {list(strides)}")
         self.register_buffer("anchors", anchor_table, persistent=False)
-        self.iou_t = iou_t
-        self.best_anchor_only = best_anchor_only
-        cls_gain = cls * self.num_classes / COCO_CLASSES
-        self.criterion = YOLOv3Loss(box_loss, giou, xy, wh, obj, cls_gain, obj_pw, cls_pw, ignore_thresh)
-        self.decoder = YOLOv3Decoder(conf_thresh, nms_thresh, nms_topk, pre_nms_topk, multi_label, force_suppress)
+        self.assigner = build_part(assigner, YOLOv3Assigner)
+        self.criterion = build_part(loss, YOLOv3Loss, num_classes=self.num_classes)
+        self.decoder = build_part(decoder, YOLOv3Decoder)
 
     @classmethod
     def fit_to_data(cls, arguments: dict[str, Any], records: list[AnnotationRecord], img_size: int,
                     seed: int = 0) -> dict[str, Any]:
         """``anchors: auto`` becomes Darknet's anchors, or k-means ones where those miss the training boxes at the
-        training size; the list is stored in the checkpoint, so evaluation, prediction and export use it."""
+        training size (best possible recall at the assigner's ``iou_t``); the list is stored in the checkpoint,
+        so evaluation, prediction and export use it."""
         if arguments.get("anchors", "auto") != "auto":
             return arguments
         variant = arguments.get("variant", "yolov3")
         wh = letterboxed_sizes([torch.as_tensor(r.boxes) for r in records], [(r.height, r.width) for r in records],
                                img_size)
         anchors = anchors_tensor(DEFAULT_ANCHORS[variant])
-        fitted = check_anchors(wh, anchors, arguments.get("iou_t", 0.2), seed=seed) if len(wh) else anchors
+        iou_t = assigner_iou_t(arguments.get("assigner"))
+        fitted = check_anchors(wh, anchors, iou_t, seed=seed) if len(wh) else anchors
         return {**arguments, "anchors": fitted.view(len(anchors), -1).tolist()}
 
     def forward(self, images: Tensor) -> list[Tensor]:
@@ -114,19 +121,16 @@ class YOLOv3(Detector):
     def grid(self, outputs: list[Tensor]) -> PredictionGrid:
         return make_grid([o.shape[2:4] for o in outputs], self.anchors, self.strides)
 
-    def build_targets(self, labels: Tensor, grid: PredictionGrid) -> Targets:
-        return build_targets(labels, grid, self.iou_t, self.best_anchor_only)
-
     def loss(self, outputs: list[Tensor], batch: dict[str, Any]) -> dict[str, Tensor]:
         grid = self.grid(outputs)
         labels = batch["labels"]
-        return self.criterion(flatten(outputs), grid, self.build_targets(labels, grid), labels)
+        return self.criterion(flatten(outputs), grid, self.assigner(labels, grid), labels)
 
     def decode(self, outputs: list[Tensor], batch: dict[str, Any]) -> Detections:
         return self.decoder(flatten(outputs), self.grid(outputs), tuple(batch["images"].shape[-2:]))
 
     def decode_padded(self, outputs: list[Tensor], image_size: tuple[int, int]) -> PaddedDetections:
-        """``decode`` as fixed-shape tensors of ``nms_topk`` rows per image: what an exported model returns."""
+        """``decode`` as fixed-shape tensors of ``max_detections`` rows per image: what an exported model returns."""
         return self.decoder.padded(flatten(outputs), self.grid(outputs), image_size)
 
     def load_foreign_weights(self, path: str, cutoff: int | None = None) -> dict[str, int]:
@@ -137,3 +141,9 @@ class YOLOv3(Detector):
 def flatten(outputs: list[Tensor]) -> Tensor:
     """Per-level ``[B, A, H, W, 5 + C]`` -> ``[B, N, 5 + C]`` in the order ``PredictionGrid`` describes."""
     return torch.cat([o.flatten(1, 3) for o in outputs], 1)
+
+
+def assigner_iou_t(config: PartConfig) -> float:
+    """The shape IoU above which the configured assigner trains an anchor: the threshold the best possible recall
+    of ``anchors: auto`` (and of ``python -m lightning_det.tools.anchors``) is counted at."""
+    return build_part(config, YOLOv3Assigner).iou_t

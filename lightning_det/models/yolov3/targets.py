@@ -42,35 +42,47 @@ def shape_iou(wh1: Tensor, wh2: Tensor) -> Tensor:
     return inter / (wh1.prod(-1)[:, None] + wh2.prod(-1)[None] - inter)
 
 
-def build_targets(
-    labels: Tensor, grid: PredictionGrid, iou_t: float = 0.2, best_anchor_only: bool = False
-) -> Targets:
-    """Assign the objects of padded batch labels ``[B, P, 6]`` to the predictions laid out by ``grid``."""
-    image, row = (labels[..., 0] >= 0).nonzero(as_tuple=True)
-    objects = labels[image, row]
-    boxes = objects[:, 1:5]
-    iou = shape_iou((boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6), grid.anchors)
-    matched = torch.zeros_like(iou, dtype=torch.bool)
-    matched[torch.arange(len(iou), device=iou.device), iou.argmax(1)] = True
-    if not best_anchor_only:
-        matched |= iou > iou_t
-    obj, anchor = matched.nonzero(as_tuple=True)
+@dataclass
+class YOLOv3Assigner:
+    """The ``assigner`` part: shape-IoU matching of objects to anchors, then to the cell holding their centre.
 
-    centre = (boxes[obj, :2] + boxes[obj, 2:]) / 2
-    cell = (centre / grid.anchor_stride[anchor, None]).floor().long()
-    cell = torch.minimum(cell.clamp(min=0), grid.anchor_grid_wh[anchor] - 1)
-    index = grid.flat_index(anchor, cell[:, 0], cell[:, 1])
+    Args:
+        iou_t: an object trains every anchor whose shape IoU exceeds this, plus its best anchor. It is also the
+            recall threshold ``anchors: auto`` is checked against (``YOLOv3.fit_to_data``), so a swapped assigner
+            used with ``auto`` anchors has an ``iou_t`` too.
+        best_anchor_only: train only the single best anchor over all levels (the original YOLOv3).
+    """
 
-    difficult = objects[obj, 5] > 0
-    positive = unique_predictions(image[obj] * len(grid.stride) + index, iou[obj, anchor], ~difficult)
-    return Targets(
-        image=image[obj[positive]],
-        index=index[positive],
-        boxes=boxes[obj[positive]],
-        classes=objects[obj[positive], 0].long(),
-        ignore_image=image[obj[difficult]],
-        ignore_index=index[difficult],
-    )
+    iou_t: float = 0.2
+    best_anchor_only: bool = False
+
+    def __call__(self, labels: Tensor, grid: PredictionGrid) -> Targets:
+        """Assign the objects of padded batch labels ``[B, P, 6]`` to the predictions laid out by ``grid``."""
+        image, row = (labels[..., 0] >= 0).nonzero(as_tuple=True)
+        objects = labels[image, row]
+        boxes = objects[:, 1:5]
+        iou = shape_iou((boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6), grid.anchors)
+        matched = torch.zeros_like(iou, dtype=torch.bool)
+        matched[torch.arange(len(iou), device=iou.device), iou.argmax(1)] = True
+        if not self.best_anchor_only:
+            matched |= iou > self.iou_t
+        obj, anchor = matched.nonzero(as_tuple=True)
+
+        centre = (boxes[obj, :2] + boxes[obj, 2:]) / 2
+        cell = (centre / grid.anchor_stride[anchor, None]).floor().long()
+        cell = torch.minimum(cell.clamp(min=0), grid.anchor_grid_wh[anchor] - 1)
+        index = grid.flat_index(anchor, cell[:, 0], cell[:, 1])
+
+        difficult = objects[obj, 5] > 0
+        positive = unique_predictions(image[obj] * len(grid.stride) + index, iou[obj, anchor], ~difficult)
+        return Targets(
+            image=image[obj[positive]],
+            index=index[positive],
+            boxes=boxes[obj[positive]],
+            classes=objects[obj[positive], 0].long(),
+            ignore_image=image[obj[difficult]],
+            ignore_index=index[difficult],
+        )
 
 
 def unique_predictions(key: Tensor, quality: Tensor, eligible: Tensor) -> Tensor:
