@@ -55,7 +55,7 @@ def test_labels_to_targets_drops_padding_and_keeps_difficult():
 class ToyDetector(Detector):
     """One conv layer; its loss turns NaN from ``nan_from_step`` on."""
 
-    def __init__(self, nan_from_step: int, **kwargs):
+    def __init__(self, nan_from_step: int = 10**9, **kwargs):
         super().__init__(**kwargs)
         self.conv = torch.nn.Conv2d(3, 1, 1)
         self.nan_from_step = nan_from_step
@@ -98,3 +98,40 @@ def test_optimizer_given_as_a_config_builds_the_same_optimizer():
     assert isinstance(optimizer, torch.optim.SGD)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-3, 0.0]
     assert all(g["lr"] == 0.05 for g in optimizer.param_groups)
+
+
+def test_normalise_matches_torchvisions_rcnn_transform_on_a_padded_batch():
+    """Images of two sizes padded into one batch by our collate, then normalised by the model, equal torchvision's
+    GeneralizedRCNNTransform (normalise each image, then pad with zeros) on the same pixels."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from lightning_det.data.collate import collate_detection
+    from lightning_det.data.transforms import Sample
+
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    torch.manual_seed(0)
+    pixels = [torch.randint(0, 256, (3, 40, 64)).float(), torch.randint(0, 256, (3, 64, 30)).float()]
+    samples = [Sample(image=p, boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long),
+                      difficult=torch.zeros(0, dtype=torch.bool), image_id=i, path=f"{i}.jpg",
+                      orig_size=tuple(p.shape[-2:])) for i, p in enumerate(pixels)]
+    batch = collate_detection(samples, size_divisor=32)
+    model = ToyDetector(num_classes=1, pixel_mean=mean, pixel_std=std)
+    ours = model.normalise(batch["images"], batch["meta"]["image_size"])
+
+    reference = GeneralizedRCNNTransform(min_size=64, max_size=64, image_mean=[m / 255 for m in mean],
+                                         image_std=[s / 255 for s in std], size_divisible=32, fixed_size=(1, 1))
+    normalised = [reference.normalize(p / 255) for p in pixels]  # torchvision takes [0, 1] images
+    expected = reference.batch_images(normalised, size_divisible=32)
+    assert ours.shape == expected.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert bool((ours[0, :, 40:] == 0).all()) and bool((ours[1, :, :, 30:] == 0).all())
+
+
+def test_normalisation_is_the_models_and_travels_in_its_hyperparameters():
+    model = ToyDetector(num_classes=1, pixel_mean=(10.0, 20.0, 30.0), pixel_std=(2.0, 4.0, 5.0))
+    images = torch.tensor([50.0, 60.0, 80.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.normalise(images).flatten(), torch.tensor([20.0, 10.0, 10.0]))
+    rebuilt = ToyDetector(**model.hparams)
+    assert torch.equal(rebuilt.pixel_mean, model.pixel_mean) and torch.equal(rebuilt.pixel_std, model.pixel_std)
+    default = ToyDetector(num_classes=1)  # the base's default: pixels / 255
+    torch.testing.assert_close(default.normalise(images).flatten(), torch.tensor([50.0, 60.0, 80.0]) / 255)

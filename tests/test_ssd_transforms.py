@@ -47,20 +47,20 @@ def test_training_views_are_square_with_boxes_inside_and_labels_in_step():
 
 def test_zoom_out_fills_the_canvas_with_the_mean_pixel():
     torch.manual_seed(1)
-    mean = (100.0, 50.0, 200.0)
+    fill = (100.0, 50.0, 200.0)
     transform = SSDTrainTransform(img_size=64, photometric=0.0, zoom_out=1.0, zoom_out_max=4.0,
-                                  crop_min_iou=(), flip=0.0, mean=mean, std=(1.0, 1.0, 1.0))
+                                  crop_min_iou=(), flip=0.0, fill=fill)
     source = sample()
     source.image[:] = 255
     # without crop choices the zoomed-out canvas is always kept whole
     images = torch.stack([transform([source]).image for _ in range(8)])
     corners = images[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]  # one corner at least lies outside the pasted image
-    assert torch.all((corners == 0).all(1).any(-1))  # mean pixel minus mean
+    assert torch.all((corners == torch.tensor(fill).view(3, 1)).all(1).any(-1))
 
 
 def test_evaluation_resize_maps_boxes_back_exactly():
     source = sample(120, 200)
-    out = SSDEvalTransform(img_size=300, mean=(0, 0, 0), std=(1, 1, 1))([source])
+    out = SSDEvalTransform(img_size=300)([source])
     assert out.image.shape == (3, 300, 300) and out.scale == (1.5, 2.5) and out.orig_size == (120, 200)
     meta = {"scale": torch.tensor([out.scale]), "pad": torch.tensor([out.pad]), "orig_size": torch.tensor([[120, 200]])}
     back = to_original_pixels(out.boxes, torch.zeros(len(out.boxes), dtype=torch.long), meta)
@@ -77,7 +77,7 @@ def test_zoomed_and_cropped_boxes_follow_their_pixels(seed):
     source = Sample(image=image, boxes=torch.tensor([[50.0, 30, 150, 90]]), labels=torch.tensor([0]),
                     difficult=torch.tensor([False]), image_id=0, path="a.jpg", orig_size=(120, 200))
     transform = SSDTrainTransform(img_size=160, photometric=0.0, zoom_out=0.5, crop_min_iou=(0.5, 0.7),
-                                  flip=0.5, mean=(90, 90, 90), std=(1, 1, 1))
+                                  flip=0.5, fill=(90, 90, 90))
     out = transform([source])
     assert len(out.boxes) == 1
     x1, y1, x2, y2 = out.boxes[0].tolist()

@@ -35,6 +35,9 @@ def runs(tmp_path_factory) -> Path:
     evaluated = command("-m", "lightning_det.tools.evaluate", f"ckpt_path={checkpoint}", *data, "data.img_size=320",
                         f"hydra.run.dir={tmp / 'evaluate'}")
     (tmp / "evaluate" / "stdout.txt").write_text(evaluated.stdout + evaluated.stderr)
+    on_two = command("-m", "lightning_det.tools.evaluate", f"ckpt_path={checkpoint}", *data, "trainer=ddp",
+                     "trainer.accelerator=cpu", f"hydra.run.dir={tmp / 'evaluate_ddp'}")
+    (tmp / "evaluate_ddp" / "stdout.txt").write_text(on_two.stdout + on_two.stderr)
 
     voc = tmp / "sample" / "VOCsample"
     inputs = tmp / "inputs"
@@ -70,6 +73,22 @@ def test_evaluate_prints_every_metric_and_writes_result_files(runs):
     for name in ("pr_curve", "f1_curve", "confusion_matrix", "labels"):  # the results report of the scored images
         pixels = np.asarray(Image.open(runs / "evaluate" / f"{name}.png").convert("L"), dtype=np.float64)
         assert min(pixels.shape) >= 200 and pixels.std() > 5, name
+
+
+def test_evaluate_on_two_processes_scores_every_image_once(runs):
+    """Under DDP each rank scores part of the images (Lightning's sampler repeats one to even out 8 images over
+    2 ranks only if needed); the merged result must be the single-process one: the same detections, each image
+    once, and the same metric table."""
+    assert "Starting with 2 processes" in (runs / "evaluate_ddp" / "stdout.txt").read_text()
+    one, two = (json.loads((runs / run / "coco_results.json").read_text()) for run in ("evaluate", "evaluate_ddp"))
+    assert len(one) == len(two) > 0
+    key = lambda r: (r["image_id"], r["category_id"], -r["score"])  # noqa: E731
+    for a, b in zip(sorted(one, key=key), sorted(two, key=key)):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert np.allclose(a["bbox"] + [a["score"]], b["bbox"] + [b["score"]], atol=1e-3)
+    tables = [re.findall(r"^mAP\s.*$", (runs / run / "stdout.txt").read_text(), re.MULTILINE)
+              for run in ("evaluate", "evaluate_ddp")]
+    assert tables[0] and tables[0] == tables[1]
 
 
 def test_predict_matches_evaluate_and_stays_in_original_pixels(runs):

@@ -10,6 +10,7 @@ from lightning_det.callbacks.interrupt import InterruptCheckpoint
 from lightning_det.callbacks.multiscale import MultiScale
 from lightning_det.callbacks.speed import ChannelsLast, Compile
 from lightning_det.callbacks.time_budget import TimeBudget
+from lightning_det.callbacks.validation_summary import ValidationSummary
 
 __all__ = [
     "ChannelsLast",
@@ -24,4 +25,5 @@ __all__ = [
     "SafeCheckpointIO",
     "TimeBudget",
     "ValidationImageLogger",
+    "ValidationSummary",
 ]

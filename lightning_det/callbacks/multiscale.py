@@ -47,3 +47,6 @@ class MultiScale(L.Callback):
         labels = batch["labels"].clone()
         labels[..., 1:5] *= labels.new_tensor([new_w / width, new_h / height] * 2)
         batch["labels"] = labels
+        if "image_size" in batch.get("meta", {}):  # where each image ends inside the padded batch, resized with it
+            factors = torch.tensor([new_h / height, new_w / width], device=batch["meta"]["image_size"].device)
+            batch["meta"]["image_size"] = (batch["meta"]["image_size"] * factors).round().long()

@@ -17,8 +17,9 @@ def collate_detection(
 
     ``label_pad_width`` fixes ``P`` (useful for static shapes, e.g. compiled models); ``None`` pads to the
     batch's largest object count (at least 1). Images of different sizes (Faster R-CNN keeps aspect ratios) are
-    padded with zeros at the bottom/right to the batch's largest height and width, rounded up to a multiple
-    of ``size_divisor``; pixel coordinates do not move, so each image's ``scale``/``pad`` stays valid.
+    padded at the bottom/right to the batch's largest height and width, rounded up to a multiple of
+    ``size_divisor``; pixel coordinates do not move, so each image's ``scale``/``pad`` stays valid. ``meta``'s
+    ``image_size`` (h, w) tells the model where each image ends, so the padding is zero after its normalisation.
     """
     counts = torch.tensor([len(s.labels) for s in samples])
     width = label_pad_width if label_pad_width is not None else max(1, int(counts.max()))
@@ -47,6 +48,7 @@ def collate_detection(
             "orig_size": torch.tensor([s.orig_size for s in samples], dtype=torch.long),
             "scale": torch.tensor([s.scale for s in samples], dtype=torch.float32),
             "pad": torch.tensor([s.pad for s in samples], dtype=torch.float32),
+            "image_size": torch.tensor([tuple(s.image.shape[-2:]) for s in samples], dtype=torch.long),
             "path": [s.path for s in samples],
             "mosaic": torch.tensor([s.mosaic for s in samples], dtype=torch.bool),
             **({"area": [s.area for s in samples]} if any(s.area is not None for s in samples) else {}),

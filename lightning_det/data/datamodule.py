@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
 from torch.utils.data import DataLoader, SequentialSampler
 
 from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers, usable_cores
@@ -155,12 +154,6 @@ class DetectionDataModule(L.LightningDataModule):
             size = getattr(getattr(self, name), "img_size", self.img_size)
             if size != self.img_size:
                 raise ValueError(f"data.{name}.img_size={size} differs from data.img_size={self.img_size}")
-        train, val = self.train_transform, self.val_transform
-        if (train.mean, train.std) != (val.mean, val.std):
-            raise ValueError(
-                f"train and val transforms normalise differently (mean/std {train.mean}/{train.std} vs "
-                f"{val.mean}/{val.std}); the model would see different inputs in training and evaluation"
-            )
 
     @property
     def num_classes(self) -> int:
@@ -329,12 +322,6 @@ class DetectionDataModule(L.LightningDataModule):
         batches = SortedAspectRatioBatchSampler(SequentialSampler(dataset), self.batch_size, aspect_ratios=aspect_ratios)
         return self._loader(dataset, batch_sampler=batches, batch_size=1)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
-    def denormalize(self, images: Tensor) -> Tensor:
-        """Batch images back to ``uint8 [B, 3, H, W]`` for display."""
-        return self.val_transform.denormalize(images)
 
 
 def closed_epochs(close_mosaic: float, max_epochs: int) -> int:

@@ -2,7 +2,8 @@
 
 A subclass implements three hooks and nothing else of the loop:
 
-- ``forward(images)``: raw network outputs (the same in train and eval mode, so validation can compute losses);
+- ``forward(images)``: raw network outputs of normalised images (the same in train and eval mode, so validation
+  can compute losses);
 - ``loss(outputs, batch)``: a dict of loss terms with the total under ``"loss"``;
 - ``decode(outputs, batch)``: per image ``{"boxes", "scores", "labels"}`` in batch-image pixels.
 
@@ -10,7 +11,8 @@ and, where the family has them, the hooks the tools call: ``fit_to_data`` (setti
 boxes, before the network is built), ``decode_padded`` (fixed-shape decoding: what ``export`` puts in the graph)
 and ``load_foreign_weights`` (``init_from`` for the reference implementation's weight files).
 
-The base maps detections back to original-image pixels, logs every loss term under ``train/`` and ``val/``,
+The base normalises the batch's pixels (``pixel_mean`` / ``pixel_std``: the model's, so a checkpoint knows its
+own), maps detections back to original-image pixels, logs every loss term under ``train/`` and ``val/``,
 computes the validation metric, builds the optimizer and scheduler from Hydra partials, and stops training
 cleanly when the loss stops being finite.
 """
@@ -18,8 +20,7 @@ cleanly when the loss stops being finite.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Union
 
 import lightning as L
@@ -30,11 +31,13 @@ from torch import Tensor, nn
 from lightning_det.models.boxes import Detections
 from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.optim import parameter_groups
-from lightning_det.report.loggers import tensorboard
 
 log = logging.getLogger(__name__)
 
 
+
+# Metric results that are per class or per threshold, never logged as one scalar (even with a single class).
+PER_CLASS_RESULTS = ("AP_per_class", "pr_counts")
 
 # A factory given as a Hydra config (``{"_target_": ..., "_partial_": True, ...}``) or as the callable itself.
 # Configs keep checkpoints plain data, so they load with ``torch.load(weights_only=True)``.
@@ -76,6 +79,11 @@ def labels_to_targets(labels: Tensor, meta: dict[str, Any]) -> Detections:
     return targets
 
 
+def summary_values(results: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A validation metric's one-number results as ``val/<name>`` (per-class and curve tensors left out)."""
+    return {f"val/{k}": v.float() for k, v in results.items() if k not in PER_CLASS_RESULTS and v.numel() == 1}
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised by ``train.run`` when a run was stopped because its loss became NaN or infinite."""
 
@@ -86,6 +94,9 @@ class Detector(L.LightningModule):
     #: Settings a family renamed or moved into a part, ``old key -> new path`` under ``model.``: a config or
     #: command line still using the old key is refused with the new one (see ``checks.config.check_renamed``).
     renamed: ClassVar[dict[str, str]] = {}
+    #: The input normalisation ``(pixel - mean) / std`` in pixel units (0..255) when none is configured.
+    default_pixel_mean: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
+    default_pixel_std: ClassVar[tuple[float, float, float]] = (255.0, 255.0, 255.0)
 
     def __init__(
         self,
@@ -94,9 +105,15 @@ class Detector(L.LightningModule):
         optimizer: Factory | None = None,
         scheduler: Factory | None = None,
         metric: Factory | None = None,
+        pixel_mean: Sequence[float] | None = None,
+        pixel_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        mean = self.default_pixel_mean if pixel_mean is None else pixel_mean
+        std = self.default_pixel_std if pixel_std is None else pixel_std
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         if len(self.class_names) != num_classes:
@@ -107,6 +124,8 @@ class Detector(L.LightningModule):
             as_callable(metric)(num_classes=num_classes, class_names=self.class_names) if metric else None
         )
         self.nonfinite_loss: str | None = None
+        # The last validation's metric results (per-class AP, PR counts ...), read by ValidationSummary.
+        self.validation_results: dict[str, Tensor] | None = None
         self.checkpoint_epoch: int | None = None  # set when weights come from a checkpoint
         # The evaluation transform's config, saved with checkpoints so inference needs no training config.
         self.inference_pipeline: dict[str, Any] | None = None
@@ -133,8 +152,23 @@ class Detector(L.LightningModule):
         raise ValueError(f"init_from: {path} is not a PyTorch file and {type(self).__name__} reads no other format")
 
     # --- the shared loop -------------------------------------------------------------------------------------
+    def normalise(self, images: Tensor, image_size: Tensor | None = None) -> Tensor:
+        """Pixels (0..255) -> the network's input. Given each image's ``image_size`` (h, w) inside a padded batch,
+        the padding is 0 after normalising, as torchvision's ``GeneralizedRCNNTransform`` pads."""
+        images = (images - self.pixel_mean) / self.pixel_std
+        height, width = images.shape[-2:]
+        if image_size is None or bool((image_size == image_size.new_tensor([height, width])).all()):
+            return images
+        rows = torch.arange(height, device=images.device) < image_size[:, :1].to(images.device)  # [B, H]
+        cols = torch.arange(width, device=images.device) < image_size[:, 1:].to(images.device)  # [B, W]
+        return images * (rows[:, None, :, None] & cols[:, None, None, :])
+
+    def network_outputs(self, batch: dict[str, Any]) -> Any:
+        """``forward`` on the batch's normalised images."""
+        return self(self.normalise(batch["images"], batch.get("meta", {}).get("image_size")))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        losses = self.loss(self(batch["images"]), batch)
+        losses = self.loss(self.network_outputs(batch), batch)
         if not torch.isfinite(losses["loss"]):
             return self._stop_on_nonfinite(losses)
         self._log_losses("train", losses, batch_size=batch["images"].shape[0])
@@ -142,7 +176,7 @@ class Detector(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Detections] | None:
         """Returns the batch's detections and targets (original pixels) for callbacks such as the results report."""
-        outputs = self(batch["images"])
+        outputs = self.network_outputs(batch)
         self._log_losses("val", self.loss(outputs, batch), batch_size=batch["images"].shape[0])
         if self.val_metric is None:
             return None
@@ -151,8 +185,13 @@ class Detector(L.LightningModule):
         self.val_metric.update(detections, targets)
         return {"detections": detections, "targets": targets}
 
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Detections:
+        """Detections in original pixels, for ``evaluate``'s callback to score and write (losses need labels
+        that a test split may not have)."""
+        return self.detections_in_original_pixels(self.network_outputs(batch), batch)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Detections:
-        return self.detections_in_original_pixels(self(batch["images"]), batch)
+        return self.detections_in_original_pixels(self.network_outputs(batch), batch)
 
     def detections_in_original_pixels(self, outputs: Any, batch: dict[str, Any]) -> Detections:
         detections = self.decode(outputs, batch)
@@ -170,11 +209,9 @@ class Detector(L.LightningModule):
             return
         results = self.val_metric.compute()
         self.val_metric.reset()
-        per_class = results.pop("AP_per_class", None)
-        pr_counts = results.pop("pr_counts", None)
-        scalars = {f"val/{k}": v.float() for k, v in results.items() if v.numel() == 1}
-        if pr_counts is not None and not self.trainer.sanity_checking:
-            self.log_pr_curves(pr_counts)
+        self.validation_results = results
+        per_class = results.get("AP_per_class")
+        scalars = summary_values(results)
         self.log_dict(scalars, sync_dist=False)
         undefined = [name for name, value in scalars.items() if value.isnan()]
         if undefined and not self.trainer.sanity_checking:
@@ -186,37 +223,6 @@ class Detector(L.LightningModule):
             self.log_dict(
                 {f"val_AP/{name}": ap for name, ap in zip(self.class_names, per_class.float()) if not ap.isnan()}
             )
-            self.last_per_class_ap = per_class.cpu()
-            if not self.trainer.sanity_checking and self.trainer.is_global_zero:  # synchronised: print it once
-                log.info("\n%s", self.per_class_table(per_class, scalars))
-
-    def log_pr_curves(self, counts: Tensor) -> None:
-        """Per-class precision-recall curves for TensorBoard's PR tab (``val_PR/<class>``) from the metric's
-        (TP, FP, missed) counts at rising score thresholds; classes without objects are left out."""
-        tp, fp, missed = counts.double().cpu().unbind(-1)
-        precision = tp / (tp + fp).clamp(min=1)
-        recall = tp / (tp + missed).clamp(min=1)
-        logger = tensorboard(self.trainer)
-        if logger is None:
-            return
-        for index, name in enumerate(self.class_names):
-            if tp[index, 0] + missed[index, 0] == 0:
-                continue
-            logger.experiment.add_pr_curve_raw(
-                f"val_PR/{name}", tp[index], fp[index], torch.zeros_like(tp[index]), missed[index],
-                precision[index], recall[index], global_step=self.global_step, num_thresholds=counts.shape[1],
-            )
-
-    def per_class_table(self, per_class: Tensor, scalars: dict[str, Tensor]) -> str:
-        """A text table of AP per class with the epoch's summary values, for the console."""
-        width = max(8, *(len(n) for n in self.class_names))
-        lines = [f"epoch {self.scored_epoch()}: " + "  ".join(f"{k}={v.item():.4f}" for k, v in scalars.items())]
-        lines.append(f"{'class':<{width}}  AP")
-        lines += [
-            f"{name:<{width}}  {'n/a (no ground truth)' if math.isnan(ap) else f'{ap:.4f}'}"
-            for name, ap in zip(self.class_names, per_class.tolist())
-        ]
-        return "\n".join(lines)
 
     def scored_epoch(self) -> int:
         """The epoch of the weights being validated: a checkpoint's own when ``validate`` loaded one (the final

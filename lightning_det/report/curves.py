@@ -1,4 +1,5 @@
-"""F1 against the confidence threshold, from the VOC metric's (TP, FP, missed) counts at rising thresholds."""
+"""Precision, recall and F1 against the confidence threshold, from the VOC metric's (TP, FP, missed) counts at
+rising thresholds (``VOCMeanAP.compute()["pr_counts"]``, ``[C, T, 3]``)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,26 @@ import torch
 from torch import Tensor
 
 
+def has_objects(pr_counts: Tensor) -> Tensor:
+    """``[C]`` whether each class has ground truth (TP + missed at the lowest threshold): curves are drawn only
+    for those."""
+    return (pr_counts[:, 0, 0] + pr_counts[:, 0, 2]) > 0
+
+
+def precision_recall(pr_counts: Tensor) -> tuple[Tensor, Tensor]:
+    """``[C, T]`` precision and recall per class at thresholds ``i / (T - 1)``. Where no detection is left above
+    a threshold, precision is 1: the curve's end point at zero recall."""
+    tp, fp, missed = pr_counts.double().unbind(-1)
+    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), 1.0)
+    return precision, tp / (tp + missed).clamp(min=1)
+
+
 def f1_by_threshold(pr_counts: Tensor) -> Tensor:
     """``[C, T]`` F1 = 2 TP / (2 TP + FP + FN) per class at thresholds ``i / (T - 1)``; NaN for classes without
     objects. ``pr_counts`` is ``VOCMeanAP.compute()["pr_counts"]`` (``[C, T, 3]``)."""
     tp, fp, missed = pr_counts.double().unbind(-1)
     f1 = 2 * tp / (2 * tp + fp + missed).clamp(min=1)
-    has_objects = (tp[:, 0] + missed[:, 0]) > 0
-    return torch.where(has_objects[:, None], f1, torch.nan)
+    return torch.where(has_objects(pr_counts)[:, None], f1, torch.nan)
 
 
 def best_f1_threshold(pr_counts: Tensor) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""Boxes on images, shared by the TensorBoard image logger, the dataset browser and predict."""
+"""Boxes on images: labels (the image logger, the dataset browser) and detections (the image logger, predict)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,10 @@ def draw_labels(image: Tensor, rows: Tensor, class_names: Sequence[str], width: 
     captions = [class_names[int(c)] for c in rows[:, 0].tolist()]
     colours = ["orange" if difficult else "lime" for difficult in rows[:, 5].tolist()]
     return draw_bounding_boxes(image.cpu(), rows[:, 1:5], labels=captions, colors=colours, width=width)
+
+
+def draw_detections(image: Tensor, boxes: Tensor, names: Sequence[str], scores: Sequence[float],
+                    width: int = 1) -> Tensor:
+    """Detections on a ``uint8 [3, H, W]`` image in red, captioned with their class name and score."""
+    captions = [f"{name} {score:.2f}" for name, score in zip(names, scores)]
+    return draw_bounding_boxes(image.cpu(), boxes.reshape(-1, 4).cpu(), labels=captions, colors="red", width=width)

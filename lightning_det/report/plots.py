@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from torch import Tensor
 
-from lightning_det.report.curves import best_f1_threshold, f1_by_threshold
+from lightning_det.report.curves import best_f1_threshold, f1_by_threshold, has_objects, precision_recall
 
 DPI = 100
 
@@ -59,17 +58,15 @@ def _curve_axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, object]:
 def pr_figure(pr_counts: Tensor, ap_per_class: Tensor, class_names: list[str]) -> Figure:
     """Precision against recall per class (the metric's points at rising score thresholds), AP at IoU 0.5 in the
     legend, and the mean over the classes with objects."""
-    tp, fp, missed = pr_counts.double().unbind(-1)
-    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), 1.0)  # no detections left: precision 1
-    recall = tp / (tp + missed).clamp(min=1)
+    precision, recall = precision_recall(pr_counts)
     figure, axes = _curve_axes("Precision-recall (IoU 0.5)", "recall", "precision")
-    has_objects = (tp[:, 0] + missed[:, 0]) > 0
+    drawn = has_objects(pr_counts)
     for index, name in enumerate(class_names):
-        if has_objects[index]:
+        if drawn[index]:
             axes.plot(recall[index], precision[index], linewidth=1, label=f"{name} {ap_per_class[index]:.3f}")
-    if has_objects.any():
-        axes.plot(recall[has_objects].mean(0), precision[has_objects].mean(0), linewidth=3, color="blue",
-                  label=f"all classes {ap_per_class[has_objects].mean():.3f} mAP@0.5")
+    if drawn.any():
+        axes.plot(recall[drawn].mean(0), precision[drawn].mean(0), linewidth=3, color="blue",
+                  label=f"all classes {ap_per_class[drawn].mean():.3f} mAP@0.5")
         axes.legend(loc="lower left", fontsize=8)
     return figure
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torchvision.io import write_png
 from torchvision.utils import make_grid
 
+from lightning_det.data.transforms.common import displayable
 from lightning_det.report.drawing import draw_labels
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def browse(cfg: DictConfig) -> list[Path]:
     output.mkdir(parents=True, exist_ok=True)
     written, labels = [], []
     for number, batch in enumerate(islice(loaders[cfg.split](), cfg.batches)):
-        images = datamodule.denormalize(batch["images"])
+        images = displayable(batch["images"])
         drawn = [draw_labels(image, rows, datamodule.classes) for image, rows in zip(images, batch["labels"])]
         path = output / f"{cfg.split}_batch{number}.png"
         write_png(make_grid(drawn, nrow=cfg.images_per_row, pad_value=255), str(path))

@@ -5,6 +5,8 @@
 Writes, in the run directory, ``voc/comp4_det_test_<class>.txt`` (the VOC devkit's per-class format: image id,
 score, 1-based box), ``coco_results.json`` (COCO's results format with the dataset's category ids) and the results
 report's ``pr_curve.png``, ``f1_curve.png``, ``confusion_matrix.png`` and ``labels.png`` (of the scored images).
+It runs through ``Trainer.test`` with the training config's ``trainer`` node, so ``trainer.devices=2`` evaluates on
+two devices (or two CPU processes) as training would.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import sys
 from pathlib import Path
 
 import hydra
+import lightning as L
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -78,10 +82,31 @@ def record_targets(records: list[AnnotationRecord]) -> Detections:
     return targets
 
 
-@torch.inference_mode()
+class DetectionCollector(L.Callback):
+    """Keeps every test batch's detections (original pixels) by image id; ``gathered`` merges the ranks'."""
+
+    def __init__(self) -> None:
+        self.by_image: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Detections,
+                          batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        for image_id, det in zip(batch["meta"]["image_id"].tolist(), outputs):
+            self.by_image[image_id] = {k: v.cpu() for k, v in det.items()}
+
+    def gathered(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every rank's detections. Lightning's distributed sampler repeats a few images to even out the ranks;
+        keyed by image id, each counts once."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.by_image
+        parts: list[dict] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(parts, self.by_image)
+        return {image_id: det for part in parts for image_id, det in part.items()}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint on the test split through ``Trainer.test`` (``trainer.devices=2`` runs one rank per device),
+    scored on rank zero with the three metrics; result files and the report are written there."""
     model, pipeline = load_detector(cfg.ckpt_path)
-    model.to(cfg.device)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -91,33 +116,35 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
             "set data.classes to the checkpoint's list"
         )
     datamodule.val_transform = pipeline
-    n = model.num_classes
-    metrics = {
-        "voc07": VOCMeanAP(n, use_07_metric=True),
-        "voc": VOCMeanAP(n),
-        "coco": COCOMeanAP(n),
-    }
-    record_of = {record.image_id: record for record in datamodule.records["test"]}
-    all_detections, all_targets, image_ids, stems = [], [], [], []
-    for batch in datamodule.test_dataloader():
-        batch = model.transfer_batch_to_device(batch, model.device, 0)
-        detections = [{k: v.cpu() for k, v in d.items()} for d in model.predict_step(batch, 0)]
-        targets = record_targets([record_of[i] for i in batch["meta"]["image_id"].tolist()])
-        for metric in metrics.values():
-            metric.update(detections, targets)
-        all_detections += detections
-        all_targets += targets
-        image_ids += batch["meta"]["image_id"].tolist()
-        stems += [Path(p).stem for p in batch["meta"]["path"]]
+    collector = DetectionCollector()
+    trainer = instantiate(cfg.trainer, callbacks=[collector], logger=False, enable_checkpointing=False,
+                          enable_model_summary=False)
+    trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
+    by_image = collector.gathered()
+    if not trainer.is_global_zero:
+        return {}
 
+    records = datamodule.records["test"]
+    detections = [by_image[record.image_id] for record in records]
+    targets = record_targets(records)
+    n = model.num_classes
+    # Scored here on rank zero from the merged detections: no rank would join a synchronisation.
+    metrics = {
+        "voc07": VOCMeanAP(n, use_07_metric=True, sync_on_compute=False),
+        "voc": VOCMeanAP(n, sync_on_compute=False),
+        "coco": COCOMeanAP(n, sync_on_compute=False),
+    }
+    for metric in metrics.values():
+        metric.update(detections, targets)
     output = Path(cfg.paths.output_dir)
-    write_voc_results(output / "voc", model.class_names, stems, all_detections)
+    write_voc_results(output / "voc", model.class_names, [Path(r.path).stem for r in records], detections)
     category_ids = datamodule.label_to_category_id or list(range(n))
-    (output / "coco_results.json").write_text(json.dumps(coco_results(image_ids, all_detections, category_ids)))
+    image_ids = [record.image_id for record in records]
+    (output / "coco_results.json").write_text(json.dumps(coco_results(image_ids, detections, category_ids)))
     results = {name: metric.compute() for name, metric in metrics.items()}
-    log.info("%d images\n%s", len(image_ids), metric_table(model.class_names, results))
-    confusion = confusion_matrix(all_detections, all_targets, n, conf=0.25, iou_threshold=0.5)
-    write_evaluation_report(output, model.class_names, results["voc"], confusion, datamodule.records["test"],
+    log.info("%d images\n%s", len(records), metric_table(model.class_names, results))
+    confusion = confusion_matrix(detections, targets, n, conf=0.25, iou_threshold=0.5)
+    write_evaluation_report(output, model.class_names, results["voc"], confusion, records,
                             conf=0.25, iou_threshold=0.5)
     return results
 

@@ -2,9 +2,10 @@
 
     python -m lightning_det.tools.export ckpt_path=<checkpoint> format=onnx          # or format=torchscript
 
-The exported model takes ``images [B, 3, H, W]`` float32: the tensor the checkpoint's evaluation pipeline makes
-(resize or letterbox to ``img_size``, then ``(pixel - mean) / std`` per RGB channel; the values are printed and
-stored in the file's metadata). It returns fixed-shape detections in input-image pixels:
+The exported model takes ``images [B, 3, H, W]`` float32 RGB pixels (0..255): the tensor the checkpoint's
+evaluation pipeline makes (resize or letterbox to ``img_size``). The model's own normalisation,
+``(pixel - mean) / std``, is inside the graph (its values are printed and stored in the file's metadata). It
+returns fixed-shape detections in input-image pixels:
 
 - ``boxes [B, K, 4]`` float32 xyxy, ``scores [B, K]`` float32, ``labels [B, K]`` int64 (class index),
 - ``num_detections [B]`` int64,
@@ -45,7 +46,8 @@ OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
 
 
 class ExportableDetector(nn.Module):
-    """A detector and its decoding as one module of fixed input size: normalised images in, padded detections out."""
+    """A detector, its normalisation and its decoding as one module of fixed input size: pixels in, padded
+    detections out."""
 
     def __init__(self, detector: Detector, image_size: tuple[int, int]) -> None:
         super().__init__()
@@ -53,7 +55,7 @@ class ExportableDetector(nn.Module):
         self.image_size = image_size
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return tuple(self.detector.decode_padded(self.detector(images), self.image_size))
+        return tuple(self.detector.decode_padded(self.detector(self.detector.normalise(images)), self.image_size))
 
 
 def export_pipeline(detector: Detector, img_size: int | None) -> dict[str, Any]:
@@ -76,10 +78,10 @@ def metadata(detector: Detector, pipeline: dict[str, Any], max_detections: int) 
         "class_names": json.dumps(detector.class_names),
         "img_size": str(pipeline["img_size"]),
         "pipeline": json.dumps(pipeline),
-        "mean": json.dumps(pipeline.get("mean")),
-        "std": json.dumps(pipeline.get("std")),
-        "normalization": "(pixel - mean) / std per RGB channel, pixels 0..255",
-        "inputs": "images [B, 3, img_size, img_size] float32",
+        "mean": json.dumps(detector.pixel_mean.flatten().tolist()),
+        "std": json.dumps(detector.pixel_std.flatten().tolist()),
+        "normalization": "inside the model: (pixel - mean) / std per RGB channel",
+        "inputs": "images [B, 3, img_size, img_size] float32 RGB pixels 0..255",
         "outputs": "boxes [B, K, 4] xyxy input pixels, scores [B, K], labels [B, K] int64, num_detections [B] int64",
         "max_detections": str(max_detections),
         "padding": f"rows past num_detections: boxes 0, scores 0, labels {PAD_LABEL}",
@@ -91,8 +93,8 @@ def summary(props: dict[str, str], batch: str) -> str:
     side, k = props["img_size"], props["max_detections"]
     transform = str(json.loads(props["pipeline"]).get("_target_")).rsplit(".", 1)[-1]
     return (
-        f"  input  images [{batch}, 3, {side}, {side}] float32 as {transform}(img_size={side}) makes them:"
-        f" (pixel - mean) / std, mean {props['mean']}, std {props['std']}\n"
+        f"  input  images [{batch}, 3, {side}, {side}] float32 pixels 0..255 as {transform}(img_size={side}) makes"
+        f" them; normalised inside: mean {props['mean']}, std {props['std']}\n"
         f"  output boxes [B, {k}, 4] xyxy input pixels, scores [B, {k}], labels [B, {k}] int64,"
         f" num_detections [B] int64; {props['padding']}\n"
         f"  classes {props['class_names']}"

@@ -16,10 +16,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 from torchvision.io import write_png
-from torchvision.utils import draw_bounding_boxes
 
 from lightning_det.checks.config import check_config
 from lightning_det.data.image_checks import decode_rgb
+from lightning_det.report.drawing import draw_detections
 from lightning_det.tools.inference import image_batch, load_detector
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,8 @@ def main(cfg: DictConfig) -> None:
     results = predict(cfg.ckpt_path, paths, cfg.score_thresh, cfg.batch_size, cfg.device)
     output = Path(cfg.paths.output_dir)
     for path, det in results.items():
-        image = decode_rgb(path)
-        captions = [f"{name} {score:.2f}" for name, score in zip(det["labels"], det["scores"])]
-        boxes = torch.tensor(det["boxes"]).reshape(-1, 4)
-        write_png(draw_bounding_boxes(image, boxes, labels=captions, colors="red", width=2), str(output / f"{Path(path).stem}.png"))
+        drawn = draw_detections(decode_rgb(path), torch.tensor(det["boxes"]), det["labels"], det["scores"], width=2)
+        write_png(drawn, str(output / f"{Path(path).stem}.png"))
     (output / "detections.json").write_text(json.dumps(results, indent=1))
     log.info("%d images, %d detections -> %s", len(results), sum(len(d["scores"]) for d in results.values()), output)
 

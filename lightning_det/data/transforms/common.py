@@ -7,7 +7,6 @@ Geometry runs through ``torchvision.transforms.v2`` functionals on ``tv_tensors`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -15,7 +14,6 @@ import torch
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
-
 
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # the luma of torchvision's rgb_to_grayscale
 RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
@@ -121,30 +119,22 @@ def clip_and_filter(
 
 
 class DetectionTransform:
-    """Base of every pipeline: ``__call__(samples) -> Sample`` plus the normalisation, kept as attributes.
+    """Base of every pipeline: ``__call__(samples) -> Sample`` with the image as ``float`` pixels (0..255).
 
-    ``mean`` and ``std`` are in pixel units (0..255), ``x = (pixel - mean) / std``: YOLO uses mean 0 and
-    std 255 (plain /255), SSD-style pipelines subtract the mean pixel. ``mosaic_probability`` tells the dataset
-    how often to hand over four images instead of one.
+    The pipeline does not normalise: the model does (``Detector.normalise``), so a checkpoint carries its own
+    mean and std and a pretrained backbone brings its normalisation with it. ``mosaic_probability`` tells the
+    dataset how often to hand over four images instead of one.
     """
 
     mosaic_probability: float = 0.0
 
-    def __init__(self, mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (255.0, 255.0, 255.0)) -> None:
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-
     def __call__(self, samples: list[Sample]) -> Sample:
         raise NotImplementedError
 
-    def normalize(self, image: Tensor) -> Tensor:
-        return F.normalize(image.float(), list(self.mean), list(self.std))
 
-    def denormalize(self, images: Tensor) -> Tensor:
-        """Normalised ``[B, 3, H, W]`` back to displayable ``uint8``."""
-        mean = images.new_tensor(self.mean).view(-1, 1, 1)
-        std = images.new_tensor(self.std).view(-1, 1, 1)
-        return (images * std + mean).round().clamp(0, 255).to(torch.uint8)
+def displayable(images: Tensor) -> Tensor:
+    """Batch images (float pixels) as ``uint8``, for drawing."""
+    return images.round().clamp(0, 255).to(torch.uint8)
 
 
 class LetterboxTransform(DetectionTransform):
@@ -157,9 +147,7 @@ class LetterboxTransform(DetectionTransform):
 
     def __init__(
         self, img_size: int | str = 416, fill: int = 114, rect: bool = False, stride: int = 32,
-        **normalization: Sequence[float],
     ) -> None:
-        super().__init__(**normalization)
         self.img_size = img_size
         self.fill = fill
         self.stride = stride if rect else None
@@ -168,7 +156,7 @@ class LetterboxTransform(DetectionTransform):
         (sample,) = samples
         boxed = letterbox(sample.image, sample.boxes, self.img_size, self.fill, self.stride)
         return Sample(
-            image=self.normalize(boxed.image.as_subclass(Tensor)),
+            image=boxed.image.as_subclass(Tensor).float(),
             boxes=boxed.boxes.as_subclass(Tensor),
             labels=sample.labels,
             difficult=sample.difficult,

@@ -6,8 +6,6 @@ bottom/right to a common size, which leaves the ``scale``/``pad`` mapping of eac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
@@ -33,7 +31,6 @@ class RCNNTransform(DetectionTransform):
 
     Without a flip, ``scale`` maps the boxes back to the original image (evaluation); a flipped image is an
     augmented view and describes its own canvas (identity mapping), as every training transform does.
-    Normalisation defaults to the ImageNet mean/std of torchvision's backbones.
     """
 
     def __init__(
@@ -41,10 +38,7 @@ class RCNNTransform(DetectionTransform):
         min_size: int = 600,
         max_size: int = 1000,
         flip: float = 0.0,
-        mean: Sequence[float] = (123.675, 116.28, 103.53),
-        std: Sequence[float] = (58.395, 57.12, 57.375),
     ) -> None:
-        super().__init__(mean=mean, std=std)
         if min_size > max_size:
             raise ValueError(f"min_size={min_size} is larger than max_size={max_size}")
         self.min_size = min_size
@@ -59,7 +53,7 @@ class RCNNTransform(DetectionTransform):
             image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
         canvas = tuple(image.shape[-2:])
         return Sample(
-            image=self.normalize(image.as_subclass(Tensor)),
+            image=image.as_subclass(Tensor).float(),
             boxes=boxes.as_subclass(Tensor),
             labels=sample.labels,
             difficult=sample.difficult,

@@ -5,7 +5,7 @@ laid out on the boxes first, then done in one pass over the pixels. Zoom-out pla
 ``zoom_out_max`` times larger filled with the mean pixel; the crop is drawn on that canvas by ``RandomIoUCrop``'s
 rule (:func:`iou_crop`) and keeps the objects whose centre lies inside it. Only the part of the image that lands
 in the crop is resized (``uint8``) onto the output square, and the colour distortion is one affine colour map
-applied with the float conversion; the rest of the square is the mean pixel (zero after normalisation). The
+applied with the float conversion; the rest of the square is the ``fill`` pixel (the mean pixel). The
 canvas is never built, so a 4x zoom-out costs what a plain resize costs.
 
 Evaluation resizes to the square without keeping the aspect ratio and records ``scale`` so detections map back.
@@ -104,7 +104,7 @@ class SSDTrainTransform(DetectionTransform):
             off. ``crop_trials``: attempts per drawn value.
         flip: probability of a horizontal flip.
         min_size: boxes with a side shorter than this (px, after resizing) are dropped.
-        mean, std: normalisation in pixel units; ``mean`` also fills the zoom-out canvas.
+        fill: the RGB pixel of the zoom-out canvas (the reference's mean pixel).
     """
 
     def __init__(
@@ -117,11 +117,10 @@ class SSDTrainTransform(DetectionTransform):
         crop_trials: int = 40,
         flip: float = 0.5,
         min_size: float = 1.0,
-        mean: Sequence[float] = (123.0, 117.0, 104.0),
-        std: Sequence[float] = (1.0, 1.0, 1.0),
+        fill: Sequence[float] = (123.0, 117.0, 104.0),
     ) -> None:
-        super().__init__(mean=mean, std=std)
         self.img_size = img_size
+        self.fill = tuple(float(value) for value in fill)
         self.photometric = photometric
         self.zoom_out, self.zoom_out_max = zoom_out, zoom_out_max
         self.crop_min_iou, self.crop_trials = [*crop_min_iou, 1.0], crop_trials
@@ -147,11 +146,11 @@ class SSDTrainTransform(DetectionTransform):
         src_y0, src_y1 = max(top, y0) - top, min(top + height, y1) - top
         out_x0, out_x1 = (round((x - x0) * sx) for x in (src_x0 + left, src_x1 + left))
         out_y0, out_y1 = (round((y - y0) * sy) for y in (src_y0 + top, src_y1 + top))
-        image = torch.zeros(3, size, size)  # the mean pixel, normalised
+        image = torch.tensor(self.fill).view(3, 1, 1).repeat(1, size, size)
         if out_x1 > out_x0 and out_y1 > out_y0:
             patch = F.resize(sample.image[:, src_y0:src_y1, src_x0:src_x1], [out_y1 - out_y0, out_x1 - out_x0],
                              antialias=True)
-            image[:, out_y0:out_y1, out_x0:out_x1] = self.normalize(self.distort_colour(patch))
+            image[:, out_y0:out_y1, out_x0:out_x1] = self.distort_colour(patch)
         on_canvas = (src_x0 + left, src_y0 + top, src_x1 + left, src_y1 + top)
         boxes = map_resized(boxes, on_canvas, (out_x0, out_y0, out_x1, out_y1))
         boxes, keep = clip_and_filter(boxes, torch.tensor([[0.0, 0.0, size, size]]), self.min_size, 0.0)
@@ -196,10 +195,7 @@ class SSDTrainTransform(DetectionTransform):
 class SSDEvalTransform(DetectionTransform):
     """Resize to an ``img_size`` square (no padding, aspect ratio not kept); ``scale`` maps boxes back exactly."""
 
-    def __init__(
-        self, img_size: int = 300, mean: Sequence[float] = (123.0, 117.0, 104.0), std: Sequence[float] = (1.0, 1.0, 1.0)
-    ) -> None:
-        super().__init__(mean=mean, std=std)
+    def __init__(self, img_size: int = 300) -> None:
         self.img_size = img_size
 
     def __call__(self, samples: list[Sample]) -> Sample:
@@ -209,7 +205,7 @@ class SSDEvalTransform(DetectionTransform):
         image = F.resize(tv_tensors.Image(sample.image), size, antialias=True)
         boxes = F.resize(tv_tensors.BoundingBoxes(sample.boxes, format="XYXY", canvas_size=(height, width)), size)
         return Sample(
-            image=self.normalize(image.as_subclass(Tensor)),
+            image=image.as_subclass(Tensor).float(),
             boxes=boxes.as_subclass(Tensor).float(),
             labels=sample.labels,
             difficult=sample.difficult,

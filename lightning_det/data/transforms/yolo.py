@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -12,11 +11,11 @@ from torchvision.transforms.v2 import functional as F
 
 from lightning_det.data.transforms.common import (
     DetectionTransform,
-    colour_matrix,
     Resized,
     Sample,
     as_boxes,
     clip_and_filter,
+    colour_matrix,
     letterbox,
     map_resized,
     resize_to_fit,
@@ -53,9 +52,7 @@ class YoloTrainTransform(DetectionTransform):
         fill: int = 114,
         min_size: float = 2.0,
         min_visible: float = 0.2,
-        **normalization: Sequence[float],
     ) -> None:
-        super().__init__(**normalization)
         self.img_size = img_size
         self.mosaic_probability = mosaic
         self.scale = scale
@@ -82,7 +79,7 @@ class YoloTrainTransform(DetectionTransform):
         if torch.rand(()) < self.flip:
             image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
         return Sample(
-            image=self.normalize(self.jitter_colour(image.as_subclass(Tensor))),
+            image=self.jitter_colour(image.as_subclass(Tensor)).float(),
             boxes=boxes.as_subclass(Tensor),
             labels=labels,
             difficult=difficult,

@@ -186,3 +186,16 @@ def forget_weights_file(checkpoint: dict[str, Any], **recorded: Any) -> None:
     weights chose, ``recorded``) so rebuilding the detector from it never needs the ImageNet file again."""
     if "hyper_parameters" in checkpoint:
         checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "backbone_weights": None, **recorded}
+
+
+#: The input normalisation of torchvision's ImageNet weights, in pixel units: ``(pixel - mean) / std``.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def pretrained_normalisation(weights: str | None, detector_arguments: dict[str, Any]) -> dict[str, Any]:
+    """The base detector's arguments with ImageNet's mean/std when backbone ``weights`` are loaded and no
+    normalisation is configured: a pretrained backbone brings the normalisation it was trained with."""
+    if weights is None or detector_arguments.get("pixel_mean") is not None:
+        return detector_arguments
+    return {**detector_arguments, "pixel_mean": IMAGENET_MEAN, "pixel_std": IMAGENET_STD}
