@@ -28,6 +28,7 @@ from lightning_det.tools.export import ExportableDetector, export_onnx, export_t
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = ["yolov3_tiny", "yolov3", "ssdlite", "ssd300"]
+DARKNET_SIZE = 416  # the YOLO configs choose their input from the data (img_size: auto); measured at Darknet's
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def build(name: str, conf: float) -> tuple[ExportableDetector, int]:
     cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
     cfg.model.decoder.score_thresh = conf
     detector = instantiate(cfg.model, num_classes=20, _recursive_=False).eval()  # parts go in as configs
-    side = int(cfg.data.img_size)
+    side = DARKNET_SIZE if cfg.data.img_size == "auto" else int(cfg.data.img_size)
     return ExportableDetector(detector, (side, side)).eval(), side
 
 

@@ -42,6 +42,7 @@ from lightning_det.models.yolov3.loss import YOLOv3Loss
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NUM_CLASSES = 20  # Pascal VOC
+DARKNET_SIZE = 416  # the YOLO configs choose their input from the data (img_size: auto); measured at Darknet's
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,10 @@ class Case:
 # Batch 1 and 4 of the same model show what batching buys on this CPU; the sample-size rows use the settings of
 # the sample runs (conf/tuned/), where fixed per-step costs weigh more than at full size.
 CASES = [
-    Case("yolov3_tiny", from_config("yolov3_tiny"), batch_size=1),
-    Case("yolov3_tiny", from_config("yolov3_tiny"), batch_size=4),
-    Case("yolov3", from_config("yolov3"), batch_size=1),
-    Case("yolov3", from_config("yolov3"), batch_size=4),
+    Case("yolov3_tiny", from_config("yolov3_tiny", DARKNET_SIZE), batch_size=1),
+    Case("yolov3_tiny", from_config("yolov3_tiny", DARKNET_SIZE), batch_size=4),
+    Case("yolov3", from_config("yolov3", DARKNET_SIZE), batch_size=1),
+    Case("yolov3", from_config("yolov3", DARKNET_SIZE), batch_size=4),
     Case("ssd300", from_config("ssd300"), batch_size=2),
     Case("ssdlite", from_config("ssdlite"), batch_size=4),
     Case("faster_rcnn_mobilenet", from_config("faster_rcnn_mobilenet", img_size=608), batch_size=1),
@@ -235,7 +236,7 @@ def loss_case(variant: str, objects: int, iterations: int) -> tuple[float, float
     """(median ms, peak resident-memory growth in MB) of the YOLOv3 loss, targets included, on random yolov3 416 b4
     predictions with ``objects`` per image. Run in a fresh process (``--loss-case``), so the peak is this loss's."""
     cfg = OmegaConf.load(CONF / "model" / "yolov3.yaml")
-    img_size = int(cfg.data.img_size)
+    img_size = DARKNET_SIZE
     model = instantiate(cfg.model, num_classes=NUM_CLASSES, width=0.0625, _recursive_=False)  # no full network needed
     if variant == LOSS_VARIANTS[0]:
         todays_loss(model)
