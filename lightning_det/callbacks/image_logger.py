@@ -6,9 +6,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torchvision.utils import draw_bounding_boxes, make_grid
+from torchvision.utils import make_grid
 
-from lightning_det.report.drawing import draw_labels
+from lightning_det.data.transforms.common import displayable
+from lightning_det.report.drawing import draw_detections, draw_labels
 from lightning_det.report.loggers import image_loggers, log_image
 
 
@@ -32,7 +33,7 @@ class ValidationImageLogger(L.Callback):
             return
         n = min(self.max_images, batch["images"].shape[0])
         no_detections = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}] * n
-        images = trainer.datamodule.denormalize(batch["images"][:n])
+        images = displayable(batch["images"][:n])
         log_image(trainer, "train/first_batch", self.render(images, batch["labels"][:n], no_detections, pl_module), step=0)
 
     def on_validation_batch_end(
@@ -48,8 +49,8 @@ class ValidationImageLogger(L.Callback):
         n = min(self.max_images, batch["images"].shape[0])
         images = batch["images"][:n]
         with torch.no_grad():
-            detections = pl_module.decode(pl_module(images), {**batch, "images": images})
-        return self.render(trainer.datamodule.denormalize(images), batch["labels"][:n], detections, pl_module)
+            detections = pl_module.decode(pl_module(pl_module.normalise(images)), {**batch, "images": images})
+        return self.render(displayable(images), batch["labels"][:n], detections, pl_module)
 
     def render(self, images: torch.Tensor, labels: torch.Tensor, detections: list[dict], pl_module: Any) -> torch.Tensor:
         names = pl_module.class_names
@@ -57,7 +58,7 @@ class ValidationImageLogger(L.Callback):
         for image, rows, det in zip(images.cpu(), labels.cpu(), detections):
             image = draw_labels(image, rows, names)
             keep = det["scores"] >= self.score_thresh
-            captions = [f"{names[c]} {s:.2f}" for c, s in zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
-            image = draw_bounding_boxes(image, det["boxes"][keep].cpu(), labels=captions, colors="red", width=1)
+            image = draw_detections(image, det["boxes"][keep], [names[c] for c in det["labels"][keep].tolist()],
+                                    det["scores"][keep].tolist())
             drawn.append(image)
         return make_grid(drawn, nrow=4)
