@@ -32,6 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tiny_detector import TinyDetector
 from torch.utils.data import DataLoader
 
 from lightning_det.callbacks import Freeze, RunCheckpoint, SafeCheckpointIO
@@ -49,27 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 # ===================================================================================================================
 # Nothing lost
 # ===================================================================================================================
-
-class Scripted(Detector):
-    """A tiny detector-shaped module whose validation score per epoch is given: the checkpoint logic sees the
-    scores a real run would log, with no detector in the way."""
-
-    def __init__(self, scores: list[float] | None = None, lr: float = 0.1):
-        super().__init__(num_classes=1, optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": lr},
-                         scheduler={"_target_": "lightning_det.optim.constant", "_partial_": True})
-        self.scores = scores or []
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4))
-        self.head = torch.nn.Conv2d(4, 1, 1)
-
-    def forward(self, images):
-        return self.head(self.body(images))
-
-    def loss(self, outputs, batch):
-        return {"loss": (outputs - 1).square().mean()}
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/mAP", self.scores[self.current_epoch])
-
 
 def batches(count: int = 2) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
@@ -165,7 +145,7 @@ def test_a_full_disk_mid_write_keeps_the_previous_best_and_last(tmp_path, monkey
                 monkeypatch.setattr(torch, "save", disk_fills_up)
 
     with pytest.raises(OSError, match="No space left on device.*the previous file, if any, is unchanged"):
-        fit(Scripted([0.2, 0.5]), 2, [*checkpointing(tmp_path), FillDiskAtEpoch1()])
+        fit(TinyDetector([0.2, 0.5]), 2, [*checkpointing(tmp_path), FillDiskAtEpoch1()])
     monkeypatch.undo()
 
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["best-epoch000.ckpt", "last.ckpt"]
@@ -179,7 +159,7 @@ def test_nonfinite_weights_never_replace_a_checkpoint(tmp_path):
             if trainer.current_epoch == 1:
                 pl_module.body[1].running_var.fill_(float("inf"))
 
-    fit(Scripted([0.2, 0.9, 0.95]), 3, [*checkpointing(tmp_path), PoisonAtEpoch1()])
+    fit(TinyDetector([0.2, 0.9, 0.95]), 3, [*checkpointing(tmp_path), PoisonAtEpoch1()])
     names = sorted(p.name for p in tmp_path.glob("*.ckpt"))
     assert names == ["best-epoch000.ckpt", "last.ckpt"]  # epoch 1's better score was not worth a poisoned file
     for name in names:
@@ -191,8 +171,8 @@ def test_nonfinite_weights_never_replace_a_checkpoint(tmp_path):
 def test_a_resume_into_a_new_run_folder_keeps_the_best_score_and_file(tmp_path, recwarn):
     scores = [0.2, 0.9, 0.5, 0.6]  # epochs 2 and 3, after the resume, are worse than epoch 1
     old, new = tmp_path / "old", tmp_path / "new"
-    fit(Scripted(scores), 2, checkpointing(old))
-    trainer = fit(Scripted(scores), 4, checkpointing(new), ckpt_path=str(old / "last.ckpt"))
+    fit(TinyDetector(scores), 2, checkpointing(old))
+    trainer = fit(TinyDetector(scores), 4, checkpointing(new), ckpt_path=str(old / "last.ckpt"))
 
     best = trainer.checkpoint_callback
     assert best.best_model_path == str(new / "best-epoch001.ckpt") and float(best.best_model_score) == pytest.approx(0.9)
@@ -202,15 +182,15 @@ def test_a_resume_into_a_new_run_folder_keeps_the_best_score_and_file(tmp_path, 
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
 
 
-def freeze_run(folder: Path, epochs: int, ckpt_path: Path | None = None) -> tuple[Scripted, L.Trainer]:
+def freeze_run(folder: Path, epochs: int, ckpt_path: Path | None = None) -> tuple[TinyDetector, L.Trainer]:
     torch.manual_seed(0)
-    model = Scripted([0.1] * 4)
+    model = TinyDetector([0.1] * 4)
     freeze = Freeze(pattern=r"^body\.", unfreeze_at_epoch=1, lr_factor=0.1)
     trainer = fit(model, epochs, [freeze, *checkpointing(folder)], str(ckpt_path) if ckpt_path else None)
     return model, trainer
 
 
-def training_state(model: Scripted, trainer: L.Trainer) -> dict:
+def training_state(model: TinyDetector, trainer: L.Trainer) -> dict:
     optimizer, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
     return {
         "trainable": sorted(name for name, p in model.named_parameters() if p.requires_grad),
@@ -233,7 +213,7 @@ def test_a_resume_after_the_freeze_release_trains_like_the_uninterrupted_run(tmp
         assert torch.allclose(weight.float(), reference.float(), atol=1e-6), name
 
 
-class NothingToScore(Scripted):
+class NothingToScore(TinyDetector):
     """Validation images without any object: the VOC mAP of every epoch is NaN."""
 
     def __init__(self):
@@ -268,7 +248,7 @@ def test_epochs_without_a_score_are_never_best_and_do_not_stop_training(tmp_path
     assert "val/mAP, val/recall logged as NaN at epoch 2: no validation image holds a (non-difficult) object" \
         in caplog.text
 
-    trainer = fit(Scripted([float("nan"), 0.3, float("nan"), 0.2]), 4, default_callbacks(tmp_path / "mixed"))
+    trainer = fit(TinyDetector([float("nan"), 0.3, float("nan"), 0.2]), 4, default_callbacks(tmp_path / "mixed"))
     assert trainer.current_epoch == 4
     assert Path(trainer.checkpoint_callback.best_model_path).name == "best-epoch001.ckpt"
     assert float(trainer.checkpoint_callback.best_model_score) == pytest.approx(0.3)

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from test_train import REPO, scalars, small_sample, train
+from runs import REPO, REPORT_IMAGES, scalars, small_sample, train
 from wandb.proto import wandb_internal_pb2
 
 from lightning_det.report.loggers import pixels
 
-REPORT_IMAGES = ["results", "pr_curve", "f1_curve", "confusion_matrix", "labels", "val_batch_pred"]
 EPOCH_IMAGES = ["val/images", "train/first_batch"]
 
 

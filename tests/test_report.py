@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runs import REPORT_IMAGES, scalars, small_sample, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import scalars, small_sample, train
 
 from lightning_det.metrics import VOCMeanAP
 from lightning_det.report.confusion import confusion_matrix
@@ -125,7 +125,6 @@ def test_results_csv_keeps_its_header_and_survives_a_cut_off_line(tmp_path):
     assert lines == [["epoch", "train/loss", "val/mAP"], ["0", "2.5", "0.1"], ["1", "2", ""], ["2", "1.5", "0.3"]]
 
 
-REPORT_IMAGES = ["results", "pr_curve", "f1_curve", "confusion_matrix", "labels", "val_batch_pred"]
 
 
 def test_training_run_writes_the_report_and_results_csv_matches_tensorboard(tmp_path):

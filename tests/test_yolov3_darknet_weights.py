@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_yolov3_network import yolov3_cfg, yolov3_tiny_cfg
+from darknet_sections import yolov3_cfg, yolov3_tiny_cfg
 
 from lightning_det.models.yolov3.darknet_weights import darknet_layers, load_darknet_weights, save_darknet_weights
 from lightning_det.models.yolov3.network import build_network

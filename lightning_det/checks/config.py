@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -59,43 +60,55 @@ def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
     }
 
 
+#: Settings that left the data pipeline: the model normalises its own input.
+MOVED_FROM_DATA = {
+    f"data.{transform}.{statistic}": f"model.pixel_{statistic}"
+    for transform in ("train_transform", "val_transform") for statistic in ("mean", "std")
+}
+
+
 def renamed_settings() -> dict[str, list[tuple[str, str]]]:
-    """Every family's renamed model settings: ``old key -> [(family, new path under model.)]``."""
+    """Every renamed setting: ``old path -> [(family, new path)]`` (family empty where it is the same for all)."""
     from lightning_det.models import SSD, FasterRCNN, YOLOv3
 
-    table: dict[str, list[tuple[str, str]]] = {}
+    table: dict[str, list[tuple[str, str]]] = {old: [("", new)] for old, new in MOVED_FROM_DATA.items()}
     for family in (YOLOv3, SSD, FasterRCNN):
         for old, new in family.renamed.items():
-            table.setdefault(old, []).append((family.__name__, new))
+            table.setdefault(f"model.{old}", []).append((family.__name__, f"model.{new}"))
     return table
 
 
 def renamed_message(key: str, moves: list[tuple[str, str]]) -> str:
     if len({new for _, new in moves}) == 1:
-        return f"model.{key} was renamed: use model.{moves[0][1]}"
-    return f"model.{key} was renamed: " + "; ".join(f"{family} uses model.{new}" for family, new in moves)
+        return f"{key} was renamed: use {moves[0][1]}"
+    return f"{key} was renamed: " + "; ".join(f"{family} uses {new}" for family, new in moves)
 
 
 def check_renamed_overrides(overrides: list[str]) -> None:
-    """Refuse command-line overrides of renamed model settings, naming the new key. Hydra would refuse them
-    first, but only with "Key 'conf_thresh' is not in struct", which does not say where the setting went."""
+    """Refuse command-line overrides of renamed settings, naming the new key. Hydra would refuse them first,
+    but only with "Key 'conf_thresh' is not in struct", which does not say where the setting went."""
     table = renamed_settings()
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith("model.") and key[len("model."):] in table:
-            raise ConfigValueError(f"{override}: {renamed_message(key[len('model.'):], table[key[len('model.'):]])}")
+        if key in table:
+            raise ConfigValueError(f"{override}: {renamed_message(key, table[key])}")
 
 
 def refuse_renamed_overrides(argv: list[str]) -> None:
-    """``check_renamed_overrides`` for an entry point's ``sys.argv``: one line and exit status 2, no traceback."""
+    """``check_renamed_overrides`` for an entry point's ``sys.argv``: one line and exit status 2 (a usage error,
+    as Hydra's own), no traceback."""
     try:
         check_renamed_overrides(argv)
     except ConfigValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def check_renamed(cfg: DictConfig) -> None:
     """Refuse a composed model config (a user's own yaml, an experiment file) holding a renamed setting."""
+    for old, new in MOVED_FROM_DATA.items():
+        if OmegaConf.select(cfg, old, default=None) is not None:
+            raise ConfigValueError(f"{renamed_message(old, [('', new)])} (in the composed config)")
     model = cfg.get("model")
     if not OmegaConf.is_dict(model) or "_target_" not in model:
         return
@@ -105,7 +118,8 @@ def check_renamed(cfg: DictConfig) -> None:
         return
     for key in model:
         if key in renamed:
-            raise ConfigValueError(f"{renamed_message(str(key), [('', renamed[key])])} (in the model config)")
+            raise ConfigValueError(f"{renamed_message(f'model.{key}', [('', f'model.{renamed[key]}')])} "
+                                   "(in the composed config)")
 
 
 def check_config(cfg: DictConfig) -> None:

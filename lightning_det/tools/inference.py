@@ -24,11 +24,31 @@ def load_detector(path: str | Path, map_location: str = "cpu") -> tuple[Detector
             f"ckpt_path={path} was not written by lightning_det's train.py (no detector class or pipeline in it)"
         )
     detector_class = get_class(checkpoint["detector_class"])
-    model = detector_class(**checkpoint["hyper_parameters"])
+    arguments, pipeline = upgraded(detector_class, checkpoint["hyper_parameters"], checkpoint["inference_pipeline"])
+    model = detector_class(**arguments)
     model.load_state_dict(checkpoint["state_dict"])
     model.to(map_location)
-    model.inference_pipeline = checkpoint["inference_pipeline"]
-    return model.eval(), instantiate(checkpoint["inference_pipeline"])
+    model.inference_pipeline = pipeline
+    return model.eval(), instantiate(pipeline)
+
+
+def upgraded(detector_class: type[Detector], arguments: dict[str, Any], pipeline: dict[str, Any]
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint's settings in today's layout: flat keys a family has since moved into its parts go to their
+    new place (``Detector.renamed``), and a pipeline's mean/std, from before the model normalised its own input,
+    become the detector's ``pixel_mean``/``pixel_std``. A current checkpoint passes through unchanged."""
+    arguments, pipeline = dict(arguments), dict(pipeline)
+    for old, new in detector_class.renamed.items():
+        if old in arguments:
+            *parts, key = new.split(".")
+            node = arguments
+            for part in parts:
+                node[part] = node = dict(node.get(part) or {})
+            node[key] = arguments.pop(old)
+    for statistic in ("mean", "std"):
+        if statistic in pipeline:
+            arguments.setdefault(f"pixel_{statistic}", pipeline.pop(statistic))
+    return arguments, pipeline
 
 
 def image_batch(paths: list[Path], pipeline: DetectionTransform) -> dict[str, Any]:

@@ -1,0 +1,53 @@
+"""Short trainings through the real command line (``python train.py ...``) and what they leave behind, shared by
+the end-to-end tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A network and input small enough for seconds per epoch on a 2-core CPU.
+TINY = [
+    "model=yolov3_tiny",
+    "model.width=0.25",
+    "data.img_size=128",
+    "data.batch_size=4",
+    "data.num_workers=0", "data.min_steps_per_epoch=0",
+    "data.persistent_workers=false",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=1",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+def train(tmp_path: Path, *overrides: str, run: str = "run", expect_ok: bool = True, env: dict | None = None
+          ) -> subprocess.CompletedProcess:
+    args = [
+        sys.executable, "train.py", *TINY, *overrides,
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"hydra.run.dir={tmp_path / run}",
+    ]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    if expect_ok:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    values = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    values.update({tag: [] for tag in events.Tags()["images"] + events.Tags()["tensors"]})  # tensors: PR curves
+    return values
+
+
+def small_sample(tmp_path: Path) -> list[str]:
+    return [f"data.root={tmp_path / 'sample'}", "data.prepare.num_train=16", "data.prepare.num_val=8"]
+
+
+#: The PNGs of the results report, written beside the checkpoints and logged as ``report/<name>``.
+REPORT_IMAGES = ["results", "pr_curve", "f1_curve", "confusion_matrix", "labels", "val_batch_pred"]
