@@ -25,7 +25,7 @@ def png_bytes(figure: Figure) -> bytes:
 
 
 def png_pixels(data: bytes) -> np.ndarray:
-    """``uint8 [H, W, 3]`` pixels of PNG bytes: what TensorBoard is given, so it shows the file's own image."""
+    """``uint8 [H, W, 3]`` pixels of PNG bytes: what the image loggers are given, so they show the file's own image."""
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 

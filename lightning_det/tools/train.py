@@ -199,8 +199,9 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # the hparams tab: each run's settings with its best score
                 logger.log_hyperparams(hyperparameters(cfg), metrics={f"best/{cfg.monitor}": best_score})
-            else:
+            else:  # MLflow, W&B, CSV: the settings, and the best score as a metric runs can be sorted by
                 logger.log_hyperparams(hyperparameters(cfg))
+                logger.log_metrics({f"best/{cfg.monitor}": best_score}, step=trainer.global_step)
     if trainer.is_global_zero:
         summary = json.dumps({"checkpoint": best_path, "epoch": best_epoch, **metrics}, indent=1)
         write_atomically(output_dir / "final_metrics.json", lambda file: file.write(summary.encode()))
