@@ -55,6 +55,8 @@ def test_mlflow_store_holds_the_parameters_every_scalar_and_the_report_images(ru
         mlflow_run.data.metrics)
     tensorboard_map = scalars(run / "run")["val/mAP"]
     assert [m.value for m in client.get_metric_history(run_id, "val/mAP")] == pytest.approx(tensorboard_map)
+    final = json.loads((run / "run" / "final_metrics.json").read_text())  # the best checkpoint's score, to sort by
+    assert mlflow_run.data.metrics["best/val/mAP"] == pytest.approx(final["val/mAP"])
 
     images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     for tag in [f"report/{name}" for name in REPORT_IMAGES] + EPOCH_IMAGES:
