@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch import nn
 
+from lightning_det.models.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD
 from lightning_det.models.faster_rcnn import FasterRCNN
 from lightning_det.models.postprocess import suppress_and_pad, suppress_and_split
 from lightning_det.models.ssd import SSD
@@ -55,7 +56,8 @@ def detector(name: str) -> nn.Module:
         model = YOLOv3(variant="tiny", width=0.25, num_classes=3, class_names=CLASSES,
                        decoder={"score_thresh": 0.5, "max_detections": k})
     else:
-        model = SSD(variant="ssdlite", width=0.25, num_classes=3, class_names=CLASSES, conf_thresh=0.9, keep_topk=k)
+        model = SSD(variant="ssdlite", width=0.25, num_classes=3, class_names=CLASSES, pixel_mean=IMAGENET_MEAN,
+                    pixel_std=IMAGENET_STD, decoder={"score_thresh": 0.9, "max_detections": k})
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight)

@@ -22,7 +22,7 @@ def yolov3_tiny():
 
 
 def ssdlite():
-    return SSD(variant="ssdlite", width=0.25, num_classes=3, aspect_ratios=[[2, 3]] * 6)
+    return SSD(variant="ssdlite", width=0.25, num_classes=3, prior={"aspect_ratios": [[2, 3]] * 6})
 
 
 def faster_rcnn():

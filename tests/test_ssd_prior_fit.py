@@ -8,10 +8,11 @@ from torchvision.ops import box_convert, box_iou
 
 from lightning_det.data.records import AnnotationRecord
 from lightning_det.models.ssd import SSD
-from lightning_det.models.ssd.module import layout_priors
 from lightning_det.models.ssd.prior_fit import class_recalls, square_resized_boxes
+from lightning_det.models.ssd.priors import DefaultBoxes
 
-ARGUMENTS = {"variant": "ssdlite", "aspect_ratios": [[2, 3]] * 6, "s_min": 0.2, "s_max": 0.95, "fit_scales": True}
+PRIOR = {"aspect_ratios": [[2, 3]] * 6, "s_min": 0.2, "s_max": 0.95, "fit_scales": True}
+ARGUMENTS = {"variant": "ssdlite", "prior": PRIOR}
 
 
 def grid_records(side: float, image: int = 320, count: int = 8) -> list[AnnotationRecord]:
@@ -23,6 +24,10 @@ def grid_records(side: float, image: int = 320, count: int = 8) -> list[Annotati
                              np.zeros(len(boxes), dtype=bool))]
 
 
+def layout_priors(feature_sizes, image_size, aspect_ratios, s_min, s_max):
+    return DefaultBoxes(aspect_ratios, s_min=s_min, s_max=s_max)(feature_sizes, image_size)
+
+
 def recall_by_torchvision(boxes: torch.Tensor, priors: torch.Tensor, threshold: float = 0.5) -> float:
     return (box_iou(boxes, box_convert(priors, "cxcywh", "xyxy")).amax(1) >= threshold).float().mean().item()
 
@@ -30,25 +35,27 @@ def recall_by_torchvision(boxes: torch.Tensor, priors: torch.Tensor, threshold: 
 def test_small_objects_get_smaller_default_boxes():
     records = grid_records(12.0)
     fitted = SSD.fit_to_data(dict(ARGUMENTS), records, 320)
-    assert fitted["s_min"] < 0.2
+    assert fitted["prior"]["s_min"] < 0.2
     feature_sizes = [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]  # ssdlite at 320 px
     boxes, _ = square_resized_boxes(records, 320)
 
     def recall(s_min, s_max):
-        return recall_by_torchvision(boxes, layout_priors(feature_sizes, (320, 320), ARGUMENTS["aspect_ratios"],
+        return recall_by_torchvision(boxes, layout_priors(feature_sizes, (320, 320), PRIOR["aspect_ratios"],
                                                           s_min, s_max))
 
     # a 12 px square overlaps the smallest 64 px default box by at most 144 / 4096: nothing matches
     assert recall(0.2, 0.95) == 0.0
-    assert recall(fitted["s_min"], fitted["s_max"]) > 0.2  # boxes off the 16 px grid of centres miss some
+    assert recall(fitted["prior"]["s_min"], fitted["prior"]["s_max"]) > 0.2  # boxes off the 16 px grid of centres miss some
 
 
 def test_scales_that_fit_are_kept_and_explicit_sizes_never_change():
     records = grid_records(100.0)
     assert SSD.fit_to_data(dict(ARGUMENTS), records, 320) == ARGUMENTS
-    explicit = {**ARGUMENTS, "min_sizes": [30, 60, 111, 162, 213, 264], "max_sizes": [60, 111, 162, 213, 264, 315]}
+    explicit = {**ARGUMENTS, "prior": {**PRIOR, "min_sizes": [30, 60, 111, 162, 213, 264],
+                                      "max_sizes": [60, 111, 162, 213, 264, 315]}}
     assert SSD.fit_to_data(explicit, grid_records(5.0), 320) == explicit
-    assert SSD.fit_to_data({**ARGUMENTS, "fit_scales": False}, grid_records(5.0), 320)["s_min"] == 0.2
+    unfitted = {**ARGUMENTS, "prior": {**PRIOR, "fit_scales": False}}
+    assert SSD.fit_to_data(unfitted, grid_records(5.0), 320)["prior"]["s_min"] == 0.2
 
 
 def test_match_recall_of_one_class_agrees_with_torchvision():
@@ -73,11 +80,11 @@ def test_a_small_class_among_many_large_boxes_gets_default_boxes_of_its_own():
     feature_sizes = [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
 
     def recall(s_min, s_max, which):
-        priors = layout_priors(feature_sizes, (320, 320), ARGUMENTS["aspect_ratios"], s_min, s_max)
+        priors = layout_priors(feature_sizes, (320, 320), PRIOR["aspect_ratios"], s_min, s_max)
         return recall_by_torchvision(torch.as_tensor(boxes[labels == which]), priors)
 
     assert (64 * recall(0.2, 0.95, 0) + 6 * recall(0.2, 0.95, 1)) / 70 >= 0.9  # the overall share passes ...
     assert recall(0.2, 0.95, 1) == 0.0  # ... with no small box matched
     fitted = SSD.fit_to_data(dict(ARGUMENTS), records, 320)
-    assert recall(fitted["s_min"], fitted["s_max"], 1) > 0.0
-    assert recall(fitted["s_min"], fitted["s_max"], 0) > 0.5  # the large boxes still match
+    assert recall(fitted["prior"]["s_min"], fitted["prior"]["s_max"], 1) > 0.0
+    assert recall(fitted["prior"]["s_min"], fitted["prior"]["s_max"], 0) > 0.5  # the large boxes still match

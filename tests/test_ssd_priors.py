@@ -1,4 +1,4 @@
-"""SSD default boxes: counts per layer, order and sizes at a location, the linear scale rule, clipping."""
+"""SSD default boxes: counts per layer, order and sizes at a location, the linear scale rule, clipping, and\ntorchvision's DefaultBoxGenerator where it describes the same layout."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_convert
 
-from lightning_det.models.ssd.priors import boxes_per_location, default_boxes, linear_scale_sizes
+from lightning_det.models.ssd.priors import DefaultBoxes, boxes_per_location, default_boxes, linear_scale_sizes
 
 SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 SSD300_RATIOS = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
@@ -63,3 +65,23 @@ def test_clipping_keeps_boxes_inside_the_image():
 def test_mismatched_layer_lists_are_rejected_with_a_clear_message():
     with pytest.raises(ValueError, match="one step, min size"):
         default_boxes(SSD300_MAPS, (300, 300), SSD300_STEPS[:5], SSD300_MIN, SSD300_MAX, SSD300_RATIOS)
+
+
+@pytest.mark.parametrize("layout", ["ssd300", "linear scale rule"])
+def test_torchvisions_default_box_generator_lays_out_the_same_boxes_where_it_can_describe_them(layout):
+    """Square input, each layer's max size the next one's min size, no clipping: torchvision's generator given
+    the same scales (fractions of the side) gives the same boxes. See ``priors.py`` for where the two differ."""
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+
+    if layout == "ssd300":
+        side, maps, steps, ratios = 300, SSD300_MAPS, SSD300_STEPS, SSD300_RATIOS
+        min_sizes, max_sizes = SSD300_MIN, SSD300_MAX
+    else:
+        side, maps, steps, ratios = 320, [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)], None, [[2, 3]] * 6
+        min_sizes, max_sizes = linear_scale_sizes(6, side, 0.2, 0.95)
+    ours = DefaultBoxes(ratios, min_sizes, max_sizes, steps=steps)(maps, (side, side))
+    generator = DefaultBoxGenerator(ratios, scales=[s / side for s in [*min_sizes, max_sizes[-1]]], steps=steps,
+                                    clip=False)
+    theirs = generator(ImageList(torch.zeros(1, 3, side, side), [(side, side)]),
+                       [torch.zeros(1, 1, rows, cols) for rows, cols in maps])[0]
+    torch.testing.assert_close(box_convert(ours, "cxcywh", "xyxy"), theirs, atol=1e-4, rtol=0)

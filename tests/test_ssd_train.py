@@ -7,7 +7,7 @@ import sys
 
 import torch
 from helpers import make_voc
-from test_train import REPO
+from runs import REPO
 
 
 def test_ssd300_voc_recipe_runs_a_few_steps_on_a_voc_folder(tmp_path):

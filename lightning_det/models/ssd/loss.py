@@ -4,8 +4,9 @@ Of the background default boxes, only the ``neg_pos_ratio`` x (number of positiv
 cross-entropy in each image are scored (hard negative mining); with no positive in an image, none are. Both
 terms are summed and divided by the number of positives in the batch.
 
-Besides the loss terms, two detached meters in the style of the reference's ``MultiBoxMetric`` are returned:
-``ce`` (mean cross-entropy per scored default box) and ``smooth_l1`` (mean smooth L1 per positive box).
+Besides the total and its two terms (``loc``: the smooth L1 per positive box, which is also the reference
+``MultiBoxMetric``'s smooth L1 meter; ``conf``), one detached meter is returned: ``ce``, the mean cross-entropy
+per scored default box.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from torch import Tensor, nn
 
 
 class MultiBoxLoss(nn.Module):
-    """Args: neg_pos_ratio: background boxes scored per positive; loc_weight: weight of the box term (alpha)."""
+    """The loss part: ``(loc, conf, classes, loc_targets) -> {"loss", "loc", "conf", "ce"}``.
+
+    Args: neg_pos_ratio: background boxes scored per positive; loc_weight: weight of the box term (alpha).
+    """
 
     def __init__(self, neg_pos_ratio: float = 3.0, loc_weight: float = 1.0) -> None:
         super().__init__()
@@ -41,7 +45,6 @@ class MultiBoxLoss(nn.Module):
             "loc": loc_loss.detach(),
             "conf": conf_loss.detach(),
             "ce": (cross_entropy * scored).sum().detach() / scored.sum().clamp(min=1),
-            "smooth_l1": loc_loss.detach(),
         }
 
     def hard_negatives(self, cross_entropy: Tensor, classes: Tensor, num_positive: Tensor) -> Tensor:

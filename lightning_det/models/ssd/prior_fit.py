@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_convert
 
 from lightning_det.models.boxes import pairwise_iou
-from lightning_det.models.ssd.targets import cxcywh_to_xyxy
 
 if TYPE_CHECKING:
     from lightning_det.data.records import AnnotationRecord
@@ -53,7 +53,7 @@ def class_recalls(boxes: Tensor, labels: Tensor, priors: Tensor, threshold: floa
 
 
 def matched(boxes: Tensor, priors: Tensor, threshold: float) -> Tensor:
-    return pairwise_iou(boxes[None], cxcywh_to_xyxy(priors))[0].amax(1) >= threshold
+    return pairwise_iou(boxes[None], box_convert(priors, "cxcywh", "xyxy"))[0].amax(1) >= threshold
 
 
 def fit_scales(

@@ -4,6 +4,18 @@ Per location, in this order: a square of side ``min_size``, a square of side ``s
 then for each aspect ratio ``a`` of the layer a box ``min_size * sqrt(a)`` wide and ``min_size / sqrt(a)`` high
 and its transpose. Locations are row-major per map, maps from the finest to the coarsest; the heads flatten
 their outputs in the same order.
+
+torchvision's ``DefaultBoxGenerator`` lays out the same boxes where it can describe them (a square input, each
+layer's ``max_size`` the next layer's ``min_size``, no clipping; ``tests/test_ssd_priors.py`` compares the two),
+but not every layout these configs use, so the layout stays here:
+
+- it takes one list of scales, the extra square of layer ``k`` using scale ``k + 1``: ``max_sizes`` independent
+  of the next layer's ``min_sizes`` cannot be given; its own scale rule ends that list with 1.0 where the paper's
+  (and ours) extrapolates one step past ``s_max``;
+- its ``clip`` limits each box's width and height to the image's around an unmoved centre; ours clips the box's
+  corners, as Caffe SSD's and MXNet's prior layers do (SSDLite's config clips);
+- its sizes are fractions of each image side (a square turns oblong on an oblong input); ours are pixels, the
+  scale rule a fraction of the shorter side.
 """
 
 from __future__ import annotations
@@ -13,10 +25,59 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+#: Per feature map, finest first, the aspect ratios besides 1 of SSD300's default boxes.
+SSD300_ASPECT_RATIOS = ([2], [2, 3], [2, 3], [2, 3], [2], [2])
 
-def linear_scale_sizes(
-    num_layers: int, image_size: int, s_min: float = 0.2, s_max: float = 0.9
-) -> tuple[list[float], list[float]]:
+
+class DefaultBoxes:
+    """The prior part: ``(feature_sizes, image_size) -> [N, 4]`` default boxes (cx, cy, w, h) in input pixels.
+
+    Args:
+        aspect_ratios: per feature map, the ratios besides 1 (each adds a box and its transpose).
+        min_sizes, max_sizes: per feature map, default-box sizes in input pixels; ``None``: the linear scale
+            rule from ``s_min`` to ``s_max`` of the shorter input side.
+        s_min, s_max: the scale rule's first and last scale.
+        fit_scales: check ``s_min``/``s_max`` against the training boxes before training and refit them where
+            their default boxes match too few (``SSD.fit_to_data``); the result is stored in the checkpoint.
+        steps: per feature map, the distance in pixels between default-box centres; ``None``: input / map size.
+        clip: clip default boxes to the image.
+    """
+
+    def __init__(
+        self,
+        aspect_ratios: Sequence[Sequence[float]] = SSD300_ASPECT_RATIOS,
+        min_sizes: Sequence[float] | None = None,
+        max_sizes: Sequence[float] | None = None,
+        s_min: float = 0.2,
+        s_max: float = 0.9,
+        fit_scales: bool = False,
+        steps: Sequence[float] | None = None,
+        clip: bool = False,
+    ) -> None:
+        self.aspect_ratios = [list(r) for r in aspect_ratios]
+        if (min_sizes is None) != (max_sizes is None):
+            raise ValueError("give both min_sizes and max_sizes, or neither (the linear scale rule is then used)")
+        for name, values in (("min_sizes", min_sizes), ("max_sizes", max_sizes), ("steps", steps)):
+            if values is not None and len(values) != len(self.aspect_ratios):
+                raise ValueError(f"{name} has {len(values)} entries for {len(self.aspect_ratios)} feature maps")
+        self.min_sizes, self.max_sizes, self.steps = min_sizes, max_sizes, steps
+        self.s_min, self.s_max, self.fit_scales, self.clip = s_min, s_max, fit_scales, clip
+
+    @property
+    def boxes_per_location(self) -> list[int]:
+        return boxes_per_location(self.aspect_ratios)
+
+    def __call__(self, feature_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int]) -> Tensor:
+        """The default boxes of maps ``feature_sizes`` on an ``image_size`` ``(h, w)`` input."""
+        min_sizes, max_sizes = self.min_sizes, self.max_sizes
+        if min_sizes is None:
+            min_sizes, max_sizes = linear_scale_sizes(len(self.aspect_ratios), min(image_size), self.s_min, self.s_max)
+        steps = self.steps or [image_size[1] / cols for _, cols in feature_sizes]
+        return default_boxes(feature_sizes, image_size, steps, list(min_sizes), list(max_sizes), self.aspect_ratios,
+                             self.clip)
+
+
+def linear_scale_sizes(num_layers: int, image_size: int, s_min: float, s_max: float) -> tuple[list[float], list[float]]:
     """The paper's scale rule: layer ``k`` has scale ``s_min + (s_max - s_min) k / (m - 1)``.
 
     Returns per-layer ``min_sizes`` and ``max_sizes`` in pixels; the extra square of layer ``k`` uses the

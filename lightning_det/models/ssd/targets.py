@@ -1,25 +1,33 @@
 """SSD target assignment: match default boxes to objects for a whole batch at once, and code boxes as offsets.
 
 Matching (the paper's rule): every object first takes the default box it overlaps most (so each object trains at
-least one box), then every remaining default box whose best IoU with an object exceeds ``threshold`` takes that
-object. Ties: a default box equally close to two objects takes the lower-indexed one; when two objects have the
-same best default box, the one overlapping it more keeps it (the lower index on equal IoU), the other falls back
-to the threshold rule.
+least one box), then every remaining default box whose best IoU with an object exceeds ``overlap_threshold``
+takes that object. Ties: a default box equally close to two objects takes the lower-indexed one; when two objects
+have the same best default box, the one overlapping it more keeps it (the lower index on equal IoU), the other
+falls back to the threshold rule.
 
-Box coding with variances ``(v0, v1)``: ``t_xy = (g_xy - d_xy) / (v0 d_wh)``, ``t_wh = log(g_wh / d_wh) / v1``.
+Box coding with variances ``(v0, v1)``: ``t_xy = (g_xy - d_xy) / (v0 d_wh)``, ``t_wh = log(g_wh / d_wh) / v1``:
+torchvision's ``BoxCoder`` with weights ``(1/v0, 1/v0, 1/v1, 1/v1)``, as its own SSD uses ``(10, 10, 5, 5)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_convert
 
 from lightning_det.models.boxes import MAX_LOG_SCALE, pairwise_iou
 
 BACKGROUND = 0
 IGNORE = -1
+#: The paper's variances, shared by the coding of the training targets and the decoder.
+VARIANCES = (0.1, 0.2)
+#: Smallest object side coded (px): background rows are zero boxes, whose log size would be minus infinity.
+MIN_SIDE = 1e-6
 
 
 class Matches(NamedTuple):
@@ -27,46 +35,61 @@ class Matches(NamedTuple):
     boxes: Tensor  # float [B, N, 4] xyxy of the matched object (zeros where background)
 
 
-def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    return torch.cat((boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2), -1)
+class DefaultBoxMatcher:
+    """The assigner: ``(labels, priors_xyxy) -> Matches``, by the rule of the module docstring.
 
-
-def match(labels: Tensor, priors_xyxy: Tensor, threshold: float = 0.5) -> Matches:
-    """Assign every default box of every image an object or background; see the module docstring.
-
-    ``labels`` is the padded batch ``[B, P, 6]`` = (class, x1, y1, x2, y2, difficult) with class -1 on padding.
-    Default boxes matched to a difficult object are ignored by the loss (neither positive nor negative).
+    Args:
+        overlap_threshold: IoU at or above which a default box takes an object besides each object's best box.
     """
-    valid = labels[..., 0] >= 0  # [B, P]
-    iou = pairwise_iou(labels[..., 1:5], priors_xyxy).masked_fill(~valid[..., None], -1.0)  # [B, P, N]
-    best_overlap, best_object = iou.max(1)  # per default box: [B, N]
-    best_prior = iou.argmax(2)  # per object: [B, P]
 
-    num_priors = priors_xyxy.shape[0]
-    claims = (best_prior[..., None] == torch.arange(num_priors, device=labels.device)) & valid[..., None]
-    claimed = claims.any(1)  # [B, N]: some object's best default box
-    claimant = iou.masked_fill(~claims, -2.0).argmax(1)  # the closest object among those claiming it
-    matched_object = torch.where(claimed, claimant, best_object)
-    positive = claimed | (best_overlap >= threshold)
+    def __init__(self, overlap_threshold: float = 0.5) -> None:
+        self.overlap_threshold = overlap_threshold
 
-    rows = torch.gather(labels, 1, matched_object[..., None].expand(-1, -1, 6))  # [B, N, 6]
-    classes = torch.where(positive, rows[..., 0].long() + 1, BACKGROUND)
-    classes = classes.masked_fill(positive & (rows[..., 5] > 0), IGNORE)
-    boxes = rows[..., 1:5] * positive[..., None]
-    return Matches(classes, boxes)
+    def __call__(self, labels: Tensor, priors_xyxy: Tensor) -> Matches:
+        """Assign every default box of every image an object or background.
+
+        ``labels`` is the padded batch ``[B, P, 6]`` = (class, x1, y1, x2, y2, difficult) with class -1 on padding.
+        Default boxes matched to a difficult object are ignored by the loss (neither positive nor negative).
+        """
+        valid = labels[..., 0] >= 0  # [B, P]
+        iou = pairwise_iou(labels[..., 1:5], priors_xyxy).masked_fill(~valid[..., None], -1.0)  # [B, P, N]
+        best_overlap, best_object = iou.max(1)  # per default box: [B, N]
+        best_prior = iou.argmax(2)  # per object: [B, P]
+
+        num_priors = priors_xyxy.shape[0]
+        claims = (best_prior[..., None] == torch.arange(num_priors, device=labels.device)) & valid[..., None]
+        claimed = claims.any(1)  # [B, N]: some object's best default box
+        claimant = iou.masked_fill(~claims, -2.0).argmax(1)  # the closest object among those claiming it
+        matched_object = torch.where(claimed, claimant, best_object)
+        positive = claimed | (best_overlap >= self.overlap_threshold)
+
+        rows = torch.gather(labels, 1, matched_object[..., None].expand(-1, -1, 6))  # [B, N, 6]
+        classes = torch.where(positive, rows[..., 0].long() + 1, BACKGROUND)
+        classes = classes.masked_fill(positive & (rows[..., 5] > 0), IGNORE)
+        boxes = rows[..., 1:5] * positive[..., None]
+        return Matches(classes, boxes)
 
 
-def encode(boxes_xyxy: Tensor, priors: Tensor, variances: tuple[float, float] = (0.1, 0.2)) -> Tensor:
+def box_coder(variances: Sequence[float]) -> BoxCoder:
+    """torchvision's coder for SSD's variances (its ``bbox_xform_clip`` is our ``MAX_LOG_SCALE``)."""
+    centre, size = variances
+    return BoxCoder((1 / centre, 1 / centre, 1 / size, 1 / size), bbox_xform_clip=MAX_LOG_SCALE)
+
+
+def encode(boxes_xyxy: Tensor, priors: Tensor, variances: Sequence[float] = VARIANCES) -> Tensor:
     """Objects ``[..., N, 4]`` xyxy -> offsets from the default boxes ``priors [N, 4]`` (cx, cy, w, h)."""
-    size = (boxes_xyxy[..., 2:] - boxes_xyxy[..., :2]).clamp(min=1e-6)
-    centre = (boxes_xyxy[..., :2] + boxes_xyxy[..., 2:]) / 2
-    offset_xy = (centre - priors[:, :2]) / (variances[0] * priors[:, 2:])
-    offset_wh = torch.log(size / priors[:, 2:]) / variances[1]
-    return torch.cat((offset_xy, offset_wh), -1)
+    boxes = torch.cat((boxes_xyxy[..., :2], torch.maximum(boxes_xyxy[..., 2:], boxes_xyxy[..., :2] + MIN_SIDE)), -1)
+    flat = boxes.reshape(-1, 4)
+    repeats = flat.shape[0] // priors.shape[0]
+    offsets = box_coder(variances).encode_single(flat, box_convert(priors, "cxcywh", "xyxy").repeat(repeats, 1))
+    return offsets.view_as(boxes)
 
 
-def decode(offsets: Tensor, priors: Tensor, variances: tuple[float, float] = (0.1, 0.2)) -> Tensor:
-    """The inverse of :func:`encode`: offsets ``[..., N, 4]`` -> xyxy boxes."""
-    centre = priors[:, :2] + offsets[..., :2] * variances[0] * priors[:, 2:]
-    size = priors[:, 2:] * torch.exp((offsets[..., 2:] * variances[1]).clamp(max=MAX_LOG_SCALE))
-    return torch.cat((centre - size / 2, centre + size / 2), -1)
+def decode(offsets: Tensor, priors: Tensor, variances: Sequence[float] = VARIANCES) -> Tensor:
+    """The inverse of :func:`encode`: offsets ``[..., N, 4]`` -> xyxy boxes. The leading dimensions go into
+    ``BoxCoder``'s codes-per-box axis, so the default boxes are read once for the whole batch."""
+    prior_dim = offsets.dim() - 2  # counted from the front: ONNX's Transpose takes no negative dimensions
+    per_prior = offsets.movedim(prior_dim, 0)  # [N, ..., 4]
+    boxes = box_coder(variances).decode_single(per_prior.reshape(priors.shape[0], -1),
+                                               box_convert(priors, "cxcywh", "xyxy"))
+    return boxes.view_as(per_prior).movedim(0, prior_dim)
