@@ -129,6 +129,9 @@ class Detector(L.LightningModule):
         self.checkpoint_epoch: int | None = None  # set when weights come from a checkpoint
         # The evaluation transform's config, saved with checkpoints so inference needs no training config.
         self.inference_pipeline: dict[str, Any] | None = None
+        # Set by evaluate / predict with tta=true (``models/tta.py``): test and predict steps then decode the batch
+        # in several augmented views and merge their detections. Never a hyper-parameter: a tool's choice.
+        self.tta: Callable[[Detector, dict[str, Any]], Detections] | None = None
 
     # --- hooks a subclass implements -------------------------------------------------------------------------
     @classmethod
@@ -188,13 +191,22 @@ class Detector(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Detections:
         """Detections in original pixels, for ``evaluate``'s callback to score and write (losses need labels
         that a test split may not have)."""
-        return self.detections_in_original_pixels(self.network_outputs(batch), batch)
+        return self.inference_detections(batch)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Detections:
-        return self.detections_in_original_pixels(self.network_outputs(batch), batch)
+        return self.inference_detections(batch)
+
+    def inference_detections(self, batch: dict[str, Any]) -> Detections:
+        """The batch's detections in original pixels: decoded once, or over ``self.tta``'s views when it is set."""
+        if self.tta is None:
+            return self.detections_in_original_pixels(self.network_outputs(batch), batch)
+        return self.in_original_pixels(self.tta(self, batch), batch)
 
     def detections_in_original_pixels(self, outputs: Any, batch: dict[str, Any]) -> Detections:
-        detections = self.decode(outputs, batch)
+        return self.in_original_pixels(self.decode(outputs, batch), batch)
+
+    def in_original_pixels(self, detections: Detections, batch: dict[str, Any]) -> Detections:
+        """Batch-pixel detections -> original-image pixels (each dict's boxes replaced)."""
         counts = [len(d["boxes"]) for d in detections]
         image_index = torch.arange(len(counts), device=self.device).repeat_interleave(
             torch.tensor(counts, device=self.device)

@@ -5,6 +5,7 @@
 Writes, in the run directory, ``voc/comp4_det_test_<class>.txt`` (the VOC devkit's per-class format: image id,
 score, 1-based box), ``coco_results.json`` (COCO's results format with the dataset's category ids) and the results
 report's ``pr_curve.png``, ``f1_curve.png``, ``confusion_matrix.png`` and ``labels.png`` (of the scored images).
+``tta=true`` scores test-time augmented detections (``conf/test_time_augmentation.yaml``).
 It runs through ``Trainer.test`` with the training config's ``trainer`` node, so ``trainer.devices=2`` evaluates on
 two devices (or two CPU processes) as training would.
 """
@@ -28,6 +29,7 @@ from lightning_det.checks.config import check_config, refuse_renamed_overrides
 from lightning_det.data.records import AnnotationRecord
 from lightning_det.metrics import COCOMeanAP, VOCMeanAP
 from lightning_det.models.boxes import Detections
+from lightning_det.models.tta import from_config
 from lightning_det.report.confusion import confusion_matrix
 from lightning_det.report.writer import write_evaluation_report
 from lightning_det.tools.inference import load_detector
@@ -107,6 +109,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
     """The checkpoint on the test split through ``Trainer.test`` (``trainer.devices=2`` runs one rank per device),
     scored on rank zero with the three metrics; result files and the report are written there."""
     model, pipeline = load_detector(cfg.ckpt_path)
+    model.tta = from_config(cfg)
+    if model.tta is not None:
+        log.info("test-time augmentation: %d views (scales %s, flip %s) merged by %s", len(model.tta.views()),
+                 list(model.tta.scales), model.tta.flip, model.tta.merge)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test")

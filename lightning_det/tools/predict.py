@@ -3,7 +3,8 @@
     python -m lightning_det.tools.predict ckpt_path=<checkpoint> input=<image or folder>
 
 Boxes are in original-image pixels; the json lists, per image, ``boxes`` (xyxy), ``scores`` and class ``labels``
-(names). Everything the checkpoint needs (classes, image pipeline, decoding settings) is stored in it.
+(names). Everything the checkpoint needs (classes, image pipeline, decoding settings) is stored in it; ``tta=true``
+merges test-time augmented views (``conf/test_time_augmentation.yaml``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torchvision.io import write_png
 
 from lightning_det.checks.config import check_config
 from lightning_det.data.image_checks import decode_rgb
+from lightning_det.models.tta import TestTimeAugmentation, from_config
 from lightning_det.report.drawing import draw_detections
 from lightning_det.tools.inference import image_batch, load_detector
 
@@ -53,10 +55,13 @@ def readable_images(paths: list[Path]) -> list[Path]:
 
 
 @torch.inference_mode()
-def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: int, device: str) -> dict[str, dict]:
-    """Detections per image path, in original-image pixels, above ``score_thresh``; unreadable images are
-    skipped with a warning naming each, so one bad file does not stop a folder."""
+def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: int, device: str,
+            tta: TestTimeAugmentation | None = None) -> dict[str, dict]:
+    """Detections per image path, in original-image pixels, above ``score_thresh`` (merged over ``tta``'s views
+    when given); unreadable images are skipped with a warning naming each, so one bad file does not stop a
+    folder."""
     model, pipeline = load_detector(ckpt_path)
+    model.tta = tta
     model.to(device)
     paths = readable_images(paths)
     results = {}
@@ -77,7 +82,7 @@ def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: 
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     paths = image_files(Path(cfg.input))
-    results = predict(cfg.ckpt_path, paths, cfg.score_thresh, cfg.batch_size, cfg.device)
+    results = predict(cfg.ckpt_path, paths, cfg.score_thresh, cfg.batch_size, cfg.device, from_config(cfg))
     output = Path(cfg.paths.output_dir)
     for path, det in results.items():
         drawn = draw_detections(decode_rgb(path), torch.tensor(det["boxes"]), det["labels"], det["scores"], width=2)
