@@ -158,3 +158,35 @@ def test_every_old_key_is_refused_with_a_key_the_config_has(composed_model, old,
     cfg = OmegaConf.create({"model": {**OmegaConf.to_container(composed_model), old: 1}})
     with pytest.raises(ConfigValueError, match=rf"use {re.escape(f'model.{new}')}\b"):
         check_renamed(cfg)
+
+
+def test_a_checkpoint_of_the_flat_layout_loads_into_the_parts_with_the_same_detections(tmp_path):
+    """A previous release's SSD checkpoint (flat keys, normalisation in the pipeline) goes through ``renamed``."""
+    from lightning_det.tools.inference import load_detector
+
+    torch.manual_seed(0)
+    prior = {"aspect_ratios": [[2, 3]] * 6, "s_min": 0.15, "s_max": 0.8, "clip": True}
+    decoder = {"score_thresh": 0.0, "pre_nms_topk": 50, "max_detections": 9, "class_agnostic": True}
+    model = SSD(variant="ssdlite", width=0.25, num_classes=2, prior=prior, assigner={"overlap_threshold": 0.4},
+                loss={"loc_weight": 2.0}, decoder=decoder, pixel_mean=[0.0] * 3, pixel_std=[255.0] * 3).eval()
+    pipeline = {"_target_": "lightning_det.data.transforms.SSDEvalTransform", "img_size": 128}
+    flat = {k: v for k, v in model.hparams.items() if k not in ("prior", "assigner", "loss", "decoder", "pixel_mean",
+                                                                "pixel_std")}
+    flat.update(aspect_ratios=[[2, 3]] * 6, s_min=0.15, s_max=0.8, clip=True, overlap_threshold=0.4, loc_weight=2.0,
+                conf_thresh=0.0, nms_topk=50, keep_topk=9, force_suppress=True)
+    paths = {}
+    for name, arguments, saved_pipeline in (("new", dict(model.hparams), pipeline),
+                                            ("old", flat, {**pipeline, "mean": [0.0] * 3, "std": [255.0] * 3})):
+        paths[name] = tmp_path / f"{name}.ckpt"
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": arguments, "inference_pipeline":
+                    saved_pipeline, "detector_class": "lightning_det.models.ssd.module.SSD"}, paths[name])
+    (new, _), (old, _) = load_detector(paths["new"]), load_detector(paths["old"])
+    assert vars(old.decoder) == vars(new.decoder) and old.assigner.overlap_threshold == 0.4
+    assert vars(old.prior) == vars(new.prior) and old.criterion.loc_weight == 2.0
+    images = torch.rand(2, 3, 128, 128) * 255
+    with torch.no_grad():
+        expected = new.decode(new(new.normalise(images)), {"images": images})
+        got = old.decode(old(old.normalise(images)), {"images": images})
+    assert [len(d["scores"]) for d in expected] == [9, 9]
+    for a, b in zip(expected, got):
+        assert all(torch.equal(a[k], b[k]) for k in a)
