@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, SequentialSampler
 
 from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers, usable_cores
+from lightning_det.data.cache import check_kind
 from lightning_det.data.collate import collate_detection
 from lightning_det.data.dataset import (
     AspectRatioBatchSampler,
@@ -47,6 +48,9 @@ class DetectionDataModule(L.LightningDataModule):
         prepare: called with ``root`` by ``prepare_data`` (once per node), e.g. to generate the sample data.
         num_workers: loader worker processes; ``"auto"``: :func:`~lightning_det.data.adapt.loader_workers` (the
             cores a CPU run's step leaves free, none by default; up to 8 per process on an accelerator).
+        cache: ``"ram"`` or ``"disk"``: every split's decoded images in one file per machine (``/dev/shm``, or a
+            memory-mapped file in the cache folder) that every rank and worker maps (:mod:`~lightning_det.data.cache`);
+            ``None``: each process keeps its own copy of a small set's images.
         label_pad_width: fixed label rows per image; ``None`` pads to each batch's maximum.
         img_size: network input size; the default transforms use it, given ones must agree with it. ``"auto"``:
             chosen from the training boxes by :func:`~lightning_det.data.adapt.choose_img_size` when they are read.
@@ -86,6 +90,7 @@ class DetectionDataModule(L.LightningDataModule):
         num_workers: int | str = 2,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        cache: str | None = None,
         label_pad_width: int | None = None,
         img_size: int | str = 416,
         min_steps_per_epoch: int = 0,
@@ -125,6 +130,8 @@ class DetectionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        check_kind(cache)
+        self.cache = cache
         self._workers: int | None = None
         if img_size != "auto" and (isinstance(img_size, bool) or not isinstance(img_size, int)):
             raise ValueError(f"data.img_size must be a whole number of pixels or auto, got {img_size!r}")
@@ -245,8 +252,8 @@ class DetectionDataModule(L.LightningDataModule):
         if role == "train":
             if not self.keep_difficult_in_training:
                 records = [r.select(~r.difficult) for r in records]
-            return DetectionDataset(records, self.train_transform)
-        return DetectionDataset(records, self.val_transform)
+            return DetectionDataset(records, self.train_transform, cache=self.cache)
+        return DetectionDataset(records, self.val_transform, cache=self.cache)
 
     def _loader(self, dataset: DetectionDataset, **kwargs: Any) -> DataLoader:
         workers = self.workers()

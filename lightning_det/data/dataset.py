@@ -10,12 +10,14 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
+from lightning_det.data.cache import image_bytes, shared_image_cache
 from lightning_det.data.records import AnnotationRecord, load_image
 from lightning_det.data.repeat_factor import pass_length, repeated_indices
 from lightning_det.data.transforms import DetectionTransform, Sample
 
-# Decoded images a dataset keeps in memory (per loader worker, each holding its own copy), when all of them fit:
-# a small set is then decoded and resized once instead of every epoch. A larger set is decoded on every access.
+# Decoded images a dataset without a shared cache keeps in memory (per loader worker, each holding its own copy),
+# when all of them fit: a small set is then decoded and resized once per process instead of every epoch. A larger
+# set is decoded on every access.
 CACHE_BUDGET_BYTES = 512 * 2**20
 
 
@@ -28,18 +30,25 @@ class DetectionDataset(Dataset[Sample]):
 
     A transform with a ``decode_size`` (a training pipeline that first resizes every image so its longer side is
     that size, and describes its own canvas) gets images already at that size, their boxes scaled with them; the
-    result is the same, the resize is done once. When the whole set's decoded images fit ``cache_bytes``, each is
-    kept after its first decoding (in persistent workers, across epochs).
+    result is the same, the resize is done once.
+
+    ``cache="ram"`` or ``"disk"`` reads the decoded images from one file shared by every process on the machine
+    (:mod:`~lightning_det.data.cache`), built here unless a current one exists. Without it, when the whole set's
+    decoded images fit ``cache_bytes``, each process keeps each image after its first decoding (in persistent
+    workers, across epochs): a copy per loader worker and rank.
     """
 
     def __init__(
-        self, records: list[AnnotationRecord], transform: DetectionTransform, cache_bytes: int = CACHE_BUDGET_BYTES
+        self, records: list[AnnotationRecord], transform: DetectionTransform, cache_bytes: int = CACHE_BUDGET_BYTES,
+        cache: str | None = None,
     ) -> None:
         self.records = records
         self.transform = transform
         self.decode_size: int | None = getattr(transform, "decode_size", None)
-        needed = sum(3 * h * w for h, w in map(self.decoded_size, records))
-        self.cache: dict[int, tuple[Tensor, Tensor]] | None = {} if needed <= cache_bytes else None
+        shapes = [self.decoded_size(record) for record in records]
+        self.shared_cache = None if cache is None else shared_image_cache(cache, records, shapes, self.decode)
+        private = self.shared_cache is None and image_bytes(shapes) <= cache_bytes
+        self.cache: dict[int, tuple[Tensor, Tensor]] | None = {} if private else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -53,15 +62,24 @@ class DetectionDataset(Dataset[Sample]):
         ratio = self.decode_size / longer
         return max(1, round(record.height * ratio)), max(1, round(record.width * ratio))
 
+    def decode(self, index: int) -> Tensor:
+        """The record's ``uint8`` image, decoded and (with ``decode_size``) reduced."""
+        record = self.records[index]
+        image = load_image(record)
+        height, width = self.decoded_size(record)
+        if (height, width) != (record.height, record.width):
+            image = F.resize(image, [height, width], antialias=True)
+        return image
+
     def image_and_boxes(self, index: int) -> tuple[Tensor, Tensor]:
         """The decoded (and, with ``decode_size``, reduced) ``uint8`` image and its boxes in its pixels."""
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         record = self.records[index]
-        image, boxes = load_image(record), torch.from_numpy(record.boxes)
-        height, width = self.decoded_size(record)
+        image = self.decode(index) if self.shared_cache is None else self.shared_cache[index]
+        height, width = image.shape[-2:]
+        boxes = torch.from_numpy(record.boxes)
         if (height, width) != (record.height, record.width):
-            image = F.resize(image, [height, width], antialias=True)
             boxes = boxes * boxes.new_tensor([width / record.width, height / record.height] * 2)
         if self.cache is not None:
             self.cache[index] = image, boxes
