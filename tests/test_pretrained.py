@@ -122,6 +122,27 @@ def test_vgg16_file_fills_ssd_reduced_vgg_and_decimates_fc6_fc7(files, states, v
         assert torch.allclose(conv7(units[:, ::4, None, None]).flatten(1), sampled_fc7, atol=1e-5)
 
 
+def test_pretrained_weights_bring_their_normalisation_and_checkpoints_keep_it(files, tmp_path):
+    """ImageNet weights come with ImageNet's mean/std (torchvision's documented values, in pixel units); without
+    them SSD keeps the reference's mean pixel; a checkpoint, which forgets the weights file, keeps the former."""
+    imagenet_mean = torch.tensor([0.485, 0.456, 0.406]) * 255
+    imagenet_std = torch.tensor([0.229, 0.224, 0.225]) * 255
+    model = SSD(variant="ssd300", num_classes=2, backbone_weights=str(files["vgg16"]))
+    torch.testing.assert_close(model.pixel_mean.flatten(), imagenet_mean)
+    torch.testing.assert_close(model.pixel_std.flatten(), imagenet_std)
+    plain = SSD(variant="ssd300", width=0.25, num_classes=2)
+    assert plain.pixel_mean.flatten().tolist() == [123.0, 117.0, 104.0]
+    assert plain.pixel_std.flatten().tolist() == [1.0] * 3
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "ssd.ckpt", weights_only=True)
+    rebuilt = SSD.load_from_checkpoint(tmp_path / "ssd.ckpt")
+    assert rebuilt.hparams["backbone_weights"] is None
+    assert torch.equal(rebuilt.pixel_mean, model.pixel_mean) and torch.equal(rebuilt.pixel_std, model.pixel_std)
+
+
 def test_non_finite_tensors_are_left_as_initialised(states, caplog):
     """torchvision's VGG16_Weights.IMAGENET1K_FEATURES has no valid classifier: conv6/conv7 keep their init."""
     state = dict(states["vgg16"])

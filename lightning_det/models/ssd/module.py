@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from lightning_det.models.backbones.pretrained import forget_weights_file
+from lightning_det.models.backbones.pretrained import forget_weights_file, pretrained_normalisation
 from lightning_det.models.boxes import Detections
 from lightning_det.models.detector import Detector
 from lightning_det.models.parts import PartConfig, build_part
@@ -34,7 +34,8 @@ class SSD(Detector):
         backbone_weights: ImageNet weights for the backbone (VGG16 for ssd300/ssd512, MobileNetV3-Large for
             ssdlite), width 1.0 only: a torchvision-format state dict file (e.g. ``vgg16-397923af.pth``) or a
             torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``, ``VGG16_Weights.IMAGENET1K_V1``) read from
-            torch.hub's cache or downloaded. ``None``: random initialisation.
+            torch.hub's cache or downloaded. ``None``: random initialisation. With weights and no ``pixel_mean``,
+            the input is normalised with ImageNet's mean/std, as those weights were trained.
         variances: the box coding's variances, shared by the training targets and the decoder (``targets.py``).
         prior: the default-box part, :class:`~lightning_det.models.ssd.priors.DefaultBoxes` by default: called
             with ``(feature_sizes, image_size)``, returns the default boxes (cx, cy, w, h); its
@@ -87,7 +88,7 @@ class SSD(Detector):
         decoder: PartConfig = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**pretrained_normalisation(backbone_weights, kwargs))
         self.prior = build_part(prior, DefaultBoxes)
         self.network = SSDNetwork(
             variant, self.num_classes, self.prior.boxes_per_location, width, l2_scale, backbone_weights
