@@ -47,6 +47,7 @@ class ConfigValueError(ValueError):
 
 def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
     """``(target, parameter) -> allowed strings``, taken from the code that decides."""
+    from lightning_det.data.cache import CACHE_KINDS
     from lightning_det.data.image_checks import CHECK_LEVELS
     from lightning_det.models.ssd.network import VARIANTS as SSD_VARIANTS
     from lightning_det.models.yolov3.grid import DEFAULT_ANCHORS
@@ -57,6 +58,7 @@ def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
         ("lightning_det.models.yolov3.loss.YOLOv3Loss", "box_loss"): tuple(BOX_LOSSES),
         ("lightning_det.models.ssd.SSD", "variant"): tuple(SSD_VARIANTS),
         ("lightning_det.data.DetectionDataModule", "check_images"): CHECK_LEVELS,
+        ("lightning_det.data.DetectionDataModule", "cache"): (*CACHE_KINDS, None),
     }
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_det.data.image_checks import framework_cache
 from lightning_det.data.records import AnnotationRecord
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def cache_folder(kind: str) -> Path:
     (``$LIGHTNING_DET_CACHE``, else ``~/.cache/lightning_det``)."""
     if kind == "ram":
         return RAM_FOLDER
-    return Path(os.environ.get("LIGHTNING_DET_CACHE") or Path.home() / ".cache" / "lightning_det") / "images"
+    return framework_cache() / "images"
 
 
 def image_bytes(shapes: Sequence[tuple[int, int]]) -> int:

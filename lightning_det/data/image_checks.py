@@ -82,6 +82,11 @@ def image_problem(path: str, height: int, width: int, decode: bool = False, exif
     return ""
 
 
+
+def framework_cache() -> Path:
+    """The framework's cache folder: ``$LIGHTNING_DET_CACHE``, else ``~/.cache/lightning_det``."""
+    return Path(os.environ.get("LIGHTNING_DET_CACHE") or Path.home() / ".cache" / "lightning_det")
+
 class CheckedImages:
     """The images that passed a check, by path, with the byte size and modification time they had then."""
 
@@ -90,8 +95,7 @@ class CheckedImages:
             raise ValueError(f"data.check_images={level!r} is not one of {list(CHECK_LEVELS)}")
         self.level = level
         self.exif_orientation = exif_orientation
-        folder = Path(os.environ.get("LIGHTNING_DET_CACHE") or Path.home() / ".cache" / "lightning_det")
-        self.path = folder / "checked_images.json"
+        self.path = framework_cache() / "checked_images.json"
         try:
             self.entries: dict[str, list] = json.loads(self.path.read_text())
         except (OSError, ValueError):
