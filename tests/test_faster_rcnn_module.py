@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_voc
 from PIL import Image
 from torchvision.models import mobilenet_v3_large
 from torchvision.ops import box_iou
@@ -13,15 +14,13 @@ from lightning_det.data import DetectionDataModule, VOCSource
 from lightning_det.data.transforms import RCNNTransform
 from lightning_det.models.faster_rcnn import FasterRCNN
 from lightning_det.models.faster_rcnn.module import confusion_image
-from helpers import make_voc
 
+SMALL_RPN = dict(anchor_sizes=[[16, 32, 64, 128]] * 3, pre_nms_topk=(200, 100), max_detections=(50, 30))
 SMALL = dict(
     backbone="mobilenet_v3_fpn",
+    rpn=SMALL_RPN,
     representation=64,
-    anchor_sizes=[[16, 32, 64, 128]] * 3,
-    rpn_pre_nms_top_n=(200, 100),
-    rpn_post_nms_top_n=(50, 30),
-    roi_batch_size=32,
+    assigner=dict(roi_batch_size=32),
 )
 
 
@@ -48,7 +47,7 @@ def loss_values(model: FasterRCNN, batch: dict) -> dict[str, float]:
     """Losses with a fixed sampling seed, so two calls differ only through the weights."""
     torch.manual_seed(123)
     with torch.no_grad():
-        return {k: v.item() for k, v in model.loss(model(batch["images"]), batch).items()}
+        return {k: v.item() for k, v in model.loss(model.network_outputs(batch), batch).items()}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,7 @@ def train_steps(model: FasterRCNN, batch: dict, steps: int, lr: float) -> None:
     model.train()
     for _ in range(steps):
         torch.manual_seed(123)
-        losses = model.loss(model(batch["images"]), batch)
+        losses = model.loss(model.network_outputs(batch), batch)
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
@@ -89,7 +88,7 @@ def test_a_few_steps_lower_all_four_losses(batch):
     # Without proposals the head's RoIs are the objects themselves: a fixed set, where the RoIs taken from the
     # proposals of a changing RPN would make the head's two terms a moving target over the steps.
     torch.manual_seed(0)
-    model = FasterRCNN(num_classes=2, **{**SMALL, "rpn_post_nms_top_n": (0, 0)})
+    model = FasterRCNN(num_classes=2, **{**SMALL, "rpn": {**SMALL_RPN, "max_detections": (0, 0)}})
     model.train()
     before = loss_values(model, batch)
     train_steps(model, batch, steps=20, lr=3e-4)
@@ -117,7 +116,7 @@ def test_trained_detections_land_on_each_images_own_object(batch):
 def test_eval_mode_gives_losses_and_detections_in_original_pixels(batch):
     model = small_model().eval()
     with torch.no_grad():
-        outputs = model(batch["images"])
+        outputs = model.network_outputs(batch)
         losses = model.loss(outputs, batch)
         detections = model.detections_in_original_pixels(outputs, batch)
     assert all(torch.isfinite(v) for v in losses.values())
@@ -131,13 +130,13 @@ def test_eval_mode_gives_losses_and_detections_in_original_pixels(batch):
 def test_confusion_matrices_accumulate_in_training_only(batch):
     model = small_model()
     model.train()
-    model.loss(model(batch["images"]), batch)
+    model.loss(model.network_outputs(batch), batch)
     rpn_count = model.rpn_confusion.compute().sum().item()
     assert rpn_count == 2 * 256  # every image has enough anchors for a full sample
     assert model.roi_confusion.compute().shape == (3, 3)
     model.eval()
     with torch.no_grad():
-        model.loss(model(batch["images"]), batch)
+        model.loss(model.network_outputs(batch), batch)
     assert model.rpn_confusion.compute().sum().item() == rpn_count
 
 
@@ -149,7 +148,7 @@ def test_confusion_image_is_row_normalised():
 
 def test_roi_pool_needs_a_single_level_backbone():
     with pytest.raises(ValueError, match="single-level"):
-        FasterRCNN(num_classes=2, roi_pooling="pool", **SMALL)
+        FasterRCNN(num_classes=2, **{**SMALL, "roi_head": {"pooling": "pool"}})
 
 
 def test_width_narrows_the_mobilenet_as_torchvision_does():
@@ -162,4 +161,33 @@ def test_width_narrows_the_mobilenet_as_torchvision_does():
     with pytest.raises(ValueError, match="width=0.5"):
         FasterRCNN(num_classes=2, width=0.5, backbone_weights="DEFAULT", **SMALL)
     with pytest.raises(ValueError, match="only the mobilenet_v3_fpn"):
-        FasterRCNN(num_classes=2, **{**SMALL, "backbone": "vgg16", "anchor_sizes": None}, width=0.5)
+        FasterRCNN(num_classes=2, **{**SMALL, "backbone": "vgg16", "rpn": None}, width=0.5)
+
+
+class RecordingMetric(torch.nn.Module):
+    """A validation metric that keeps the detections it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.detections: list[dict] = []
+
+    def update(self, detections: list[dict], targets: list[dict]) -> None:
+        self.detections += detections
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer: nothing logged
+def test_validation_filters_proposals_once_per_batch_for_loss_and_detections(batch, monkeypatch):
+    model = small_model().eval()
+    model.val_metric = RecordingMetric()
+    calls = []
+    propose = model.rpn.propose
+    monkeypatch.setattr(model.rpn, "propose", lambda *args: calls.append(args) or propose(*args))
+    with torch.no_grad():
+        model.validation_step(batch, 0)
+        assert len(calls) == 1  # the loss's RoI sampling and the detections share one proposal filter
+        expected = model.predict_step(batch, 0)  # detections alone: no loss in between
+    validated = model.val_metric.detections
+    assert len(validated) == len(expected) == 2 and sum(len(d["boxes"]) for d in expected) > 0
+    for got, want in zip(validated, expected):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(got[key], want[key]), key

@@ -26,8 +26,9 @@ def ssdlite():
 
 
 def faster_rcnn():
-    return FasterRCNN(num_classes=3, backbone="mobilenet_v3_fpn", representation=64, anchor_sizes=[[16, 32, 64]] * 3,
-                      rpn_pre_nms_top_n=(200, 100), rpn_post_nms_top_n=(50, 30), roi_batch_size=32)
+    return FasterRCNN(num_classes=3, backbone="mobilenet_v3_fpn", representation=64,
+                      rpn=dict(anchor_sizes=[[16, 32, 64]] * 3, pre_nms_topk=(200, 100), max_detections=(50, 30)),
+                      assigner=dict(roi_batch_size=32))
 
 
 def detections(model, images):

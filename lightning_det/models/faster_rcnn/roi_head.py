@@ -11,6 +11,8 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign, roi_pool
 
+from lightning_det.models.faster_rcnn.network import Network
+
 
 class RoIPool(nn.Module):
     """Classic max RoI pooling on the single feature map (VGG16); the scale is read from the feature size."""
@@ -28,17 +30,17 @@ class RoIPool(nn.Module):
 
 
 class RoIHead(nn.Module):
-    """RoI pooling (``"align"``: ``MultiScaleRoIAlign``; ``"pool"``: max pooling, single-level backbones only),
-    the backbone's box head, and torchvision's ``FastRCNNPredictor``.
+    """RoI pooling (``pooling="align"``: ``MultiScaleRoIAlign`` with ``sampling_ratio`` points per bin side;
+    ``"pool"``: max pooling, single-level backbones only) to ``output_size`` x ``output_size``, the network's box
+    head (VGG16's fc6/fc7, or the FPN backbones' two-layer MLP), and torchvision's ``FastRCNNPredictor`` for
+    ``num_classes`` + background.
 
     Box targets are encoded relative to the RoI and normalised as ``(t - box_mean) / box_std``.
     """
 
     def __init__(
         self,
-        feature_names: list[str],
-        box_head: nn.Module,
-        representation: int,
+        network: Network,
         num_classes: int,
         pooling: str = "align",
         output_size: int = 7,
@@ -47,16 +49,17 @@ class RoIHead(nn.Module):
         box_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
     ) -> None:
         super().__init__()
+        feature_names = network.roi_feature_names
         if pooling == "align":
             self.pooler: nn.Module = MultiScaleRoIAlign(feature_names, output_size, sampling_ratio)
         elif pooling == "pool" and len(feature_names) == 1:
             self.pooler = RoIPool(output_size)
         else:
-            raise ValueError(f"roi_pooling={pooling!r} with feature levels {feature_names}: use 'align', or "
+            raise ValueError(f"roi_head.pooling={pooling!r} with feature levels {feature_names}: use 'align', or "
                              "'pool' with a single-level backbone (vgg16)")
         self.feature_names = feature_names
-        self.box_head = box_head
-        self.predictor = FastRCNNPredictor(representation, num_classes + 1)
+        self.box_head = network.box_head
+        self.predictor = FastRCNNPredictor(network.representation, num_classes + 1)
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.register_buffer("box_mean", torch.tensor(box_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("box_std", torch.tensor(box_std, dtype=torch.float32), persistent=False)

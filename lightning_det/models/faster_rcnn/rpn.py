@@ -14,6 +14,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from lightning_det.models.boxes import group_sizes, rank_within_groups
+from lightning_det.models.faster_rcnn.network import Network
 
 
 class RPNOutputs(NamedTuple):
@@ -33,29 +34,40 @@ def rank_within_images(image: Tensor, batch: int) -> Tensor:
     return rank
 
 
+def train_test_pair(name: str, value: Sequence[int]) -> tuple[int, int]:
+    """A count given per mode, ``(train, test)``: a single number is refused, since which mode it meant is a guess."""
+    if isinstance(value, (int, float)) or len(value) != 2:
+        raise ValueError(f"rpn.{name}={value}: give a (train, test) pair, e.g. [2000, 1000]")
+    return int(value[0]), int(value[1])
+
+
 class RegionProposalNetwork(nn.Module):
-    """Anchors of ``sizes`` x ``aspect_ratios`` (h/w) per feature level, torchvision's ``RPNHead``, and the
-    proposal filter: per level the ``pre_nms_top_n`` best anchors, decode, clip, drop boxes smaller than
-    ``min_size``, NMS at ``nms_thresh`` per level, then the ``post_nms_top_n`` best per image. The top-N values
-    are ``(train, test)`` pairs chosen by the module's mode."""
+    """Anchors of ``anchor_sizes`` x ``aspect_ratios`` (h/w) per feature level, torchvision's ``RPNHead``, and the
+    proposal filter: per level the ``pre_nms_topk`` best anchors, decode, clip, drop boxes with a side below
+    ``min_size``, NMS at ``nms_thresh`` per level, then the ``max_detections`` best per image. Both counts are
+    ``(train, test)`` pairs chosen by the module's mode (torchvision's ``pre_nms_top_n`` / ``post_nms_top_n``).
+
+    ``network`` is the backbone's description (``network.Network``): its width and, when ``anchor_sizes`` is
+    None, its default anchor sizes.
+    """
 
     def __init__(
         self,
-        in_channels: int,
-        sizes: Sequence[Sequence[int]],
+        network: Network,
+        anchor_sizes: Sequence[Sequence[int]] | None = None,
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-        pre_nms_top_n: tuple[int, int] = (12000, 6000),
-        post_nms_top_n: tuple[int, int] = (2000, 300),
+        pre_nms_topk: Sequence[int] = (12000, 6000),
+        max_detections: Sequence[int] = (2000, 300),
         nms_thresh: float = 0.7,
         min_size: float = 1e-3,
     ) -> None:
         super().__init__()
-        sizes = tuple(tuple(s) for s in sizes)
+        sizes = tuple(tuple(s) for s in (network.default_anchor_sizes if anchor_sizes is None else anchor_sizes))
         self.anchor_generator = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
-        self.head = RPNHead(in_channels, self.anchor_generator.num_anchors_per_location()[0])
+        self.head = RPNHead(network.out_channels, self.anchor_generator.num_anchors_per_location()[0])
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-        self.pre_nms_top_n = tuple(pre_nms_top_n)
-        self.post_nms_top_n = tuple(post_nms_top_n)
+        self.pre_nms_topk = train_test_pair("pre_nms_topk", pre_nms_topk)
+        self.max_detections = train_test_pair("max_detections", max_detections)
         self.nms_thresh = nms_thresh
         self.min_size = min_size
 
@@ -75,7 +87,7 @@ class RegionProposalNetwork(nn.Module):
     def propose(self, outputs: RPNOutputs, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Proposals of the whole batch, flattened: boxes ``[K, 4]`` and their image index ``[K]``."""
         mode = 0 if self.training else 1
-        pre_nms, post_nms = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
+        pre_nms, post_nms = self.pre_nms_topk[mode], self.max_detections[mode]
         objectness, level = outputs.objectness.detach(), outputs.anchor_level
         batch = objectness.shape[0]
         candidates = []
