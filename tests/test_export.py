@@ -32,10 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 96
 CLASSES = ["circle", "square", "triangle"]
 PIPELINES = {
-    "yolov3_tiny": {"_target_": "lightning_det.data.transforms.LetterboxTransform", "img_size": SIZE, "fill": 114,
-                    "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]},
-    "ssdlite": {"_target_": "lightning_det.data.transforms.SSDEvalTransform", "img_size": SIZE,
-                "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]},
+    "yolov3_tiny": {"_target_": "lightning_det.data.transforms.LetterboxTransform", "img_size": SIZE, "fill": 114},
+    "ssdlite": {"_target_": "lightning_det.data.transforms.SSDEvalTransform", "img_size": SIZE},
 }
 MAX_DETECTIONS = {"yolov3_tiny": 40, "ssdlite": 100}
 
@@ -106,7 +104,7 @@ def reference(ckpt: Path, paths: list[Path]) -> tuple[np.ndarray, list[dict[str,
     model, pipeline = load_detector(ckpt)
     images = image_batch(paths, pipeline)["images"]
     with torch.no_grad():
-        detections = model.decode(model(images), {"images": images})
+        detections = model.decode(model(model.normalise(images)), {"images": images})
     return images.numpy(), [{k: v.numpy() for k, v in d.items()} for d in detections]
 
 
@@ -151,8 +149,9 @@ def test_onnx_matches_pytorch_on_a_batch_with_different_detection_counts(case, i
 
     model = onnx.load(str(path))
     props = {p.key: p.value for p in model.metadata_props}
-    pipeline = load_detector(case.checkpoint)[0].inference_pipeline
-    assert json.loads(props["mean"]) == pipeline["mean"] and json.loads(props["std"]) == pipeline["std"]
+    detector = load_detector(case.checkpoint)[0]
+    assert json.loads(props["mean"]) == detector.pixel_mean.flatten().tolist()
+    assert json.loads(props["std"]) == detector.pixel_std.flatten().tolist()
     assert int(props["img_size"]) == SIZE and json.loads(props["class_names"]) == CLASSES
     assert model.opset_import[0].version == 11  # the oldest that torchvision exports NMS to
     assert [i.name for i in model.graph.input] == ["images"]
@@ -223,8 +222,8 @@ def test_command_line_writes_next_to_the_checkpoint_and_prints_the_input_contrac
     written = case.checkpoint.with_suffix(".onnx")  # the default format, beside the checkpoint
     text = done.stdout + done.stderr
     assert written.is_file() and str(written) in text
-    pipeline = load_detector(case.checkpoint)[0].inference_pipeline
-    assert f"mean {json.dumps(pipeline['mean'])}" in text and f"[any, 3, {SIZE}, {SIZE}]" in text
+    mean = load_detector(case.checkpoint)[0].pixel_mean.flatten().tolist()
+    assert f"mean {json.dumps(mean)}" in text and f"[any, 3, {SIZE}, {SIZE}]" in text
     assert f"labels [B, {case.max_detections}] int64" in text
     assert onnxruntime.InferenceSession(str(written)).get_inputs()[0].shape == ["batch", 3, SIZE, SIZE]
 
