@@ -56,6 +56,9 @@ def test_jobs_differing_in_seed_and_width_give_one_row_per_width(tmp_path):
     assert lines[:2] == ["| job | overrides | best val/mAP | status | checkpoint |", "|---|---|---|---|---|"]
     assert lines[2] == "| 0 | seed=0 model.width=0.25 | 0.1000 | COMPLETED |  |"  # only the swept keys
     assert lines[7] == "| 5 | seed=2 model.width=0.5 |  | FAILED |  |"
+    with open(tmp_path / "summary.csv", newline="") as file:
+        first = next(csv.DictReader(file))
+    assert (first["overrides"], first["best val/mAP"]) == ("seed=0 model.width=0.25 trainer.max_epochs=2", "0.1")
     seed_table = lines[lines.index("best val/mAP over seed (mean ± sample std):") + 2:]
     assert seed_table == [
         "| overrides | seeds | best val/mAP | min | max | failed |", "|---|---|---|---|---|---|",
@@ -108,8 +111,10 @@ def test_multirun_over_seeds_reports_the_spread_and_counts_a_failed_setting(tmp_
     assert done.returncode != 0 and "batch_size" in done.stderr
     with open(tmp_path / "sweep" / "summary.csv", newline="") as file:
         jobs = list(csv.DictReader(file))
-    assert [job["status"] for job in jobs] == ["COMPLETED", "FAILED", "COMPLETED", "FAILED"]
-    scores = [float(job["best val/mAP"]) for job in jobs if job["status"] == "COMPLETED"]
+    assert len(jobs) == 4 and all((job["status"] == "FAILED") == ("data.batch_size=four" in job["overrides"].split())
+                                  for job in jobs)
+    results = [json.loads(path.read_text()) for path in (tmp_path / "sweep").glob(f"*/{RESULT_FILE}")]
+    scores = [result["best_score"] for result in results if result["status"] == "COMPLETED"]
     rows = by_seed(tmp_path / "sweep")
     trained, refused = rows["data.batch_size=4"], rows["data.batch_size=four"]
     assert (trained["seeds"], trained["failed"], refused["seeds"], refused["failed"]) == ("2", "0", "0", "2")

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,12 @@ class SweepSummary(Callback):
         swept = varying_keys(overrides)
         header = ["job", "overrides", f"best {monitor}", "status", "checkpoint"]
 
-        def table(keys: Sequence[str] | None) -> list[list[str]]:
-            return [[str(r["job"]), joined(o, keys), number(r["best_score"]), r["status"], r["checkpoint"]]
+        def table(keys: Sequence[str] | None, score: Callable[[float | None], Any]) -> list[list[Any]]:
+            return [[str(r["job"]), joined(o, keys), score(r["best_score"]), r["status"], r["checkpoint"]]
                     for r, o in zip(rows, overrides)]
 
-        markdown = markdown_table(header, table(swept))
-        write_csv(sweep_dir / "summary.csv", header, table(None))
+        markdown = markdown_table(header, table(swept, number))  # the CSV keeps every digit and every override
+        write_csv(sweep_dir / "summary.csv", header, table(None, lambda score: score))
         seeds = [key for key in swept if key in self.seed_keys]
         if seeds:
             spreads = seed_spreads(rows, overrides, [key for key in swept if key not in seeds])
