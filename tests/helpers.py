@@ -11,23 +11,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 import yaml
 from PIL import Image
 
 VOCObject = tuple[str, tuple[float, float, float, float], bool]  # name, (xmin, ymin, xmax, ymax), difficult
 VOCImage = tuple[int, int, list[VOCObject]]  # height, width, objects
 YOLOImage = tuple[int, int, list[str] | None]  # height, width, label file lines (None: no label file)
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Many tiny tensor ops (augmentation) run far slower on two threads when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_image(path: Path, height: int, width: int, seed: int = 0) -> None:

@@ -3,16 +3,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import make_coco, make_voc, one_torch_thread
+from helpers import make_coco, make_voc
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
 from torch.utils.data import DistributedSampler
 
 from lightning_det.data import COCOSource, DetectionDataModule, SortedAspectRatioBatchSampler, VOCSource, read_voc
 from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
 
-pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SIZE = 96
 CLASSES = ["dog", "cat", "person"]

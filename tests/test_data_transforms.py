@@ -2,13 +2,12 @@ import math
 
 import pytest
 import torch
-from helpers import one_torch_thread
 
 from lightning_det.data.transforms import LetterboxTransform, Sample, YoloTrainTransform, clip_and_filter
 from lightning_det.data.transforms.common import colour_matrix, displayable
 
 SIZE = 416
-pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NO_AUGMENTATION = dict(mosaic=1.0, scale=0.0, translate=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
 
 

@@ -15,7 +15,6 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from helpers import one_torch_thread
 from hydra.utils import instantiate
 from PIL import Image
 from torch import nn
@@ -37,7 +36,7 @@ PIPELINES = {
 }
 MAX_DETECTIONS = {"yolov3_tiny": 40, "ssdlite": 100}
 
-pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Case(NamedTuple):
@@ -173,7 +172,8 @@ def test_img_size_overrides_the_checkpoint_pipeline(cases, images, tmp_path):
     batch = image_batch(images, pipeline)["images"]
     assert batch.shape[-2:] == (2 * SIZE, 2 * SIZE)
     with torch.no_grad():
-        expected = [{k: v.numpy() for k, v in d.items()} for d in model.decode(model(batch), {"images": batch})]
+        detections = model.decode(model(model.normalise(batch)), {"images": batch})
+    expected = [{k: v.numpy() for k, v in d.items()} for d in detections]
     assert any(len(d["scores"]) for d in expected)
     session = onnxruntime.InferenceSession(str(path))
     assert session.get_inputs()[0].shape == ["batch", 3, 2 * SIZE, 2 * SIZE]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import one_torch_thread
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -19,7 +18,7 @@ from lightning_det.models.ssd.targets import encode
 SSD300_RATIOS = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
-pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conv(c_in: int, c_out: int, kernel: int) -> int:

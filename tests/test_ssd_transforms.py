@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from helpers import one_torch_thread
 from torchvision import tv_tensors
 from torchvision.ops import box_iou
 from torchvision.transforms import v2
@@ -19,7 +18,7 @@ from lightning_det.data.transforms.common import Sample
 from lightning_det.data.transforms.ssd import iou_crop, photometric_map
 from lightning_det.models.detector import to_original_pixels
 
-pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sample(height: int = 120, width: int = 200) -> Sample:

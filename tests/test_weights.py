@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from tiny_detector import TinyDetector
 
 from lightning_det.models.weights import initialise_from, load_matching_weights
-from lightning_det.models.yolov3.darknet_weights import save_darknet_weights
 from lightning_det.models.yolov3 import YOLOv3
+from lightning_det.models.yolov3.darknet_weights import save_darknet_weights
 
 
 def tiny(num_classes: int, seed: int) -> YOLOv3:
@@ -61,5 +62,5 @@ def test_init_from_reads_darknet_files_through_the_detector(tmp_path):
 
 def test_init_from_a_foreign_file_without_a_reader_is_refused(tmp_path):
     (tmp_path / "model.weights").write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match="reads no other format"):
-        initialise_from(torch.nn.Linear(2, 2), tmp_path / "model.weights")
+    with pytest.raises(ValueError, match="is not a PyTorch file and TinyDetector reads no other format"):
+        initialise_from(TinyDetector(), tmp_path / "model.weights")
