@@ -149,7 +149,7 @@ class VOCMeanAP(PerClassVector, Metric):
         if self.use_difficult:
             difficult = torch.zeros_like(difficult)
 
-        best_iou, best_gt = _best_ground_truth(
+        best_iou, best_gt = best_ground_truth(
             det_boxes,
             det_image * self.num_classes + det_labels,
             gt_boxes,
@@ -250,7 +250,7 @@ def _pair_iou(a: Tensor, b: Tensor, plus_one: bool) -> Tensor:
     return torch.where(intersection > 0, intersection / union, 0.0)
 
 
-def _best_ground_truth(
+def best_ground_truth(
     det_boxes: Tensor, det_group: Tensor, gt_boxes: Tensor, gt_group: Tensor, plus_one: bool
 ) -> tuple[Tensor, Tensor]:
     """For each detection, the highest IoU with a box of its group (image x class) and that box's index (-1: none).

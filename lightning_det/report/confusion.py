@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_det.metrics.voc import _best_ground_truth
+from lightning_det.metrics.voc import best_ground_truth
 from lightning_det.models.boxes import Detections
 
 
@@ -40,7 +40,7 @@ def confusion_matrix(
         [t.get("difficult", torch.zeros(len(t["labels"]), dtype=torch.bool)).cpu().reshape(-1) for t in targets]
     ) if targets else torch.zeros(0, dtype=torch.bool)
 
-    best_iou, best_gt = _best_ground_truth(det_boxes, det_image, gt_boxes, gt_image, plus_one=False)
+    best_iou, best_gt = best_ground_truth(det_boxes, det_image, gt_boxes, gt_image, plus_one=False)
     background = num_classes
     # One sentinel box past the end: best_gt = -1 (no box in the image) reads background and not difficult.
     gt_labels = torch.cat([gt_labels, torch.tensor([background])])
