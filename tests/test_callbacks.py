@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 from lightning_det.callbacks import Freeze, ModelEMA, MultiScale
 from lightning_det.models.detector import Detector
 
-
 IDENTITY = (1.0, 1.0, 1.0)  # the synthetic batches are the network's input as they are (mean 0, std 1)
 
 
