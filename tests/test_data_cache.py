@@ -190,15 +190,15 @@ def test_a_killed_build_is_never_used(root, tmp_path, decodings):
     child = start_child(root, tmp_path / "children.log", pause=5.0)
     folder = cache_module.cache_folder("disk")
     deadline = time.monotonic() + 60
-    while not list(folder.glob("*.partial")) and time.monotonic() < deadline:
+    while not list(folder.glob(".*.tmp-*")) and time.monotonic() < deadline:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
-    assert list(folder.glob("*.partial")) and not cache_files("disk")  # killed half-way: nothing under the name
+    assert list(folder.glob(".*.tmp-*")) and not cache_files("disk")  # killed half-way: nothing under the name
     records = records_of(root)
     transform = YoloTrainTransform(img_size=160)
     dataset = DetectionDataset(records, transform, cache="disk")
-    assert len(decodings) == 3 and not list(folder.glob("*.partial"))  # built anew, the remains removed
+    assert len(decodings) == 3 and not list(folder.glob(".*.tmp-*"))  # built anew, the remains removed
     assert torch.equal(dataset.load(2).image, decoded_image(records, transform, 2))
     (file,) = cache_files("disk")
     whole = file.read_bytes()

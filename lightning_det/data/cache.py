@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_det.callbacks.checkpoint_io import write_atomically
 from lightning_det.data.image_checks import framework_cache
 from lightning_det.data.records import AnnotationRecord
 
@@ -109,7 +110,8 @@ def shared_image_cache(
     with open(folder / f"{which}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
         if not is_complete(path, cache.offsets[-1]):
-            for stale in folder.glob(f"{which}-*"):  # older versions and builds killed half-way
+            # older versions, and the temporaries of builds killed half-way (no other builder runs: the lock)
+            for stale in (*folder.glob(f"{which}-*"), *folder.glob(f".{which}-*")):
                 stale.unlink(missing_ok=True)
             check_fits(kind, folder, int(cache.offsets[-1]), len(records))
             build(path, len(records), decode)
@@ -158,18 +160,12 @@ def check_fits(kind: str, folder: Path, size: int, count: int) -> None:
 
 
 def build(path: Path, count: int, decode: Callable[[int], torch.Tensor]) -> None:
-    """Decode every image into a temporary file, flush it to the device and rename it to ``path``."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    """Decode every image into the file, written atomically: a killed build leaves only a temporary, which the
+    next build removes."""
     log.info(f"caching {count} decoded images in {path} (every rank and worker maps this one file; delete it to "
              "free the space)")
-    try:
-        with open(partial, "wb") as file:
-            file.writelines(decode(index).contiguous().numpy().tobytes() for index in range(count))
-            file.flush()
-            os.fsync(file.fileno())
-        partial.rename(path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_atomically(path, lambda file: file.writelines(
+        decode(index).contiguous().numpy().tobytes() for index in range(count)))
 
 
 def gb(size: int) -> str:

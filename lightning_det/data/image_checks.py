@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
+
+from lightning_det.callbacks.checkpoint_io import write_atomically
 
 CHECK_LEVELS = ("header", "decode")
 #: PIL pixel formats that become 8-bit RGB without loss of meaning (16-bit ones are scaled).
@@ -121,16 +122,12 @@ class CheckedImages:
         self.changed = True
 
     def save(self) -> None:
-        """Written to a temporary file in the cache folder and renamed, so a reader never sees half a file."""
+        """Written atomically, so a reader never sees half a file."""
         if not self.changed:
             return
         self.entries = {path: entry for path, entry in self.entries.items() if os.path.exists(path)}
+        text = json.dumps(self.entries).encode()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as file:
-                json.dump(self.entries, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(file.name, self.path)
+            write_atomically(self.path, lambda file: file.write(text))
         except OSError:  # a read-only home only costs the next run the same check again
             return
