@@ -30,6 +30,13 @@ def pairwise_iou(objects: Tensor, boxes: Tensor) -> Tensor:
     return inter / (area_objects[..., None] + area_boxes - inter).clamp(min=1e-9)
 
 
+def paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of the boxes ``a[i]`` and ``b[i]`` (both ``[K, 4]`` xyxy) -> ``[K]``."""
+    inter = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0).prod(1)
+    union = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1) - inter
+    return inter / union.clamp(min=1e-9)
+
+
 def group_sizes(group: Tensor, num_groups: int) -> Tensor:
     """How many rows each group ``0..num_groups-1`` has (``bincount``, in an ONNX-traceable form)."""
     return (group[:, None] == torch.arange(num_groups, device=group.device)).sum(0)

@@ -58,27 +58,39 @@ def best_per_image(
     """
     groups = image if class_agnostic else image * num_classes + labels
     keep = batched_nms(boxes, scores, groups, nms_thresh)  # sorted by decreasing score
-    position = torch.ones_like(keep).cumsum(0)
-    keep = keep[(image[keep] * IMAGE_KEY + position).argsort()]
-    owner = image[keep]
+    return first_per_image(keep, image, batch, max_per_image)
+
+
+def first_per_image(order: Tensor, image: Tensor, batch: int, max_per_image: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Of the rows ``order`` (best first), the first ``max_per_image`` of each image: their indices grouped by image
+    and best first within each, their rank within their image, and the number kept per image ``[batch]``."""
+    position = torch.ones_like(order).cumsum(0)
+    order = order[(image[order] * IMAGE_KEY + position).argsort()]
+    owner = image[order]
     rank = rank_within_groups(owner, group_sizes(owner, batch))
     within = rank < max_per_image
-    return keep[within], rank[within], group_sizes(owner[within], batch)
+    return order[within], rank[within], group_sizes(owner[within], batch)
 
 
-def suppress_and_split(
-    boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, batch: int, num_classes: int,
-    nms_thresh: float, max_per_image: int, class_agnostic: bool = False,
-) -> list[dict[str, Tensor]]:
-    """``best_per_image`` as one ``{"boxes", "scores", "labels"}`` dict per image."""
-    keep, _, counts = best_per_image(
-        boxes, scores, labels, image, batch, num_classes, nms_thresh, max_per_image, class_agnostic
-    )
+def split_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, keep: Tensor, counts: Tensor) -> Detections:
+    """The rows ``keep`` (grouped by image, ``counts`` per image) as one ``{"boxes", "scores", "labels"}`` dict
+    per image."""
     counts = counts.tolist()
     return [
         {"boxes": b, "scores": s, "labels": c}
         for b, s, c in zip(boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts))
     ]
+
+
+def suppress_and_split(
+    boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, batch: int, num_classes: int,
+    nms_thresh: float, max_per_image: int, class_agnostic: bool = False,
+) -> Detections:
+    """``best_per_image`` as one ``{"boxes", "scores", "labels"}`` dict per image."""
+    keep, _, counts = best_per_image(
+        boxes, scores, labels, image, batch, num_classes, nms_thresh, max_per_image, class_agnostic
+    )
+    return split_per_image(boxes, scores, labels, keep, counts)
 
 
 def suppress_and_pad(

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from lightning_det.models.boxes import Detections, group_sizes, rank_within_groups
-from lightning_det.models.postprocess import suppress_and_split
+from lightning_det.models.boxes import Detections, paired_iou, rank_within_groups
+from lightning_det.models.postprocess import first_per_image, split_per_image, suppress_and_split
 
 if TYPE_CHECKING:
     from lightning_det.models.detector import Detector
@@ -124,7 +124,9 @@ class TestTimeAugmentation:
                                       decoder.class_agnostic)
         fused = weighted_box_fusion(*candidates, model.num_classes, self.iou_thresh, len(self.views()),
                                     decoder.class_agnostic)
-        return capped_per_image(*fused, size, decoder.max_detections)
+        boxes, scores, labels, image = fused
+        keep, _, counts = first_per_image(scores.argsort(descending=True), image, size, decoder.max_detections)
+        return split_per_image(boxes, scores, labels, keep, counts)
 
     def candidates(self, model: Detector, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Every view's detections mapped back to the batch's pixels: boxes, scores, labels and images, flat."""
@@ -188,28 +190,6 @@ def nearest_leader(boxes: Tensor, groups: Tensor, leaders: Tensor) -> Tensor:
     is_best = overlap == best[box]
     first = slot.new_full((len(boxes),), len(slot)).scatter_reduce(0, box[is_best], slot[is_best], "amin")
     return order[first]
-
-
-def paired_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of the boxes ``a[i]`` and ``b[i]`` (both ``[K, 4]`` xyxy) -> ``[K]``."""
-    inter = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0).prod(1)
-    union = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1) - inter
-    return inter / union.clamp(min=1e-9)
-
-
-def capped_per_image(
-    boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, batch: int, max_per_image: int
-) -> Detections:
-    """The ``max_per_image`` best rows of each image as one ``{"boxes", "scores", "labels"}`` dict per image."""
-    order = scores.argsort(descending=True)
-    order = order[image[order].argsort(stable=True)]
-    owner = image[order]
-    keep = order[rank_within_groups(owner, group_sizes(owner, batch)) < max_per_image]
-    counts = group_sizes(image[keep], batch).tolist()
-    return [
-        {"boxes": b, "scores": s, "labels": c}
-        for b, s, c in zip(boxes[keep].split(counts), scores[keep].split(counts), labels[keep].split(counts))
-    ]
 
 
 def from_config(cfg: Mapping[str, Any]) -> TestTimeAugmentation | None:
