@@ -97,6 +97,8 @@ class Detector(L.LightningModule):
     #: The input normalisation ``(pixel - mean) / std`` in pixel units (0..255) when none is configured.
     default_pixel_mean: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
     default_pixel_std: ClassVar[tuple[float, float, float]] = (255.0, 255.0, 255.0)
+    #: Why an exported graph of this family takes only the batch size it was traced with (``None``: any).
+    export_batch_fixed: ClassVar[str | None] = None
 
     def __init__(
         self,

@@ -1,13 +1,13 @@
-"""Test-time boxes: per-class decoding of the RoI head, score threshold, small-box filter, NMS, top-k per image."""
+"""Test-time boxes: per-class decoding of the RoI head, score threshold, small-box filter, NMS, top-k per image,
+as per-image dicts or as the padded tensors of an exported graph."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from lightning_det.models.boxes import Detections
-from lightning_det.models.postprocess import suppress_and_split
+from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split
 
 
 class FasterRCNNDecoder:
@@ -29,19 +29,33 @@ class FasterRCNNDecoder:
         self.class_agnostic = class_agnostic
         self.min_size = min_size
 
+    def candidates(
+        self, logits: Tensor, boxes: Tensor, image: Tensor, image_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """RoI logits ``[R, C+1]`` and per-class boxes ``[R, C+1, 4]`` of images ``image`` -> the (RoI, class)
+        pairs entering NMS: boxes, scores, labels 0..C-1 (background dropped) and image, flat."""
+        scores = logits.softmax(1)[:, 1:]
+        boxes = clip_boxes_to_image(boxes[:, 1:], image_size)
+        roi, labels = (scores > self.score_thresh).nonzero().unbind(1)
+        boxes, scores, image = boxes[roi, labels], scores[roi, labels], image[roi]
+        keep = remove_small_boxes(boxes, self.min_size)
+        return boxes[keep], scores[keep], labels[keep], image[keep]
+
     def __call__(
         self, logits: Tensor, boxes: Tensor, image: Tensor, num_images: int, image_size: tuple[int, int]
     ) -> Detections:
-        """RoI logits ``[R, C+1]`` and per-class boxes ``[R, C+1, 4]`` of images ``image`` -> per-image detections
-        (labels 0..C-1, background dropped)."""
-        num_classes = logits.shape[1] - 1
-        scores = logits.softmax(1)[:, 1:].flatten()
-        boxes = clip_boxes_to_image(boxes[:, 1:].reshape(-1, 4), image_size)
-        labels = torch.arange(num_classes, device=logits.device).repeat(len(logits))
-        image = image.repeat_interleave(num_classes)
-        keep = (scores > self.score_thresh).nonzero()[:, 0]
-        keep = keep[remove_small_boxes(boxes[keep], self.min_size)]
-        return suppress_and_split(
-            boxes[keep], scores[keep], labels[keep], image[keep], num_images, num_classes, self.nms_thresh,
-            self.max_detections, self.class_agnostic,
-        )
+        """Per-image ``{"boxes", "scores", "labels"}`` in batch pixels."""
+        candidates = self.candidates(logits, boxes, image, image_size)
+        return suppress_and_split(*candidates, *self.suppression(logits, num_images))
+
+    def padded(
+        self, logits: Tensor, boxes: Tensor, image: Tensor, num_images: int, image_size: tuple[int, int]
+    ) -> PaddedDetections:
+        """The same detections as ``__call__`` in fixed-shape tensors of ``max_detections`` rows per image (for
+        export)."""
+        candidates = self.candidates(logits, boxes, image, image_size)
+        return suppress_and_pad(*candidates, *self.suppression(logits, num_images))
+
+    def suppression(self, logits: Tensor, num_images: int) -> tuple[int, int, float, int, bool]:
+        """The NMS arguments after the candidates: batch size, class count, IoU threshold, cap, class-agnostic."""
+        return num_images, logits.shape[1] - 1, self.nms_thresh, self.max_detections, self.class_agnostic

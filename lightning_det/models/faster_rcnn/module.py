@@ -19,6 +19,7 @@ from lightning_det.models.faster_rcnn.roi_head import RoIHead
 from lightning_det.models.faster_rcnn.rpn import RegionProposalNetwork, RPNOutputs
 from lightning_det.models.faster_rcnn.targets import FasterRCNNAssigner
 from lightning_det.models.parts import PartConfig, build_part
+from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.report.loggers import log_image
 
 
@@ -70,6 +71,10 @@ class FasterRCNN(Detector):
     #: torchvision's ``GeneralizedRCNNTransform`` normalisation: ImageNet's, which its backbones' weights expect.
     default_pixel_mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
     default_pixel_std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
+    export_batch_fixed: ClassVar[str | None] = (
+        "its RoI head pools the proposals of each image of the batch in turn (torchvision's MultiScaleRoIAlign"
+        " takes a box list per image), a loop the trace unrolls"
+    )
     renamed: ClassVar[dict[str, str]] = {
         "anchor_sizes": "rpn.anchor_sizes",
         "aspect_ratios": "rpn.aspect_ratios",
@@ -161,17 +166,19 @@ class FasterRCNN(Detector):
         return {"loss": total, "rpn_loc": rpn_loc, "rpn_cls": rpn_cls, "roi_loc": roi_loc, "roi_cls": roi_cls}
 
     def decode(self, outputs: FasterRCNNOutputs, batch: dict[str, Any]) -> Detections:
+        return self.decoder(*self.second_stage(outputs), batch["images"].shape[0], outputs.image_size)
+
+    def decode_padded(self, outputs: FasterRCNNOutputs, image_size: tuple[int, int]) -> PaddedDetections:
+        """``decode`` as fixed-shape tensors of ``max_detections`` rows per image: what an exported model returns."""
+        batch = next(iter(outputs.features.values())).shape[0]
+        return self.decoder.padded(*self.second_stage(outputs), batch, image_size)
+
+    def second_stage(self, outputs: FasterRCNNOutputs) -> tuple[Tensor, Tensor, Tensor]:
+        """The RoI head on the proposals themselves: class logits ``[K, C+1]``, per-class boxes ``[K, C+1, 4]``
+        and each proposal's image."""
         proposals, image = outputs.proposals, outputs.proposal_image
         logits, deltas = self.roi_head(outputs.features, proposals, image, outputs.image_size)
-        boxes = self.roi_head.decode(deltas, proposals)
-        return self.decoder(logits, boxes, image, batch["images"].shape[0], outputs.image_size)
-
-    def decode_padded(self, outputs: FasterRCNNOutputs, image_size: tuple[int, int]) -> None:
-        raise NotImplementedError(
-            "FasterRCNN cannot be exported yet: its RoI head splits proposals per image by Python counts (a trace"
-            " would freeze them), and its pipeline keeps each image's aspect ratio instead of one input size."
-            " YOLOv3 and SSD checkpoints export."
-        )
+        return logits, self.roi_head.decode(deltas, proposals), image
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's RPN (background, object) and RoI (background, classes) confusion matrices as images."""

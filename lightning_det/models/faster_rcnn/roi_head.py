@@ -68,15 +68,17 @@ class RoIHead(nn.Module):
         self, features: OrderedDict[str, Tensor], rois: Tensor, image: Tensor, image_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
         """Class logits ``[R, C+1]`` and normalised per-class box deltas ``[R, C+1, 4]`` for RoIs ``[R, 4]`` of
-        images ``image`` in a padded batch of ``image_size``."""
+        images ``image`` in a padded batch of ``image_size``.
+
+        The pooler takes one box list per image. Each image's rows are found by a mask, not by Python counts,
+        so that an exported graph keeps them data-dependent (a trace would freeze counts into constants)."""
         batch = next(iter(features.values())).shape[0]
-        counts = torch.bincount(image, minlength=batch).tolist()
-        order = image.argsort(stable=True)
+        rows = [(image == b).nonzero()[:, 0] for b in range(batch)]
         levels = OrderedDict((k, features[k]) for k in self.feature_names)
-        pooled = self.pooler(levels, list(rois[order].split(counts)), [image_size] * batch)
+        pooled = self.pooler(levels, [rois[r] for r in rows], [image_size] * batch)
         logits, deltas = self.predictor(self.box_head(pooled))
-        restore = order.argsort()
-        return logits[restore], deltas[restore].view(len(rois), -1, 4)
+        restore = torch.cat(rows).argsort()
+        return logits[restore], deltas[restore].view(*logits.shape, 4)
 
     def encode(self, boxes: Tensor, rois: Tensor) -> Tensor:
         return (self.box_coder.encode_single(boxes, rois) - self.box_mean) / self.box_std

@@ -13,8 +13,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
-from lightning_det.models.boxes import group_sizes, rank_within_groups
 from lightning_det.models.faster_rcnn.network import Network
+from lightning_det.models.postprocess import first_per_image
 
 
 class RPNOutputs(NamedTuple):
@@ -24,14 +24,6 @@ class RPNOutputs(NamedTuple):
     deltas: Tensor  # [B, A, 4] box regression relative to the anchors
     anchors: Tensor  # [A, 4] xyxy in batch pixels, shared by every image of the padded batch
     anchor_level: Tensor  # [A] feature level of each anchor
-
-
-def rank_within_images(image: Tensor, batch: int) -> Tensor:
-    """For rows already sorted by descending score, each row's rank among the rows of its own image."""
-    order = torch.sort(image, stable=True).indices
-    rank = torch.empty_like(image)
-    rank[order] = rank_within_groups(image[order], group_sizes(image, batch))
-    return rank
 
 
 def train_test_pair(name: str, value: Sequence[int]) -> tuple[int, int]:
@@ -85,7 +77,8 @@ class RegionProposalNetwork(nn.Module):
 
     @torch.no_grad()
     def propose(self, outputs: RPNOutputs, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Proposals of the whole batch, flattened: boxes ``[K, 4]`` and their image index ``[K]``."""
+        """Proposals of the whole batch, flattened and grouped by image, best first: boxes ``[K, 4]`` and their
+        image index ``[K]``. Tensor operations only, so that it traces into an exported graph."""
         mode = 0 if self.training else 1
         pre_nms, post_nms = self.pre_nms_topk[mode], self.max_detections[mode]
         objectness, level = outputs.objectness.detach(), outputs.anchor_level
@@ -104,7 +97,6 @@ class RegionProposalNetwork(nn.Module):
         keep = remove_small_boxes(boxes, self.min_size)
         boxes, scores, image = boxes[keep], scores[keep], image[keep]
         groups = image * (int(level.max()) + 1) + level[anchor_index.flatten()][keep]
-        keep = batched_nms(boxes, scores, groups, self.nms_thresh)
-        keep = keep[scores[keep].argsort(descending=True)]
-        keep = keep[rank_within_images(image[keep], batch) < post_nms]
+        keep = batched_nms(boxes, scores, groups, self.nms_thresh)  # best first
+        keep = first_per_image(keep, image, batch, post_nms)[0]
         return boxes[keep], image[keep]
