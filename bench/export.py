@@ -27,7 +27,7 @@ from tables import table
 from lightning_det.tools.export import ExportableDetector, export_onnx, export_torchscript
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-MODELS = ["yolov3_tiny", "yolov3", "ssdlite", "ssd300"]
+MODELS = ["yolov3_tiny", "yolov3", "ssdlite", "ssd300", "faster_rcnn_mobilenet"]
 DARKNET_SIZE = 416  # the YOLO configs choose their input from the data (img_size: auto); measured at Darknet's
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,12 @@ def build(name: str, conf: float) -> tuple[ExportableDetector, int]:
     cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
     cfg.model.decoder.score_thresh = conf
     detector = instantiate(cfg.model, num_classes=20, _recursive_=False).eval()  # parts go in as configs
-    side = DARKNET_SIZE if cfg.data.img_size == "auto" else int(cfg.data.img_size)
-    return ExportableDetector(detector, (side, side)).eval(), side
+    if "max_size" in cfg.data.get("train_transform", {}):  # Faster R-CNN: the canvas export gives it by default
+        side = int(cfg.data.train_transform.max_size)
+    else:
+        side = DARKNET_SIZE if cfg.data.img_size == "auto" else int(cfg.data.img_size)
+    batch = 1 if detector.export_batch_fixed else None
+    return ExportableDetector(detector, (side, side), batch).eval(), side
 
 
 def milliseconds(run: Callable[[], object], warmup: int, iterations: int) -> float:
@@ -54,7 +58,8 @@ def milliseconds(run: Callable[[], object], warmup: int, iterations: int) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=["yolov3_tiny", "ssdlite"])
+    parser.add_argument("--models", nargs="+", choices=MODELS,
+                        default=["yolov3_tiny", "ssdlite", "faster_rcnn_mobilenet"])
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
     parser.add_argument("--conf", type=float, default=0.25, help="score threshold of the decoding")
     parser.add_argument("--warmup", type=int, default=3)

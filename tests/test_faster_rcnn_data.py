@@ -1,5 +1,6 @@
 """The Faster R-CNN pipeline: shorter-side resize with exact meta, padded collate, aspect-ratio grouping."""
 
+import pytest
 import torch
 
 from lightning_det.data import AspectRatioBatchSampler, MosaicSampler, collate_detection
@@ -41,6 +42,27 @@ def test_flip_mirrors_boxes_in_the_resized_image():
     out = RCNNTransform(min_size=40, max_size=100, flip=1.0)([sample(40, 50, [[0, 0, 10, 20]])])
     assert out.boxes.tolist() == [[40, 0, 50, 20]]
     assert out.scale == (1.0, 1.0) and out.orig_size == (40, 50)
+
+
+def test_canvas_holds_the_resized_image_top_left_and_the_fill_elsewhere():
+    """The input of an exported model: a 30 x 45 image at min 60 / max 100 is 60 x 90, on a 100 x 100 square of
+    the fill pixel; boxes and the mapping back are those of the plain transform."""
+    torch.manual_seed(0)
+    original = sample(30, 45, [[3, 6, 30, 24]])
+    plain = RCNNTransform(min_size=60, max_size=100)([original])
+    fill = (1.5, 2.0, 250.0)
+    out = RCNNTransform(min_size=60, max_size=100, canvas=100, fill=fill)([original])
+    assert tuple(out.image.shape) == (3, 100, 100)
+    assert torch.equal(out.image[:, :60, :90], plain.image)
+    for channel, value in enumerate(fill):
+        assert (out.image[channel, 60:] == value).all() and (out.image[channel, :, 90:] == value).all()
+    assert out.boxes.tolist() == plain.boxes.tolist() == [[6, 12, 60, 48]]
+    assert out.scale == plain.scale and out.pad == (0.0, 0.0) and out.orig_size == (30, 45)
+
+
+def test_a_canvas_smaller_than_max_size_is_refused():
+    with pytest.raises(ValueError, match="canvas=96 is smaller than max_size=100"):
+        RCNNTransform(min_size=60, max_size=100, canvas=96)
 
 
 def test_collate_pads_bottom_right_to_a_multiple_of_the_divisor():

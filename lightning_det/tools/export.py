@@ -15,8 +15,18 @@ rows, best first; the rows after them are padding: boxes and scores 0, label -1.
 
 H = W = ``img_size`` is fixed at export. The batch size is fixed in ONNX (``batch_size``) unless
 ``dynamic_batch=true``; a TorchScript trace accepts any batch size. ONNX goes through torch's TorchScript-based
-exporter (torchvision's NMS becomes ``NonMaxSuppression``). Map boxes back to the original image with the
-pipeline's scale and padding and clip them to the image, as ``predict`` does.
+exporter (torchvision's NMS becomes ``NonMaxSuppression``, RoIAlign ``RoiAlign``). Map boxes back to the original
+image with the pipeline's scale and padding and clip them to the image, as ``predict`` does.
+
+Faster R-CNN exports whole: backbone, RPN with its proposal NMS, RoI head, decoding and NMS. Two things differ:
+
+- Its pipeline keeps each image's aspect ratio, so the input is a square canvas: the image resized as in
+  evaluation (``min_size`` / ``max_size``), at the top-left of an ``img_size`` square (default ``max_size``)
+  filled with the model's mean pixel, which normalises to the zero padding of a training batch. The metadata's
+  ``pipeline`` is ``RCNNTransform(..., canvas=img_size, fill=mean)``: the transform that makes this input.
+- Its graph takes one batch size, ``batch_size`` (``dynamic_batch=true`` is refused; another batch size fails
+  when run): the RoI head pools the proposals of each image in turn, because torchvision's ``MultiScaleRoIAlign``
+  takes one box list per image, and a trace unrolls that loop over the batch.
 """
 
 from __future__ import annotations
@@ -24,10 +34,13 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from lightning.pytorch.core.module import _jit_is_scripting
 from omegaconf import DictConfig
@@ -47,27 +60,55 @@ OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
 
 class ExportableDetector(nn.Module):
     """A detector, its normalisation and its decoding as one module of fixed input size: pixels in, padded
-    detections out."""
+    detections out.
 
-    def __init__(self, detector: Detector, image_size: tuple[int, int]) -> None:
+    ``batch_size``: the only batch size the graph takes, for a detector whose trace unrolls a loop over the
+    batch (``Detector.export_batch_fixed``). The reshape to it is traced with that constant, so another batch
+    size fails loudly at run time instead of decoding only the first images."""
+
+    def __init__(self, detector: Detector, image_size: tuple[int, int], batch_size: int | None = None) -> None:
         super().__init__()
         self.detector = detector
         self.image_size = image_size
+        self.batch_size = batch_size
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self.batch_size is not None:
+            images = images.reshape(self.batch_size, 3, *self.image_size)
         return tuple(self.detector.decode_padded(self.detector(self.detector.normalise(images)), self.image_size))
 
 
 def export_pipeline(detector: Detector, img_size: int | None) -> dict[str, Any]:
-    """The checkpoint's evaluation pipeline config, at ``img_size`` when given: what makes the exported input."""
+    """The checkpoint's evaluation pipeline config, at ``img_size`` when given: what makes the exported input.
+
+    A pipeline that keeps each image's aspect ratio (Faster R-CNN's shorter-side resize) gets a square
+    ``canvas`` of ``img_size`` (default ``max_size``, so every resized image fits; a smaller one lowers
+    ``max_size`` and ``min_size`` to it) filled with the model's mean pixel, which normalises to the zero
+    padding of a training batch."""
     pipeline = dict(detector.inference_pipeline or {})
-    if img_size is not None:
+    if "max_size" in pipeline:
+        side = img_size or pipeline["max_size"]
+        pipeline["max_size"] = min(pipeline["max_size"], side)
+        pipeline["min_size"] = min(pipeline["min_size"], side)
+        pipeline.update(canvas=side, fill=float32_values(detector.pixel_mean))
+    elif img_size is not None:
         pipeline["img_size"] = img_size
-    if not isinstance(pipeline.get("img_size"), int):
+    if not isinstance(input_side(pipeline), int):
         raise ValueError(
             f"the checkpoint's pipeline ({pipeline.get('_target_')}) has no fixed img_size: give img_size=<pixels>"
         )
     return pipeline
+
+
+def float32_values(tensor: Tensor) -> list[float]:
+    """A float32 tensor's values as the shortest decimals that read back as the same float32s (123.675, not
+    123.67500305175781)."""
+    return [float(str(np.float32(value))) for value in tensor.flatten().tolist()]
+
+
+def input_side(pipeline: dict[str, Any]) -> int | None:
+    """The square side of the images a pipeline makes: its ``img_size``, or the ``canvas`` they are pasted on."""
+    return pipeline.get("canvas", pipeline.get("img_size"))
 
 
 def metadata(detector: Detector, pipeline: dict[str, Any], max_detections: int) -> dict[str, str]:
@@ -76,10 +117,10 @@ def metadata(detector: Detector, pipeline: dict[str, Any], max_detections: int) 
         "producer": "lightning_det",
         "detector": type(detector).__name__,
         "class_names": json.dumps(detector.class_names),
-        "img_size": str(pipeline["img_size"]),
+        "img_size": str(input_side(pipeline)),
         "pipeline": json.dumps(pipeline),
-        "mean": json.dumps(detector.pixel_mean.flatten().tolist()),
-        "std": json.dumps(detector.pixel_std.flatten().tolist()),
+        "mean": json.dumps(float32_values(detector.pixel_mean)),
+        "std": json.dumps(float32_values(detector.pixel_std)),
         "normalization": "inside the model: (pixel - mean) / std per RGB channel",
         "inputs": "images [B, 3, img_size, img_size] float32 RGB pixels 0..255",
         "outputs": "boxes [B, K, 4] xyxy input pixels, scores [B, K], labels [B, K] int64, num_detections [B] int64",
@@ -91,14 +132,27 @@ def metadata(detector: Detector, pipeline: dict[str, Any], max_detections: int) 
 def summary(props: dict[str, str], batch: str) -> str:
     """The exported model's input and output contract, for the console."""
     side, k = props["img_size"], props["max_detections"]
-    transform = str(json.loads(props["pipeline"]).get("_target_")).rsplit(".", 1)[-1]
+    pipeline = json.loads(props["pipeline"])
+    transform = str(pipeline.pop("_target_", None)).rsplit(".", 1)[-1]
+    arguments = ", ".join(f"{key}={value}" for key, value in pipeline.items())
     return (
-        f"  input  images [{batch}, 3, {side}, {side}] float32 pixels 0..255 as {transform}(img_size={side}) makes"
+        f"  input  images [{batch}, 3, {side}, {side}] float32 pixels 0..255 as {transform}({arguments}) makes"
         f" them; normalised inside: mean {props['mean']}, std {props['std']}\n"
         f"  output boxes [B, {k}, 4] xyxy input pixels, scores [B, {k}], labels [B, {k}] int64,"
         f" num_detections [B] int64; {props['padding']}\n"
         f"  classes {props['class_names']}"
     )
+
+
+@contextmanager
+def tracer_notes_silenced() -> Iterator[None]:
+    """Warnings of a trace that say nothing to the user: tracing itself is deprecated, Python values become
+    constants (the fixed input size), and torchvision's box clipping copies the traced image size."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor", module="torchvision")
+        yield
 
 
 def export_onnx(
@@ -112,10 +166,8 @@ def export_onnx(
         raise ImportError("ONNX export needs onnx: pip install 'lightning_det[export]'") from error
 
     dynamic_axes = {name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES} if dynamic_batch else None
-    with warnings.catch_warnings():
+    with tracer_notes_silenced():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # Notes about the exporter's own graph passes (constant folding of strided slices; advanced indexing,
         # whose indices here are never negative).
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
@@ -131,9 +183,7 @@ def export_onnx(
 
 def export_torchscript(module: nn.Module, example: Tensor, path: Path, props: dict[str, str]) -> None:
     """A trace (the decoding has no data-dependent Python branches); metadata in the archive's ``metadata.json``."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated.*")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    with tracer_notes_silenced():
         # The tests compare the trace with the eager decoding; the built-in check would trace a second time.
         with _jit_is_scripting():  # Lightning's switch that lets a LightningModule be traced without a Trainer
             traced = torch.jit.trace(module, example, check_trace=False)
@@ -154,9 +204,13 @@ def export(
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}: use one of {sorted(FORMATS)}")
     detector, _ = load_detector(ckpt_path)
+    fixed_batch = detector.export_batch_fixed
+    if fixed_batch and dynamic_batch:
+        raise ValueError(f"dynamic_batch=true: a {type(detector).__name__} graph takes one batch size, because"
+                         f" {fixed_batch}; export with batch_size=<the batch you will run> instead")
     pipeline = export_pipeline(detector, img_size)
-    side = pipeline["img_size"]
-    module = ExportableDetector(detector, (side, side)).eval()
+    side = input_side(pipeline)
+    module = ExportableDetector(detector, (side, side), batch_size if fixed_batch else None).eval()
     example = torch.randn(batch_size, 3, side, side)
     max_detections = module(example)[0].shape[1]  # an eager run: a detector that cannot export says why here
     props = metadata(detector, pipeline, max_detections)
@@ -166,7 +220,7 @@ def export(
         export_onnx(module, example, path, opset, dynamic_batch, props)
     else:
         export_torchscript(module, example, path, props)
-    batch = "any" if dynamic_batch or format == "torchscript" else str(batch_size)
+    batch = "any" if not fixed_batch and (dynamic_batch or format == "torchscript") else str(batch_size)
     log.info("exported %s -> %s\n%s", ckpt_path, path, summary(props, batch))
     return path
 

@@ -51,8 +51,9 @@ def upgraded(detector_class: type[Detector], arguments: dict[str, Any], pipeline
     return arguments, pipeline
 
 
-def image_batch(paths: list[Path], pipeline: DetectionTransform) -> dict[str, Any]:
-    """Raw image files -> a batch in the contract (no labels), for prediction."""
+def image_batch(paths: list[Path], pipeline: DetectionTransform, size_divisor: int = 1) -> dict[str, Any]:
+    """Raw image files -> a batch in the contract (no labels), for prediction; images of different sizes are
+    padded bottom/right to the largest, rounded up to ``size_divisor``."""
     samples = []
     for index, path in enumerate(paths):
         image = decode_rgb(path)
@@ -60,4 +61,4 @@ def image_batch(paths: list[Path], pipeline: DetectionTransform) -> dict[str, An
         sample = Sample(image, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), index,
                         str(path), tuple(image.shape[-2:]))
         samples.append(pipeline([sample]))
-    return collate_detection(samples)
+    return collate_detection(samples, size_divisor=size_divisor)

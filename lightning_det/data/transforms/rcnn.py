@@ -1,10 +1,13 @@
 """The Faster R-CNN pipeline: resize so the shorter side is ``min_size`` (the longer at most ``max_size``), flip.
 
 Images keep their aspect ratio, so a batch holds differently shaped images; the collate function pads them
-bottom/right to a common size, which leaves the ``scale``/``pad`` mapping of each image valid.
+bottom/right to a common size, which leaves the ``scale``/``pad`` mapping of each image valid. An exported
+model takes one input size instead: ``canvas`` pastes each image top-left on a square of that side.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +34,10 @@ class RCNNTransform(DetectionTransform):
 
     Without a flip, ``scale`` maps the boxes back to the original image (evaluation); a flipped image is an
     augmented view and describes its own canvas (identity mapping), as every training transform does.
+
+    ``canvas`` (the input of an exported model): the resized image goes top-left on a ``canvas`` square filled
+    with ``fill`` (an RGB pixel; the model's mean pixel normalises to 0, the padding a batch gets in training).
+    The mapping back is unchanged, since the image does not move.
     """
 
     def __init__(
@@ -38,12 +45,18 @@ class RCNNTransform(DetectionTransform):
         min_size: int = 600,
         max_size: int = 1000,
         flip: float = 0.0,
+        canvas: int | None = None,
+        fill: Sequence[float] = (0.0, 0.0, 0.0),
     ) -> None:
         if min_size > max_size:
             raise ValueError(f"min_size={min_size} is larger than max_size={max_size}")
+        if canvas is not None and canvas < max_size:
+            raise ValueError(f"canvas={canvas} is smaller than max_size={max_size}: a resized image would not fit")
         self.min_size = min_size
         self.max_size = max_size
         self.flip = flip
+        self.canvas = canvas
+        self.fill = tuple(fill)
 
     def __call__(self, samples: list[Sample]) -> Sample:
         (sample,) = samples
@@ -52,8 +65,11 @@ class RCNNTransform(DetectionTransform):
         if flipped:
             image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
         canvas = tuple(image.shape[-2:])
+        image = image.as_subclass(Tensor).float()
+        if self.canvas is not None:
+            image = on_canvas(image, self.canvas, self.fill)
         return Sample(
-            image=image.as_subclass(Tensor).float(),
+            image=image,
             boxes=boxes.as_subclass(Tensor),
             labels=sample.labels,
             difficult=sample.difficult,
@@ -63,3 +79,10 @@ class RCNNTransform(DetectionTransform):
             scale=(1.0, 1.0) if flipped else scale,
             area=sample.area,
         )
+
+
+def on_canvas(image: Tensor, side: int, fill: Sequence[float]) -> Tensor:
+    """``image [3, h, w]`` at the top-left of a ``side`` x ``side`` image of the pixel ``fill``."""
+    canvas = image.new_tensor(fill).view(3, 1, 1).repeat(1, side, side)
+    canvas[:, : image.shape[1], : image.shape[2]] = image
+    return canvas
