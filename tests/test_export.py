@@ -181,6 +181,26 @@ def test_img_size_overrides_the_checkpoint_pipeline(cases, images, tmp_path):
     assert_same_detections(session.run(None, {"images": batch.numpy()}), expected)
 
 
+def test_a_rect_evaluation_pipeline_exports_a_square_input(images, tmp_path):
+    """A checkpoint validated on rectangles (``data.rect_eval=true``) exports the square letterbox its graph
+    takes, and the metadata's pipeline makes that input from a non-square image."""
+    pipeline = {**PIPELINES["yolov3_tiny"], "rect": True, "stride": 32}
+    checkpoint = write_checkpoint(detector("yolov3_tiny"), pipeline, tmp_path / "rect.ckpt")
+    wide = tmp_path / "wide.png"
+    Image.open(images[0]).resize((SIZE, SIZE // 2)).save(wide)
+    assert image_batch([wide], instantiate(pipeline))["images"].shape[-2:] == (64, SIZE)  # 48 up to stride 32
+    path = export(checkpoint, "onnx", output=tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(str(path))
+    exported = json.loads(session.get_modelmeta().custom_metadata_map["pipeline"])
+    batch = image_batch([wide], instantiate(exported))["images"]
+    assert exported["rect"] is False and batch.shape[-2:] == (SIZE, SIZE)
+    model, _ = load_detector(checkpoint)
+    with torch.no_grad():
+        detections = model.decode(model(model.normalise(batch)), {"images": batch})
+    expected = [{k: v.numpy() for k, v in d.items()} for d in detections]
+    assert_same_detections(session.run(None, {"images": batch.numpy()}), expected)
+
+
 def test_torchscript_matches_pytorch_at_another_batch_size(case, images, tmp_path):
     path = export(case.checkpoint, "torchscript", output=tmp_path / "model.torchscript", batch_size=1)
     batch, expected = reference(case.checkpoint, images)

@@ -79,7 +79,8 @@ class ExportableDetector(nn.Module):
 
 
 def export_pipeline(detector: Detector, img_size: int | None) -> dict[str, Any]:
-    """The checkpoint's evaluation pipeline config, at ``img_size`` when given: what makes the exported input.
+    """The checkpoint's evaluation pipeline config, at ``img_size`` when given and square (no ``rect``): what
+    makes the exported input.
 
     A pipeline that keeps each image's aspect ratio (Faster R-CNN's shorter-side resize) gets a square
     ``canvas`` of ``img_size`` (default ``max_size``, so every resized image fits; a smaller one lowers
@@ -93,6 +94,8 @@ def export_pipeline(detector: Detector, img_size: int | None) -> dict[str, Any]:
         pipeline.update(canvas=side, fill=float32_values(detector.pixel_mean))
     elif img_size is not None:
         pipeline["img_size"] = img_size
+    if pipeline.get("rect"):  # rectangles of evaluation batches: the graph's input is square
+        pipeline["rect"] = False
     if not isinstance(input_side(pipeline), int):
         raise ValueError(
             f"the checkpoint's pipeline ({pipeline.get('_target_')}) has no fixed img_size: give img_size=<pixels>"
