@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +52,19 @@ def small_sample(tmp_path: Path) -> list[str]:
 
 #: The PNGs of the results report, written beside the checkpoints and logged as ``report/<name>``.
 REPORT_IMAGES = ["results", "pr_curve", "f1_curve", "confusion_matrix", "labels", "val_batch_pred"]
+
+
+def assert_same_results(one: list[dict], two: list[dict]) -> None:
+    """Two COCO result lists (``coco_results.json``) hold the same detections, up to the rounding of batches
+    composed differently (one process against two DDP ranks) and of the file (boxes to 0.01 px). Matched as sets
+    per image and class: detections of equal scores may come in either order."""
+    assert len(one) == len(two) > 0
+    groups: dict[tuple[int, int], list[np.ndarray]] = {}
+    for r in two:
+        groups.setdefault((r["image_id"], r["category_id"]), []).append(np.array(r["bbox"] + [r["score"]]))
+    for r in one:
+        candidates = groups.get((r["image_id"], r["category_id"]), [])
+        found = [i for i, c in enumerate(candidates) if np.allclose(c, r["bbox"] + [r["score"]], rtol=0, atol=0.05)
+                 and abs(c[4] - r["score"]) <= 1e-4]
+        assert found, f"no match for {r}"
+        candidates.pop(found[0])

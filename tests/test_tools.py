@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from runs import assert_same_results
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle", "ring", "cross", "star"]
@@ -81,11 +82,7 @@ def test_evaluate_on_two_processes_scores_every_image_once(runs):
     once, and the same metric table."""
     assert "Starting with 2 processes" in (runs / "evaluate_ddp" / "stdout.txt").read_text()
     one, two = (json.loads((runs / run / "coco_results.json").read_text()) for run in ("evaluate", "evaluate_ddp"))
-    assert len(one) == len(two) > 0
-    key = lambda r: (r["image_id"], r["category_id"], -r["score"])  # noqa: E731
-    for a, b in zip(sorted(one, key=key), sorted(two, key=key)):
-        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
-        assert np.allclose(a["bbox"] + [a["score"]], b["bbox"] + [b["score"]], atol=1e-3)
+    assert_same_results(one, two)
     tables = [re.findall(r"^mAP\s.*$", (runs / run / "stdout.txt").read_text(), re.MULTILINE)
               for run in ("evaluate", "evaluate_ddp")]
     assert tables[0] and tables[0] == tables[1]
