@@ -5,6 +5,7 @@ the fixed batch size."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,7 @@ def test_torchscript_gives_the_pytorch_detections_and_refuses_another_batch_size
 
 def test_dynamic_batch_is_refused_with_the_reason_and_the_fix(trained, tmp_path):
     checkpoint, _ = trained
-    with pytest.raises(ValueError, match="takes one batch size, because its RoI head.*batch_size="):
+    reason = f"{re.escape(str(checkpoint))} holds a FasterRCNN, whose graph takes one batch size, because its RoI head"
+    with pytest.raises(ValueError, match=f"{reason}.*batch_size="):
         export(checkpoint, "onnx", output=tmp_path / "model.onnx", dynamic_batch=True)
     assert not (tmp_path / "model.onnx").exists()

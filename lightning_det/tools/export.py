@@ -209,8 +209,8 @@ def export(
     detector, _ = load_detector(ckpt_path)
     fixed_batch = detector.export_batch_fixed
     if fixed_batch and dynamic_batch:
-        raise ValueError(f"dynamic_batch=true: a {type(detector).__name__} graph takes one batch size, because"
-                         f" {fixed_batch}; export with batch_size=<the batch you will run> instead")
+        raise ValueError(f"dynamic_batch=true: {ckpt_path} holds a {type(detector).__name__}, whose graph takes one"
+                         f" batch size, because {fixed_batch}; export with batch_size=<the batch you will run>")
     pipeline = export_pipeline(detector, img_size)
     side = input_side(pipeline)
     module = ExportableDetector(detector, (side, side), batch_size if fixed_batch else None).eval()
