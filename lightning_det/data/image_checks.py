@@ -83,10 +83,10 @@ def image_problem(path: str, height: int, width: int, decode: bool = False, exif
     return ""
 
 
-
 def framework_cache() -> Path:
     """The framework's cache folder: ``$LIGHTNING_DET_CACHE``, else ``~/.cache/lightning_det``."""
     return Path(os.environ.get("LIGHTNING_DET_CACHE") or Path.home() / ".cache" / "lightning_det")
+
 
 class CheckedImages:
     """The images that passed a check, by path, with the byte size and modification time they had then."""

@@ -64,7 +64,7 @@ class RCNNTransform(DetectionTransform):
         flipped = self.flip > 0 and bool(torch.rand(()) < self.flip)
         if flipped:
             image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
-        canvas = tuple(image.shape[-2:])
+        resized_size = tuple(image.shape[-2:])
         image = image.as_subclass(Tensor).float()
         if self.canvas is not None:
             image = on_canvas(image, self.canvas, self.fill)
@@ -75,7 +75,7 @@ class RCNNTransform(DetectionTransform):
             difficult=sample.difficult,
             image_id=sample.image_id,
             path=sample.path,
-            orig_size=canvas if flipped else sample.orig_size,
+            orig_size=resized_size if flipped else sample.orig_size,
             scale=(1.0, 1.0) if flipped else scale,
             area=sample.area,
         )
