@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
+from torch import nn
 
 VOCObject = tuple[str, tuple[float, float, float, float], bool]  # name, (xmin, ymin, xmax, ymax), difficult
 VOCImage = tuple[int, int, list[VOCObject]]  # height, width, objects
@@ -98,3 +100,20 @@ def make_yolo(root: Path, splits: dict[str, dict[str, YOLOImage]], names: list[s
     data_yaml = root / "data.yaml"
     data_yaml.write_text(yaml.safe_dump({"path": str(root), **{s: f"images/{s}" for s in splits}, "names": names}))
     return data_yaml
+
+
+def spread_weights(model: nn.Module, generator: torch.Generator, layers: tuple[type[nn.Module], ...]) -> None:
+    """Random batch-norm statistics and affine terms, and He-scaled weights for ``layers`` (the signal of an image
+    lasts through the depth of a randomly initialised detector, so a comparison of two implementations means
+    something)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.2, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(0.0, 0.2, generator=generator)
+            elif isinstance(module, layers):
+                module.weight.normal_(0.0, (2 / module.weight[0].numel()) ** 0.5, generator=generator)
+                if module.bias is not None:
+                    module.bias.normal_(0.0, 0.05, generator=generator)

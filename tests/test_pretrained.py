@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import urllib.error
 from pathlib import Path
 
 import lightning as L
@@ -211,18 +210,6 @@ def test_mobilenet_file_fills_ssdlite_regrouped_backbone(files, states):
         before = mobilenet.features[:last_stride_2](images)
         torch.testing.assert_close(first, mobilenet.features[last_stride_2].block[0](before), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(second, mobilenet.features(images), rtol=1e-4, atol=1e-5)
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path) -> Path:
-    """An empty torch.hub cache under a temporary TORCH_HOME and a download that fails like a machine offline."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def no_network(url, *args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tmp_path / "torch" / "hub" / "checkpoints"
 
 
 @pytest.mark.parametrize("name", ["DEFAULT", "IMAGENET1K_V2", "MobileNet_V3_Large_Weights.IMAGENET1K_V2"])

@@ -31,6 +31,7 @@ TOP_LEVEL: dict[str, tuple[type, ...]] = {
     "init_from": (str, type(None)),
     "init_cutoff": (int, type(None)),
     "init_partial": (bool,),
+    "init_classes": (("=", "auto"), ("=", "by_name")),
     "nominal_batch_size": (int, type(None)),
     "score_thresh": (float,),
     "batch_size": (int,),

@@ -17,6 +17,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_det.checks.config import check_config
+from lightning_det.models.torchvision_zoo import TORCHVISION_PREFIX, torchvision_weights
 
 #: Hyper-parameters that decide the network's tensor shapes (where a detector has them).
 NETWORK_SETTINGS = ("variant", "width", "depth", "backbone", "representation", "fpn_channels")
@@ -43,13 +44,19 @@ def check_run(cfg: DictConfig) -> None:
 
 
 def check_init_from(cfg: DictConfig) -> None:
-    """A PyTorch file must load and hold the run's network (another class count is fine: the head is skipped);
-    any other file must at least be a whole Darknet ``.weights`` header."""
+    """A torchvision weights name must name a COCO detector built here; a PyTorch file must load and hold the
+    run's network (another class count is fine: the head is carried over); any other file must at least be a
+    whole Darknet ``.weights`` header."""
+    if str(cfg.init_from).startswith(TORCHVISION_PREFIX):
+        torchvision_weights(str(cfg.init_from)[len(TORCHVISION_PREFIX):])
+        return
     path = Path(cfg.init_from)
     if not path.is_file():
         raise FileNotFoundError(f"init_from={path}: no such file")
     if path.stat().st_size and not is_torch_file(path):
-        from lightning_det.models.yolov3.darknet_weights import read_darknet_header  # models import this module
+        from lightning_det.models.yolov3.darknet_weights import (
+            read_darknet_header,  # models import this module
+        )
 
         read_darknet_header(path)
         return

@@ -30,10 +30,10 @@ from torch import Tensor, nn
 
 from lightning_det.models.boxes import Detections
 from lightning_det.models.postprocess import PaddedDetections
+from lightning_det.models.transfer import ClassRows
 from lightning_det.optim import parameter_groups
 
 log = logging.getLogger(__name__)
-
 
 
 # Metric results that are per class or per threshold, never logged as one scalar (even with a single class).
@@ -142,6 +142,13 @@ class Detector(L.LightningModule):
         ``anchors: auto``), before the network is built; the default changes nothing."""
         return arguments
 
+    @classmethod
+    def fit_to_weights(cls, arguments: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+        """The constructor ``arguments`` with the settings ``init_from`` weights were trained with, resolved before
+        ``fit_to_data`` so the data does not refit them (YOLO's ``anchors: auto``). ``recorded``: what the weights
+        say of themselves (``models.weights.recorded_settings``); the default changes nothing."""
+        return arguments
+
     def loss(self, outputs: Any, batch: dict[str, Any]) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -155,6 +162,17 @@ class Detector(L.LightningModule):
     def load_foreign_weights(self, path: str, cutoff: int | None = None) -> dict[str, Any]:
         """``init_from`` for a file that is not a PyTorch one; returns what was read, for the log."""
         raise ValueError(f"init_from: {path} is not a PyTorch file and {type(self).__name__} reads no other format")
+
+    def class_rows(self) -> dict[str, ClassRows]:
+        """The class-indexed tensors (state-dict names) and how their first dimension lays out the classes, so
+        ``init_from`` can carry a pretrained head over to other classes (``models/transfer.py``)."""
+        return {}
+
+    def from_torchvision(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A torchvision COCO detector's state dict (``init_from=torchvision:<weights>``) in this model's tensor
+        names. The model was built for the source's classes, so every tensor keeps its shape; a tensor the source
+        lacks raises ``KeyError`` with its torchvision name."""
+        raise NotImplementedError(f"{type(self).__name__} loads no torchvision detector")
 
     # --- the shared loop -------------------------------------------------------------------------------------
     def normalise(self, images: Tensor, image_size: Tensor | None = None) -> Tensor:

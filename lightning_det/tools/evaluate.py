@@ -1,6 +1,10 @@
 """Score a checkpoint on a dataset with the VOC07, VOC area and COCO metrics, and write result files.
 
     python -m lightning_det.tools.evaluate ckpt_path=<checkpoint> data=voc data.root=/data/VOCdevkit
+    python -m lightning_det.tools.evaluate init_from=<weights> model=<config> data=coco data.root=/data/coco
+
+The second scores pretrained weights without training (a torchvision COCO detector in the config built for it,
+``init_from=torchvision:<weights name>``, or a Darknet file), so the published COCO AP can be checked here.
 
 Writes, in the run directory, ``voc/comp4_det_test_<class>.txt`` (the VOC devkit's per-class format: image id,
 score, 1-based box), ``coco_results.json`` (COCO's results format with the dataset's category ids) and the results
@@ -23,16 +27,20 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_det.checks.config import check_config, refuse_renamed_overrides
 from lightning_det.data.records import AnnotationRecord
+from lightning_det.data.transforms.common import DetectionTransform
 from lightning_det.metrics import COCOMeanAP, VOCMeanAP
 from lightning_det.models.boxes import Detections
+from lightning_det.models.detector import Detector
 from lightning_det.models.tta import from_config
+from lightning_det.models.weights import initialise_from
 from lightning_det.report.confusion import confusion_matrix
 from lightning_det.report.writer import write_evaluation_report
 from lightning_det.tools.inference import load_detector
+from lightning_det.tools.train import build_model
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +113,33 @@ class DetectionCollector(L.Callback):
         return {image_id: det for part in parts for image_id, det in part.items()}
 
 
+def pretrained(cfg: DictConfig, class_names: list[str]) -> tuple[Detector, DetectionTransform]:
+    """The model ``cfg`` builds for the dataset's classes, with the ``init_from`` weights and the config's
+    evaluation transform: pretrained weights (a torchvision COCO detector, a Darknet file) scored untrained."""
+    if not cfg.get("init_from"):
+        raise ValueError("evaluate needs ckpt_path=<checkpoint> (a run's) or init_from=<weights> with model=<config>")
+    if cfg.data.get("img_size") == "auto":
+        raise ValueError("evaluate init_from=...: data.img_size=auto is chosen from training boxes; give the input "
+                         "size the weights were trained at, e.g. data.img_size=416")
+    model = build_model(cfg, num_classes=len(class_names), class_names=class_names)
+    initialise_from(model, cfg.init_from, classes=cfg.get("init_classes") or "auto")
+    model.inference_pipeline = OmegaConf.to_container(cfg.data.val_transform, resolve=True)
+    return model.eval(), instantiate(cfg.data.val_transform)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """The checkpoint on the test split through ``Trainer.test`` (``trainer.devices=2`` runs one rank per device),
-    scored on rank zero with the three metrics; result files and the report are written there."""
-    model, pipeline = load_detector(cfg.ckpt_path)
+    """The checkpoint (or the ``init_from`` weights) on the test split through ``Trainer.test``
+    (``trainer.devices=2`` runs one rank per device), scored on rank zero with the three metrics; result files and
+    the report are written there."""
+    loaded = load_detector(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # a bad checkpoint before any data
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    model, pipeline = loaded or pretrained(cfg, list(datamodule.classes))
     model.tta = from_config(cfg)
     if model.tta is not None:
         log.info("test-time augmentation: %d views (scales %s, flip %s) merged by %s", len(model.tta.views()),
                  list(model.tta.scales), model.tta.flip, model.tta.merge)
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("test")
     if list(datamodule.classes) != model.class_names:
         raise ValueError(
             f"the checkpoint's classes {model.class_names} differ from the dataset's {list(datamodule.classes)}: "

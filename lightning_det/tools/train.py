@@ -20,7 +20,7 @@ from lightning_det.callbacks.ranks import end_with_launcher, peer_failure
 from lightning_det.checks.run import check_run
 from lightning_det.data.adapt import usable_cores
 from lightning_det.models.detector import NonFiniteLossError
-from lightning_det.models.weights import initialise_from
+from lightning_det.models.weights import initialise_from, recorded_settings
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,14 @@ def build_model(
     in as plain configs.
 
     The model saves them as hyper-parameters, so a checkpoint holds only plain data and can rebuild its
-    detector with ``load_from_checkpoint`` alone. Given the training ``records``, data-dependent settings
-    (YOLO's ``anchors: auto`` at ``img_size``) are resolved from them first, so the checkpoint holds the values.
+    detector with ``load_from_checkpoint`` alone. Settings fixed by the ``init_from`` weights (YOLO's anchors) are
+    resolved first; then, given the training ``records``, data-dependent settings (YOLO's ``anchors: auto`` at
+    ``img_size``) from them, so the checkpoint holds the values.
     """
     arguments = OmegaConf.to_container(cfg.model, resolve=True)
     model_class = get_class(arguments.pop("_target_"))
+    if cfg.get("init_from") and not cfg.get("init_cutoff"):  # a backbone alone fixes no head setting
+        arguments = model_class.fit_to_weights(arguments, recorded_settings(cfg.init_from))
     if records is not None:
         arguments = model_class.fit_to_data(arguments, records, img_size, seed=cfg.seed)
     plain = {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else None
@@ -132,7 +135,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     model.inference_pipeline = OmegaConf.to_container(cfg.data.val_transform, resolve=True)
     if cfg.get("init_from"):
         initialise_from(model, cfg.init_from, list(cfg.get("init_exclude") or []), cfg.get("init_cutoff"),
-                        partial=bool(cfg.get("init_partial")))
+                        partial=bool(cfg.get("init_partial")), classes=cfg.get("init_classes") or "auto")
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
     return datamodule, model, trainer
 

@@ -78,6 +78,28 @@ def resize_to_fit(image: Tensor, boxes: Tensor, size: int) -> Resized:
     return Resized(resized, moved, (new_w / width, new_h / height), (0, 0))
 
 
+def resize_as_torchvision(
+    image: Tensor, boxes: Tensor, min_size: int, max_size: int, fixed_size: tuple[int, int] | None = None
+) -> Resized:
+    """torchvision's ``GeneralizedRCNNTransform`` resize, op for op, so a model given torchvision's weights sees
+    what torchvision's model sees: bilinear ``interpolate`` without antialiasing on float pixels, to
+    ``fixed_size`` (h, w) when given, else by ``min(min_size / shorter, max_size / longer)`` with the size floored
+    by ``recompute_scale_factor``. Interpolation is linear, so resizing pixels and then normalising (here) equals
+    torchvision's normalising and then resizing up to float rounding."""
+    height, width = image.shape[-2:]
+    if fixed_size is not None:
+        size, factor = list(fixed_size), None
+    else:
+        size, factor = None, min(min_size / min(height, width), max_size / max(height, width))
+    resized = torch.nn.functional.interpolate(
+        image[None].float(), size=size, scale_factor=factor, mode="bilinear",
+        recompute_scale_factor=None if factor is None else True, align_corners=False,
+    )[0]
+    new_h, new_w = resized.shape[-2:]
+    moved = F.resize(as_boxes(boxes, (height, width)), [new_h, new_w])
+    return Resized(tv_tensors.Image(resized), moved, (new_w / width, new_h / height), (0, 0))
+
+
 def letterbox(image: Tensor, boxes: Tensor, size: int, fill: int = 114, stride: int | None = None) -> Resized:
     """Resize to fit a ``size`` x ``size`` square and pad the rest evenly with ``fill``; with ``stride``, pad
     only up to the next multiple of it on each side (the smallest rectangle the network takes)."""

@@ -8,13 +8,23 @@ model takes one input size instead: ``canvas`` pastes each image top-left on a s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from lightning_det.data.transforms.common import DetectionTransform, Sample, as_boxes
+from lightning_det.data.transforms.common import (
+    DetectionTransform,
+    Sample,
+    as_boxes,
+    resize_as_torchvision,
+)
+
+#: How ``RCNNTransform`` resizes: ``antialias`` (antialiased, size rounded) or ``torchvision`` (its detectors'
+#: ``GeneralizedRCNNTransform``: bilinear without antialiasing, size floored), what torchvision's weights expect.
+RESIZE_MODES = ("antialias", "torchvision")
 
 
 def resize_shorter_side(
@@ -32,6 +42,10 @@ def resize_shorter_side(
 class RCNNTransform(DetectionTransform):
     """Resize by the shorter side and flip horizontally with probability ``flip`` (0 for evaluation).
 
+    ``resize``: ``antialias`` resizes with antialiasing to the rounded size; ``torchvision`` resizes as
+    torchvision's detectors do (bilinear without antialiasing, the size floored), so that a model given their
+    COCO weights sees the images they were trained and scored on.
+
     Without a flip, ``scale`` maps the boxes back to the original image (evaluation); a flipped image is an
     augmented view and describes its own canvas (identity mapping), as every training transform does.
 
@@ -47,7 +61,10 @@ class RCNNTransform(DetectionTransform):
         flip: float = 0.0,
         canvas: int | None = None,
         fill: Sequence[float] = (0.0, 0.0, 0.0),
+        resize: Literal["antialias", "torchvision"] = "antialias",
     ) -> None:
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize={resize!r}: use one of {', '.join(RESIZE_MODES)}")
         if min_size > max_size:
             raise ValueError(f"min_size={min_size} is larger than max_size={max_size}")
         if canvas is not None and canvas < max_size:
@@ -57,10 +74,14 @@ class RCNNTransform(DetectionTransform):
         self.flip = flip
         self.canvas = canvas
         self.fill = tuple(fill)
+        self.resize = resize
 
     def __call__(self, samples: list[Sample]) -> Sample:
         (sample,) = samples
-        image, boxes, scale = resize_shorter_side(sample.image, sample.boxes, self.min_size, self.max_size)
+        if self.resize == "torchvision":
+            image, boxes, scale, _ = resize_as_torchvision(sample.image, sample.boxes, self.min_size, self.max_size)
+        else:
+            image, boxes, scale = resize_shorter_side(sample.image, sample.boxes, self.min_size, self.max_size)
         flipped = self.flip > 0 and bool(torch.rand(()) < self.flip)
         if flipped:
             image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)

@@ -8,7 +8,8 @@ in the crop is resized (``uint8``) onto the output square, and the colour distor
 applied with the float conversion; the rest of the square is the ``fill`` pixel (the mean pixel). The
 canvas is never built, so a 4x zoom-out costs what a plain resize costs.
 
-Evaluation resizes to the square without keeping the aspect ratio and records ``scale`` so detections map back.
+Evaluation resizes to the square without keeping the aspect ratio and records ``scale`` so detections map back;
+``resize="torchvision"`` resizes as torchvision's SSDs do, so their weights see what they were trained on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lightning_det.data.transforms.common import (
     clip_and_filter,
     colour_matrix,
     map_resized,
+    resize_as_torchvision,
 )
 
 # torchvision's RandomPhotometricDistort ranges
@@ -192,18 +194,28 @@ class SSDTrainTransform(DetectionTransform):
         )
 
 
-class SSDEvalTransform(DetectionTransform):
-    """Resize to an ``img_size`` square (no padding, aspect ratio not kept); ``scale`` maps boxes back exactly."""
+#: ``SSDEvalTransform``'s resize modes.
+RESIZE_MODES = ("antialias", "torchvision")
 
-    def __init__(self, img_size: int = 300) -> None:
+
+class SSDEvalTransform(DetectionTransform):
+    """Resize to an ``img_size`` square (no padding, aspect ratio not kept); ``scale`` maps boxes back exactly.
+
+    ``resize``: ``"antialias"`` resizes the ``uint8`` image with antialiasing (the training pipeline's resize);
+    ``"torchvision"`` as torchvision's SSDs (``GeneralizedRCNNTransform`` with a ``fixed_size``): bilinear, no
+    antialiasing, on float pixels (:func:`~lightning_det.data.transforms.common.resize_as_torchvision`).
+    """
+
+    def __init__(self, img_size: int = 300, resize: str = "antialias") -> None:
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"val_transform.resize={resize!r}: use one of {', '.join(RESIZE_MODES)}")
         self.img_size = img_size
+        self.resize = resize
 
     def __call__(self, samples: list[Sample]) -> Sample:
         (sample,) = samples
         height, width = sample.image.shape[-2:]
-        size = [self.img_size, self.img_size]
-        image = F.resize(tv_tensors.Image(sample.image), size, antialias=True)
-        boxes = F.resize(tv_tensors.BoundingBoxes(sample.boxes, format="XYXY", canvas_size=(height, width)), size)
+        image, boxes = self.resized(sample.image, sample.boxes)
         return Sample(
             image=image.as_subclass(Tensor).float(),
             boxes=boxes.as_subclass(Tensor).float(),
@@ -215,3 +227,13 @@ class SSDEvalTransform(DetectionTransform):
             scale=(self.img_size / width, self.img_size / height),
             area=sample.area,
         )
+
+    def resized(self, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """``image`` and its xyxy ``boxes`` on the ``img_size`` square, by the ``resize`` mode."""
+        side = self.img_size
+        if self.resize == "torchvision":
+            moved = resize_as_torchvision(image, boxes, side, side, fixed_size=(side, side))
+            return moved.image, moved.boxes
+        height, width = image.shape[-2:]
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
+        return F.resize(tv_tensors.Image(image), [side, side], antialias=True), F.resize(boxes, [side, side])

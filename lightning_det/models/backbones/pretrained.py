@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.models import get_model_weights, get_weight
 from torchvision.models._api import WeightsEnum
 
-from lightning_det.models.weights import TransferReport
+from lightning_det.models.transfer import TransferReport
 
 log = logging.getLogger(__name__)
 
@@ -152,30 +152,32 @@ def cached_file(weights: WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
 
 
-def cached_or_downloaded(weights: WeightsEnum) -> dict[str, Tensor]:
-    """``weights`` from torch.hub's cache, else through torchvision's download; no network -> one clear error."""
+def cached_or_downloaded(weights: WeightsEnum, key: str = "model.backbone_weights") -> dict[str, Tensor]:
+    """``weights`` from torch.hub's cache, else through torchvision's download; no network -> one clear error
+    naming the setting ``key`` that asked for them."""
     cached = cached_file(weights)
     if cached.is_file():
-        return read_state_dict_file(cached)
+        return read_state_dict_file(cached, key)
     try:
         return weights.get_state_dict(progress=False)
     except OSError as error:  # URLError, HTTP errors, timeouts, an unwritable cache
         raise FileNotFoundError(
-            f"backbone_weights={weights}: {cached.name} is not in torch's cache and could not be downloaded "
-            f"({error}). Fetch {weights.url} where there is internet access and copy it to {cached} (the cache "
-            f"under TORCH_HOME), or pass the file itself: model.backbone_weights=/path/to/{cached.name}"
+            f"{key}={weights}: {cached.name} is not in torch's cache and could not be downloaded ({error}). Fetch "
+            f"{weights.url} where there is internet access and copy it to {cached} (the cache under TORCH_HOME), "
+            f"or pass the file itself: {key}=/path/to/{cached.name}"
         ) from error
 
 
-def read_state_dict_file(path: Path) -> dict[str, Tensor]:
-    """A plain state dict of tensors, loaded without executing code."""
+def read_state_dict_file(path: Path, key: str = "model.backbone_weights") -> dict[str, Tensor]:
+    """A plain state dict of tensors, loaded without executing code; errors name the setting ``key``."""
     try:
         state: Any = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise ValueError(f"backbone_weights: cannot read {path} as a PyTorch file ({error})") from error
+        raise ValueError(f"{key}: cannot read {path} as a PyTorch file, it is truncated or damaged ({error}); "
+                         "copy it again") from error
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(
-            f"backbone_weights: {path} is not a torchvision-format state dict (the file "
+            f"{key}: {path} is not a torchvision-format state dict (the file "
             "torch.save(model.state_dict()) writes); a checkpoint of a detector goes to init_from instead"
         )
     return state

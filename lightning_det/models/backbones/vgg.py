@@ -2,7 +2,8 @@
 
 Outputs conv4_3 (stride 8, L2-normalised with a learnable per-channel scale) and fc7 (stride 16), the two
 feature maps SSD predicts from before its extra layers. ``torchvision_mapping`` loads torchvision's ImageNet VGG16
-into it, turning fc6/fc7 into the atrous conv6 and 1x1 conv7 as SSD's authors did.
+into it, turning fc6/fc7 into the atrous conv6 and 1x1 conv7 as SSD's authors did; ``torchvision_ssd_mapping``
+names the same tensors in torchvision's ``ssd300_vgg16``, whose backbone is this network.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from lightning_det.models.backbones.pretrained import Mapping
 
 # VGG16's convolution widths; "M" is a 2x2 max pool (ceil mode, so 75 -> 38 at SSD300's third pool).
 VGG16_LAYERS: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+POOL4 = VGG16_LAYERS.index("M", VGG16_LAYERS.index(512))  # the pool after conv4_3
+#: In torchvision's SSD extractor, the place of fc6 and fc7 (``classifier.0`` and ``.3`` of ImageNet's VGG16) in
+#: its block (pool5, fc6, ReLU, fc7, ReLU).
+SSD_FC_POSITIONS = {"0": 1, "3": 3}
 
 
 class L2Norm(nn.Module):
@@ -54,14 +59,13 @@ class ReducedVGG16(nn.Module):
 
     def __init__(self, width: float = 1.0, l2_scale: float = 20.0) -> None:
         super().__init__()
-        split = VGG16_LAYERS.index("M", VGG16_LAYERS.index(512))  # the pool after conv4_3
         conv4_3, fc = scaled(512, width), scaled(1024, width)
         self.out_channels = [conv4_3, fc]
-        self.to_conv4_3 = conv_stack(VGG16_LAYERS[:split], 3, width)
+        self.to_conv4_3 = conv_stack(VGG16_LAYERS[:POOL4], 3, width)
         self.l2_norm = L2Norm(conv4_3, l2_scale)
         self.to_fc7 = nn.Sequential(
             nn.MaxPool2d(2, 2, ceil_mode=True),
-            *conv_stack(VGG16_LAYERS[split + 1 :], conv4_3, width),
+            *conv_stack(VGG16_LAYERS[POOL4 + 1 :], conv4_3, width),
             nn.MaxPool2d(3, 1, padding=1),  # pool5: 3x3 stride 1 keeps stride 16
             nn.Conv2d(scaled(512, width), fc, 3, padding=6, dilation=6),  # fc6, atrous
             nn.ReLU(inplace=True),
@@ -87,16 +91,35 @@ class ReducedVGG16(nn.Module):
         }
         return Mapping(names, convert)
 
+    def torchvision_ssd_mapping(self) -> Mapping:
+        """Our tensor names -> those of torchvision's ``SSDFeatureExtractorVGG`` (``ssd300_vgg16().backbone``):
+        ``torchvision_mapping``'s ImageNet names moved where that extractor regroups VGG16, and the L2 scale. Its
+        fc6 and fc7 are convolutions already, so nothing is converted."""
+        names = {ours: ssd_extractor_name(theirs) for ours, theirs in self.torchvision_mapping().names.items()}
+        return Mapping({**names, "l2_norm.weight": "scale_weight"})
+
+
+def torchvision_index(layers: list[int | str], item: int) -> int:
+    """Index in torchvision's ``features`` of ``layers[item]``: a convolution and its ReLU take two places, a max
+    pool one."""
+    return sum(1 if layer == "M" else 2 for layer in layers[:item])
+
 
 def torchvision_conv_positions(layers: list[int | str]) -> list[int]:
-    """Index in torchvision's ``features`` of each convolution: a convolution and its ReLU take two places, a
-    max pool one."""
-    positions, index = [], 0
-    for item in layers:
-        if item != "M":
-            positions.append(index)
-        index += 1 if item == "M" else 2
-    return positions
+    """Index in torchvision's ``features`` of each convolution."""
+    return [torchvision_index(layers, k) for k, item in enumerate(layers) if item != "M"]
+
+
+def ssd_extractor_name(name: str) -> str:
+    """An ImageNet VGG16 tensor name -> its name in torchvision's SSD extractor, which keeps ``features`` up to
+    conv4_3 and puts pool4 .. conv5_3's ReLU, then the block (pool5, fc6, ReLU, fc7, ReLU), in ``extra.0``."""
+    group, index, leaf = name.split(".")
+    pool4 = torchvision_index(VGG16_LAYERS, POOL4)
+    if group == "classifier":
+        fc_block = torchvision_index(VGG16_LAYERS, len(VGG16_LAYERS)) - pool4
+        return f"extra.0.{fc_block}.{SSD_FC_POSITIONS[index]}.{leaf}"
+    position = int(index)
+    return f"features.{position}.{leaf}" if position < pool4 else f"extra.0.{position - pool4}.{leaf}"
 
 
 def fc6_to_conv6(weight: Tensor) -> Tensor:

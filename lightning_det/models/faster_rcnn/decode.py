@@ -4,10 +4,15 @@ as per-image dicts or as the padded tensors of an exported graph."""
 from __future__ import annotations
 
 from torch import Tensor
-from torchvision.ops import clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import remove_small_boxes
 
 from lightning_det.models.boxes import Detections
-from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split
+from lightning_det.models.faster_rcnn.rpn import clip_to_images
+from lightning_det.models.postprocess import (
+    PaddedDetections,
+    suppress_and_pad,
+    suppress_and_split,
+)
 
 
 class FasterRCNNDecoder:
@@ -30,30 +35,31 @@ class FasterRCNNDecoder:
         self.min_size = min_size
 
     def candidates(
-        self, logits: Tensor, boxes: Tensor, image: Tensor, image_size: tuple[int, int]
+        self, logits: Tensor, boxes: Tensor, image: Tensor, image_sizes: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """RoI logits ``[R, C+1]`` and per-class boxes ``[R, C+1, 4]`` of images ``image`` -> the (RoI, class)
-        pairs entering NMS: boxes, scores, labels 0..C-1 (background dropped) and image, flat."""
+        pairs entering NMS: boxes (clipped to their image's ``(h, w)`` of ``image_sizes [B, 2]``), scores, labels
+        0..C-1 (background dropped) and image, flat."""
         scores = logits.softmax(1)[:, 1:]
-        boxes = clip_boxes_to_image(boxes[:, 1:], image_size)
+        boxes = clip_to_images(boxes[:, 1:], image, image_sizes)
         roi, labels = (scores > self.score_thresh).nonzero().unbind(1)
         boxes, scores, image = boxes[roi, labels], scores[roi, labels], image[roi]
         keep = remove_small_boxes(boxes, self.min_size)
         return boxes[keep], scores[keep], labels[keep], image[keep]
 
     def __call__(
-        self, logits: Tensor, boxes: Tensor, image: Tensor, num_images: int, image_size: tuple[int, int]
+        self, logits: Tensor, boxes: Tensor, image: Tensor, num_images: int, image_sizes: Tensor
     ) -> Detections:
         """Per-image ``{"boxes", "scores", "labels"}`` in batch pixels."""
-        candidates = self.candidates(logits, boxes, image, image_size)
+        candidates = self.candidates(logits, boxes, image, image_sizes)
         return suppress_and_split(*candidates, *self.suppression(logits, num_images))
 
     def padded(
-        self, logits: Tensor, boxes: Tensor, image: Tensor, num_images: int, image_size: tuple[int, int]
+        self, logits: Tensor, boxes: Tensor, image: Tensor, num_images: int, image_sizes: Tensor
     ) -> PaddedDetections:
         """The same detections as ``__call__`` in fixed-shape tensors of ``max_detections`` rows per image (for
         export)."""
-        candidates = self.candidates(logits, boxes, image, image_size)
+        candidates = self.candidates(logits, boxes, image, image_sizes)
         return suppress_and_pad(*candidates, *self.suppression(logits, num_images))
 
     def suppression(self, logits: Tensor, num_images: int) -> tuple[int, int, float, int, bool]:

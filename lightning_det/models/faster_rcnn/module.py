@@ -9,7 +9,11 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lightning_det.models.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD, forget_weights_file
+from lightning_det.models.backbones.pretrained import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    forget_weights_file,
+)
 from lightning_det.models.boxes import Detections
 from lightning_det.models.detector import Detector
 from lightning_det.models.faster_rcnn.decode import FasterRCNNDecoder
@@ -20,23 +24,30 @@ from lightning_det.models.faster_rcnn.rpn import RegionProposalNetwork, RPNOutpu
 from lightning_det.models.faster_rcnn.targets import FasterRCNNAssigner
 from lightning_det.models.parts import PartConfig, build_part
 from lightning_det.models.postprocess import PaddedDetections
+from lightning_det.models.transfer import ClassRows, layer_rows
 from lightning_det.report.loggers import log_image
+
+#: torchvision's Faster R-CNN tensor names -> ours, by prefix (the backbone and ``rpn.head`` are named alike).
+FROM_TORCHVISION = {"roi_heads.box_head.": "roi_head.box_head.", "roi_heads.box_predictor.": "roi_head.predictor."}
 
 
 class FasterRCNNOutputs(NamedTuple):
     """What ``forward`` returns: the feature maps (the RoI head reads them later), the raw RPN predictions and
     the batch's proposals (flattened boxes ``[K, 4]`` with their image index ``[K]``), computed once for both
-    ``loss`` and ``decode``."""
+    ``loss`` and ``decode``; the padded batch's ``(h, w)`` and each image's own ``image_sizes [B, 2]`` inside it,
+    which proposals and detections are clipped to."""
 
     features: OrderedDict[str, Tensor]
     rpn: RPNOutputs
     proposals: Tensor
     proposal_image: Tensor
     image_size: tuple[int, int]
+    image_sizes: Tensor
 
 
 class FasterRCNN(Detector):
-    """Faster R-CNN with a VGG16, ResNet-50-FPN or MobileNetV3-FPN backbone.
+    """Faster R-CNN with a VGG16, ResNet-50-FPN or MobileNetV3-FPN backbone; the FPN ones build torchvision's COCO
+    detectors exactly and load their weights whole (``from_torchvision``).
 
     ``forward`` runs the backbone, the RPN and its proposal filter (the counts of the module's mode), because
     which RoIs the second stage sees depends on the stage: ``loss`` samples RoIs per image from the proposals
@@ -44,7 +55,9 @@ class FasterRCNN(Detector):
     proposals themselves. A validation batch filters its proposals once, for both.
 
     Network settings:
-        backbone: ``vgg16`` | ``resnet50_fpn`` | ``mobilenet_v3_fpn``.
+        backbone: ``vgg16`` | ``resnet50_fpn`` | ``resnet50_fpn_v2`` | ``mobilenet_v3_fpn``; ``resnet50_fpn_v2`` is
+            torchvision's ``fasterrcnn_resnet50_fpn_v2`` (batch norm in the FPN, two-convolution RPN head,
+            convolutional box head).
         width: channel multiplier of the ``mobilenet_v3_fpn`` backbone (torchvision's ``width_mult``); 1.0 is the
             published network, the only one ``backbone_weights`` fit.
         backbone_weights: ImageNet weights for the backbone (torchvision's vgg16, resnet50 or mobilenet_v3_large):
@@ -52,10 +65,14 @@ class FasterRCNN(Detector):
             (``IMAGENET1K_V1``, ``DEFAULT``, ``ResNet50_Weights.IMAGENET1K_V2``) read from torch.hub's cache or
             downloaded. VGG16 also fills its fc6/fc7 box head. ``None``: random initialisation.
         pretrained_layout: frozen batch norm and frozen first stages for the FPN backbones (torchvision's
-            fine-tuning layout); ``None`` = whether ``backbone_weights`` is given. Checkpoints record it, so a
-            detector rebuilt from one needs no weights file.
+            fine-tuning layout; ``resnet50_fpn_v2`` keeps ordinary batch norm, as torchvision's v2 does);
+            ``None`` = whether ``backbone_weights`` is given. Checkpoints record it, so a detector rebuilt from
+            one needs no weights file.
+        frozen_bn_eps: epsilon of the frozen batch norm of ``pretrained_layout``: torchvision's COCO
+            ``fasterrcnn_resnet50_fpn`` weights (converted from Detectron) were trained with 0.
         frozen_blocks: VGG16 conv blocks kept frozen (the reference freezes the first two).
-        representation: width of the two-layer MLP box head of the FPN backbones (VGG16 uses fc6/fc7, 4096).
+        representation: width of the box head of the FPN backbones: its two-layer MLP, or the fully connected
+            layer after the convolutions of ``resnet50_fpn_v2`` (VGG16 uses fc6/fc7, 4096).
         fpn_channels: FPN width of ``mobilenet_v3_fpn`` (torchvision uses 256; narrower is much faster on CPU).
 
     Parts, each a plain dict (``_target_`` optional: the class named here; ``None``: its defaults), see
@@ -108,6 +125,7 @@ class FasterRCNN(Detector):
         width: float = 1.0,
         backbone_weights: str | None = None,
         pretrained_layout: bool | None = None,
+        frozen_bn_eps: float = 1e-5,
         frozen_blocks: int = 2,
         representation: int = 1024,
         fpn_channels: int = 256,
@@ -121,7 +139,8 @@ class FasterRCNN(Detector):
         super().__init__(**kwargs)
         self.pretrained_layout = backbone_weights is not None if pretrained_layout is None else pretrained_layout
         network = build_network(
-            backbone, frozen_blocks, representation, fpn_channels, backbone_weights, self.pretrained_layout, width
+            backbone, frozen_blocks, representation, fpn_channels, backbone_weights, self.pretrained_layout, width,
+            frozen_bn_eps,
         )
         self.backbone = network.backbone
         self.rpn = build_part(rpn, RegionProposalNetwork, network=network)
@@ -132,16 +151,46 @@ class FasterRCNN(Detector):
         self.rpn_confusion = MulticlassConfusionMatrix(num_classes=2)
         self.roi_confusion = MulticlassConfusionMatrix(num_classes=self.num_classes + 1)
 
+    def class_rows(self) -> dict[str, ClassRows]:
+        """The RoI predictor: a background row, then one score row per class; four box rows per class likewise."""
+        predictor = self.roi_head.predictor
+        return {**layer_rows(self, predictor.cls_score, ClassRows(lead=1)),
+                **layer_rows(self, predictor.bbox_pred, ClassRows(lead=4, per_class=4))}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         forget_weights_file(checkpoint, pretrained_layout=self.pretrained_layout)
 
-    def forward(self, images: Tensor) -> FasterRCNNOutputs:
+    def from_torchvision(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """torchvision's ``roi_heads.box_head`` / ``roi_heads.box_predictor`` are our ``roi_head.box_head`` /
+        ``roi_head.predictor``; the backbone and ``rpn.head`` have the same names. Tensors our model lacks are
+        carried over renamed (a strict load names them), except the batch-norm counters that frozen batch norm
+        has none of; counters the source lacks are not required either (batch norm fills them on loading)."""
+        ours = self.state_dict()
+        converted = {swap_prefix(name, FROM_TORCHVISION): tensor for name, tensor in state.items()}
+        converted = {name: tensor for name, tensor in converted.items() if name in ours or not is_counter(name)}
+        for name in ours:
+            if name not in converted and not is_counter(name):
+                raise KeyError(swap_prefix(name, {new: old for old, new in FROM_TORCHVISION.items()}))
+        return converted
+
+    def network_outputs(self, batch: dict[str, Any]) -> FasterRCNNOutputs:
+        """``forward`` on the normalised images with each image's size, so that proposals and detections are
+        clipped to the image rather than to the padded batch."""
+        image_sizes = batch.get("meta", {}).get("image_size")
+        return self(self.normalise(batch["images"], image_sizes), image_sizes)
+
+    def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> FasterRCNNOutputs:
+        """The network on normalised images; ``image_sizes [B, 2]``: each image's ``(h, w)`` inside the padded batch
+        (``None``: the whole batch size, e.g. an exported model's fixed canvas)."""
         features = self.backbone(images)
         image_size = tuple(images.shape[-2:])
+        if image_sizes is None:
+            image_sizes = torch.tensor(image_size, device=images.device).expand(images.shape[0], 2)
+        image_sizes = image_sizes.to(images.device)
         rpn = self.rpn(images, list(features.values()))
-        proposals, proposal_image = self.rpn.propose(rpn, image_size)
-        return FasterRCNNOutputs(features, rpn, proposals, proposal_image, image_size)
+        proposals, proposal_image = self.rpn.propose(rpn, image_sizes)
+        return FasterRCNNOutputs(features, rpn, proposals, proposal_image, image_size, image_sizes)
 
     def loss(self, outputs: FasterRCNNOutputs, batch: dict[str, Any]) -> dict[str, Tensor]:
         labels = batch["labels"]
@@ -166,12 +215,13 @@ class FasterRCNN(Detector):
         return {"loss": total, "rpn_loc": rpn_loc, "rpn_cls": rpn_cls, "roi_loc": roi_loc, "roi_cls": roi_cls}
 
     def decode(self, outputs: FasterRCNNOutputs, batch: dict[str, Any]) -> Detections:
-        return self.decoder(*self.second_stage(outputs), batch["images"].shape[0], outputs.image_size)
+        return self.decoder(*self.second_stage(outputs), batch["images"].shape[0], outputs.image_sizes)
 
     def decode_padded(self, outputs: FasterRCNNOutputs, image_size: tuple[int, int]) -> PaddedDetections:
-        """``decode`` as fixed-shape tensors of ``max_detections`` rows per image: what an exported model returns."""
+        """``decode`` as fixed-shape tensors of ``max_detections`` rows per image: what an exported model returns.
+        Boxes are clipped to the image sizes ``forward`` was given (an exported model: its input ``image_size``)."""
         batch = next(iter(outputs.features.values())).shape[0]
-        return self.decoder.padded(*self.second_stage(outputs), batch, image_size)
+        return self.decoder.padded(*self.second_stage(outputs), batch, outputs.image_sizes)
 
     def second_stage(self, outputs: FasterRCNNOutputs) -> tuple[Tensor, Tensor, Tensor]:
         """The RoI head on the proposals themselves: class logits ``[K, C+1]``, per-class boxes ``[K, C+1, 4]``
@@ -186,6 +236,19 @@ class FasterRCNN(Detector):
             if metric.update_count:
                 log_matrix_image(self, f"confusion/{name}", metric.compute())
             metric.reset()
+
+
+def swap_prefix(name: str, prefixes: dict[str, str]) -> str:
+    """``name`` with the first matching key of ``prefixes`` at its start replaced by its value."""
+    for old, new in prefixes.items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def is_counter(name: str) -> bool:
+    """A batch-norm step counter: no weight, and absent from frozen batch norm."""
+    return name.endswith("num_batches_tracked")
 
 
 def confusion_image(matrix: Tensor, cell: int = 16) -> Tensor:

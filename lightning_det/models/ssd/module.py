@@ -6,10 +6,13 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from lightning_det.models.backbones.pretrained import forget_weights_file, pretrained_normalisation
+from lightning_det.models.backbones.pretrained import (
+    forget_weights_file,
+    pretrained_normalisation,
+)
 from lightning_det.models.boxes import Detections
 from lightning_det.models.detector import Detector
 from lightning_det.models.parts import PartConfig, build_part
@@ -20,6 +23,7 @@ from lightning_det.models.ssd.network import SSDNetwork, SSDOutputs
 from lightning_det.models.ssd.prior_fit import fit_scales, square_resized_boxes
 from lightning_det.models.ssd.priors import DefaultBoxes
 from lightning_det.models.ssd.targets import VARIANCES, DefaultBoxMatcher, encode
+from lightning_det.models.transfer import ClassRows, layer_rows
 
 DEFAULT_VARIANT = "ssd300"
 
@@ -36,6 +40,8 @@ class SSD(Detector):
             torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``, ``VGG16_Weights.IMAGENET1K_V1``) read from
             torch.hub's cache or downloaded. ``None``: random initialisation. With weights and no ``pixel_mean``,
             the input is normalised with ImageNet's mean/std, as those weights were trained.
+        reduced_tail: ssdlite: halve the channels of MobileNetV3's last stage (torchvision's option, which its COCO
+            SSDLite has; ImageNet's MobileNetV3 weights do not fit it).
         variances: the box coding's variances, shared by the training targets and the decoder (``targets.py``).
         prior: the default-box part, :class:`~lightning_det.models.ssd.priors.DefaultBoxes` by default: called
             with ``(feature_sizes, image_size)``, returns the default boxes (cx, cy, w, h); its
@@ -51,6 +57,8 @@ class SSD(Detector):
             ``pixel_std`` of ``Detector``.
 
     Each part is a plain config (see ``models/parts.py``): ``None`` or no ``_target_`` takes the default class.
+    ``conf/model/ssd300_vgg16_coco.yaml`` and ``ssdlite320_coco.yaml`` build torchvision's COCO SSDs exactly, whose
+    weights ``from_torchvision`` takes.
     """
 
     #: The reference's input normalisation: its mean pixel (R, G, B) subtracted, no scaling.
@@ -81,6 +89,7 @@ class SSD(Detector):
         width: float = 1.0,
         l2_scale: float = 20.0,
         backbone_weights: str | None = None,
+        reduced_tail: bool = False,
         variances: Sequence[float] = VARIANCES,
         prior: PartConfig = None,
         assigner: PartConfig = None,
@@ -91,7 +100,7 @@ class SSD(Detector):
         super().__init__(**pretrained_normalisation(backbone_weights, kwargs))
         self.prior = build_part(prior, DefaultBoxes)
         self.network = SSDNetwork(
-            variant, self.num_classes, self.prior.boxes_per_location, width, l2_scale, backbone_weights
+            variant, self.num_classes, self.prior.boxes_per_location, width, l2_scale, backbone_weights, reduced_tail
         )
         self.variances = (float(variances[0]), float(variances[1]))
         self.assigner = build_part(assigner, DefaultBoxMatcher)
@@ -123,6 +132,21 @@ class SSD(Detector):
 
     def forward(self, images: Tensor) -> SSDOutputs:
         return self.network(images)
+
+    def class_rows(self) -> dict[str, ClassRows]:
+        """Each map's last confidence conv: per default box, the background row and then one row per class."""
+        rows: dict[str, ClassRows] = {}
+        heads = self.network.head.classification_head.module_list
+        for head, boxes in zip(heads, self.prior.boxes_per_location):
+            last_conv = [m for m in head.modules() if isinstance(m, nn.Conv2d)][-1]
+            rows |= layer_rows(self, last_conv, ClassRows(groups=boxes, lead=1))
+        return rows
+
+    def from_torchvision(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """torchvision's ``ssd300_vgg16`` (for ``variant=ssd300``) or ``ssdlite320_mobilenet_v3_large`` (for
+        ``variant=ssdlite``) state dict in our names, through the network's ``torchvision_mapping``; a tensor
+        the source lacks raises ``KeyError`` with its torchvision name (``state[theirs]``)."""
+        return {f"network.{ours}": state[theirs] for ours, theirs in self.network.torchvision_mapping().names.items()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

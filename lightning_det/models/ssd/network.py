@@ -8,6 +8,10 @@
 body and the extra layers get Xavier-uniform weights and zero biases; the heads keep torchvision's init (Xavier for
 ``SSDHead``), MobileNetV3 its own. ``backbone_weights`` then loads torchvision's ImageNet VGG16 / MobileNetV3-Large
 into the backbone (width 1.0 only); batch norm keeps training either way, as in torchvision's SSDLite.
+
+At width 1.0 ``ssd300`` is torchvision's ``ssd300_vgg16`` and ``ssdlite`` with ``reduced_tail`` its
+``ssdlite320_mobilenet_v3_large`` (the COCO weights have the reduced tail), layer for layer:
+``torchvision_mapping`` names every tensor of the network in torchvision's detector.
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.ops import Conv2dNormActivation
 
 from lightning_det.models.backbones.mobilenet import SSDLITE_NORM, MobileNetV3Features
-from lightning_det.models.backbones.pretrained import check_published_width, load_torchvision_weights
+from lightning_det.models.backbones.pretrained import (
+    Mapping,
+    check_published_width,
+    load_torchvision_weights,
+    renamed,
+)
 from lightning_det.models.backbones.vgg import ReducedVGG16, scaled
 
 # Extra layers of the VGG variants: (1x1 width, 3x3 width, 3x3 stride, 3x3 padding), then SSD512's 4x4 last layer.
@@ -69,14 +78,15 @@ class SSDNetwork(nn.Module):
     """``forward(images) -> SSDOutputs``: predictions for every default box, in ``priors.py``'s order."""
 
     def __init__(self, variant: str, num_classes: int, boxes_per_location: Sequence[int], width: float = 1.0,
-                 l2_scale: float = 20.0, backbone_weights: str | None = None) -> None:
+                 l2_scale: float = 20.0, backbone_weights: str | None = None, reduced_tail: bool = False) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown SSD variant {variant!r}: use one of {', '.join(VARIANTS)}")
         check_published_width(width, backbone_weights)
+        check_reduced_tail(variant, reduced_tail, backbone_weights)
         lite = variant == "ssdlite"
         if lite:
-            self.backbone: nn.Module = MobileNetV3Features(width)
+            self.backbone: nn.Module = MobileNetV3Features(width, reduced_tail)
             extra_channels = [scaled(out, width) for out in SSDLITE_EXTRAS]
             self.extras = nn.ModuleList(
                 separable_extra(c_in, c_out)
@@ -103,6 +113,17 @@ class SSDNetwork(nn.Module):
             SSDLiteHead(channels, boxes, outputs, SSDLITE_NORM) if lite else SSDHead(channels, boxes, outputs)
         )
 
+    def torchvision_mapping(self) -> Mapping:
+        """Our tensor names -> those of torchvision's ``ssd300_vgg16`` / ``ssdlite320_mobilenet_v3_large``: the
+        backbone's own mapping under ``backbone.``, the extra layers in its ``backbone.extra`` (after the VGG
+        extractor's conv5 block, which is its first), the heads under the same names."""
+        lite = isinstance(self.backbone, MobileNetV3Features)
+        backbone = self.backbone.torchvision_ssdlite_mapping() if lite else self.backbone.torchvision_ssd_mapping()
+        first_extra = 0 if lite else 1
+        prefixes = {f"extras.{k}.": f"backbone.extra.{k + first_extra}." for k in range(len(self.extras))}
+        names = {f"backbone.{ours}": f"backbone.{theirs}" for ours, theirs in backbone.names.items()}
+        return Mapping(names | renamed(self, {**prefixes, "head.": "head."}).names)
+
     def forward(self, images: Tensor) -> SSDOutputs:
         features = self.backbone(images)
         for block in self.extras:
@@ -110,6 +131,15 @@ class SSDNetwork(nn.Module):
         outputs = self.head(features)
         sizes = [tuple(f.shape[-2:]) for f in features]
         return SSDOutputs(outputs["bbox_regression"], outputs["cls_logits"], sizes)
+
+
+def check_reduced_tail(variant: str, reduced_tail: bool, backbone_weights: str | None) -> None:
+    """The reduced tail is a MobileNetV3 option, and ImageNet's MobileNetV3 weights have the full one."""
+    if reduced_tail and variant != "ssdlite":
+        raise ValueError(f"reduced_tail halves MobileNetV3's last stage; {variant} has a VGG backbone: drop it")
+    if reduced_tail and backbone_weights is not None:
+        raise ValueError("backbone_weights: ImageNet's MobileNetV3-Large has the full tail, but reduced_tail=true; "
+                         "set model.reduced_tail=false or drop backbone_weights")
 
 
 def xavier_init(module: nn.Module) -> None:

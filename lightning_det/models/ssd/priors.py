@@ -5,17 +5,18 @@ then for each aspect ratio ``a`` of the layer a box ``min_size * sqrt(a)`` wide 
 and its transpose. Locations are row-major per map, maps from the finest to the coarsest; the heads flatten
 their outputs in the same order.
 
-torchvision's ``DefaultBoxGenerator`` lays out the same boxes where it can describe them (a square input, each
-layer's ``max_size`` the next layer's ``min_size``, no clipping; ``tests/test_ssd_priors.py`` compares the two),
-but not every layout these configs use, so the layout stays here:
+torchvision's ``DefaultBoxGenerator`` (its ``ssd300_vgg16`` and ``ssdlite320_mobilenet_v3_large``) is one layout
+of these: give its scales times the input side as ``min_sizes`` / ``max_sizes`` and ``clip="size"``
+(``conf/model/ssd300_vgg16_coco.yaml``, ``ssdlite320_coco.yaml``; ``tests/test_torchvision_ssd.py`` compares the
+boxes). It cannot describe every layout these configs use, so the layout stays here:
 
 - it takes one list of scales, the extra square of layer ``k`` using scale ``k + 1``: ``max_sizes`` independent
   of the next layer's ``min_sizes`` cannot be given; its own scale rule ends that list with 1.0 where the paper's
-  (and ours) extrapolates one step past ``s_max``;
-- its ``clip`` limits each box's width and height to the image's around an unmoved centre; ours clips the box's
-  corners, as Caffe SSD's and MXNet's prior layers do (SSDLite's config clips);
+  (and ``linear_scale_sizes``) extrapolates one step past ``s_max``;
+- its ``clip`` limits each box's width and height to the image's around an unmoved centre (our ``clip="size"``);
+  ``clip=True`` clips the box's corners instead, as Caffe SSD's and MXNet's prior layers do;
 - its sizes are fractions of each image side (a square turns oblong on an oblong input); ours are pixels, the
-  scale rule a fraction of the shorter side.
+  scale rule a fraction of the shorter side. On a square input the two agree.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from torch import Tensor
 
 #: Per feature map, finest first, the aspect ratios besides 1 of SSD300's default boxes.
 SSD300_ASPECT_RATIOS = ([2], [2, 3], [2, 3], [2, 3], [2], [2])
+#: ``clip`` values: none, the corners (Caffe SSD), or the width and height around the centre (torchvision).
+CLIP_MODES = (False, True, "size")
 
 
 class DefaultBoxes:
@@ -40,7 +43,8 @@ class DefaultBoxes:
         fit_scales: check ``s_min``/``s_max`` against the training boxes before training and refit them where
             their default boxes match too few (``SSD.fit_to_data``); the result is stored in the checkpoint.
         steps: per feature map, the distance in pixels between default-box centres; ``None``: input / map size.
-        clip: clip default boxes to the image.
+        clip: ``True``: clip each default box's corners to the image; ``"size"``: limit its width and height to
+            the image's around an unmoved centre (torchvision's ``DefaultBoxGenerator(clip=True)``); ``False``: none.
     """
 
     def __init__(
@@ -52,8 +56,10 @@ class DefaultBoxes:
         s_max: float = 0.9,
         fit_scales: bool = False,
         steps: Sequence[float] | None = None,
-        clip: bool = False,
+        clip: bool | str = False,
     ) -> None:
+        if clip not in CLIP_MODES:
+            raise ValueError(f"prior.clip={clip!r}: use false, true (clip the corners) or size (limit the sides)")
         self.aspect_ratios = [list(r) for r in aspect_ratios]
         if (min_sizes is None) != (max_sizes is None):
             raise ValueError("give both min_sizes and max_sizes, or neither (the linear scale rule is then used)")
@@ -100,12 +106,12 @@ def default_boxes(
     min_sizes: Sequence[float],
     max_sizes: Sequence[float],
     aspect_ratios: Sequence[Sequence[float]],
-    clip: bool = False,
+    clip: bool | str = False,
 ) -> Tensor:
     """All default boxes ``[N, 4]`` as ``(cx, cy, w, h)`` in pixels of an ``image_size`` ``(h, w)`` input.
 
     Cell ``(i, j)`` of a layer with step ``s`` is centred at ``((j + 0.5) s, (i + 0.5) s)``. ``clip`` limits the
-    boxes to the image (as xyxy, then back to centre form).
+    boxes to the image: ``True`` their corners (as xyxy, then back to centre form), ``"size"`` their width and height.
     """
     if not len(feature_sizes) == len(steps) == len(min_sizes) == len(max_sizes) == len(aspect_ratios):
         raise ValueError(
@@ -126,8 +132,10 @@ def default_boxes(
         centres = torch.stack((cx, cy), -1).reshape(-1, 1, 2).expand(-1, len(sizes), 2)
         layers.append(torch.cat((centres, sizes.expand_as(centres)), -1).reshape(-1, 4))
     boxes = torch.cat(layers)
+    height, width = image_size
+    if clip == "size":
+        return torch.cat((boxes[:, :2], torch.minimum(boxes[:, 2:], torch.tensor([float(width), float(height)]))), 1)
     if clip:
-        height, width = image_size
         corners = torch.cat((boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2), 1)
         corners = torch.minimum(corners.clamp(min=0), torch.tensor([width, height, width, height], dtype=boxes.dtype))
         boxes = torch.cat(((corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]), 1)

@@ -13,20 +13,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Darknet's COCO anchors (k-means on COCO boxes at 416 px), in pixels, smallest level first.
+# Darknet's COCO anchors (k-means on COCO boxes at 416 px), in pixels, smallest level first: the start of a
+# training from scratch (yolov3-tiny's as in its current cfg and Ultralytics' yolov3-tiny.yaml).
 DEFAULT_ANCHORS = {
     "yolov3": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
     "tiny": [[10, 14, 23, 27, 37, 58], [81, 82, 135, 169, 344, 319]],
+}
+# The anchors Darknet's published COCO weights were trained with. yolov3-tiny.weights used ``mask = 1,2,3`` on
+# the stride-16 level (pjreddie/darknet 481d9d98), so (81, 82) serves both levels and (10, 14) none; decoding it
+# with the later cfg's 0,1,2 (f86901f6) halves its COCO mAP (0.332 -> 0.178, ultralytics/yolov3#256).
+DARKNET_ANCHORS = {
+    "yolov3": DEFAULT_ANCHORS["yolov3"],
+    "tiny": [[23, 27, 37, 58, 81, 82], [81, 82, 135, 169, 344, 319]],
 }
 
 
 def configured_anchors(anchors: str | Sequence[Sequence[float]] | None, variant: str) -> Sequence[Sequence[float]]:
     """The anchor list a config names: a list as given; ``"auto"`` (before it was refitted to a dataset),
-    ``"default"`` or ``None`` give Darknet's anchors of the variant."""
+    ``"default"`` or ``None`` give Darknet's anchors of the variant, ``"darknet"`` those its published weights
+    were trained with."""
     if anchors is None or isinstance(anchors, str):
-        if anchors not in (None, "auto", "default"):
-            raise ValueError(f"model.anchors={anchors!r}: use auto, default, or a list of (w, h) pixels per level")
-        return DEFAULT_ANCHORS[variant]
+        if anchors not in (None, "auto", "default", "darknet"):
+            raise ValueError(f"model.anchors={anchors!r}: use auto, default, darknet, or a list of (w, h) pixels per "
+                             "level")
+        return (DARKNET_ANCHORS if anchors == "darknet" else DEFAULT_ANCHORS)[variant]
     return anchors
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -12,10 +13,15 @@ from lightning_det.models.boxes import Detections
 from lightning_det.models.detector import Detector
 from lightning_det.models.parts import PartConfig, build_part
 from lightning_det.models.postprocess import PaddedDetections
-from lightning_det.models.yolov3.anchor_clustering import check_anchors, letterboxed_sizes
+from lightning_det.models.transfer import ClassRows, layer_rows
+from lightning_det.models.yolov3.anchor_clustering import (
+    check_anchors,
+    letterboxed_sizes,
+)
 from lightning_det.models.yolov3.darknet_weights import load_darknet_weights
 from lightning_det.models.yolov3.decode import YOLOv3Decoder
 from lightning_det.models.yolov3.grid import (
+    DARKNET_ANCHORS,
     DEFAULT_ANCHORS,
     PredictionGrid,
     anchors_tensor,
@@ -23,11 +29,13 @@ from lightning_det.models.yolov3.grid import (
     make_grid,
 )
 from lightning_det.models.yolov3.loss import YOLOv3Loss
-from lightning_det.models.yolov3.network import build_network
+from lightning_det.models.yolov3.network import Prediction, build_network
 from lightning_det.models.yolov3.targets import YOLOv3Assigner
 
 if TYPE_CHECKING:
     from lightning_det.data.records import AnnotationRecord
+
+log = logging.getLogger(__name__)
 
 
 class YOLOv3(Detector):
@@ -38,7 +46,9 @@ class YOLOv3(Detector):
         width: channel multiplier (channels rounded up to multiples of 8); 1.0 is the Darknet network.
         depth: residual-block multiplier of Darknet-53 (``yolov3`` only); 1.0 is the Darknet network.
         anchors: per level, smallest stride first, ``(w, h)`` pixel pairs; ``"auto"`` or ``"default"``: Darknet's
-            COCO anchors (``auto`` is refitted to the training boxes by :meth:`fit_to_data` before training).
+            COCO anchors (``auto`` is refitted to the training boxes by :meth:`fit_to_data` before training, or
+            set to the init_from weights' by :meth:`fit_to_weights`); ``"darknet"``: those Darknet's published
+            ``.weights`` were trained with.
         strides: the levels' strides; fixed by the variant, given only to be checked against it.
         assigner: the target assignment part, :class:`~lightning_det.models.yolov3.targets.YOLOv3Assigner` by
             default: called with ``(labels, grid)``, returns the ``Targets`` the loss takes.
@@ -114,6 +124,22 @@ class YOLOv3(Detector):
         fitted = check_anchors(wh, anchors, iou_t, seed=seed) if len(wh) else anchors
         return {**arguments, "anchors": fitted.view(len(anchors), -1).tolist()}
 
+    @classmethod
+    def fit_to_weights(cls, arguments: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+        """``anchors: auto`` with pretrained weights becomes the anchors those were trained with (a checkpoint's
+        list, Darknet's for a ``.weights`` file), never refitted to the data: the loaded box and objectness rows
+        predict relative to them."""
+        if arguments.get("anchors", "auto") != "auto":
+            return arguments
+        if recorded.get("format") == "foreign":
+            anchors = DARKNET_ANCHORS[arguments.get("variant", "yolov3")]
+        elif recorded.get("anchors") is not None and not isinstance(recorded["anchors"], str):
+            anchors = recorded["anchors"]
+        else:
+            return arguments
+        log.info("anchors: %s, as the init_from weights were trained with", anchors)
+        return {**arguments, "anchors": anchors}
+
     def forward(self, images: Tensor) -> list[Tensor]:
         """Raw predictions per level, smallest stride first: ``[B, A, H, W, 5 + C]``."""
         return self.network(images)
@@ -132,6 +158,14 @@ class YOLOv3(Detector):
     def decode_padded(self, outputs: list[Tensor], image_size: tuple[int, int]) -> PaddedDetections:
         """``decode`` as fixed-shape tensors of ``max_detections`` rows per image: what an exported model returns."""
         return self.decoder.padded(flatten(outputs), self.grid(outputs), image_size)
+
+    def class_rows(self) -> dict[str, ClassRows]:
+        """Each level's prediction conv: per anchor, box and objectness rows, then one row per class."""
+        rows: dict[str, ClassRows] = {}
+        for prediction in self.network.modules():
+            if isinstance(prediction, Prediction):
+                rows |= layer_rows(self, prediction.conv, ClassRows(groups=prediction.num_anchors, lead=5))
+        return rows
 
     def load_foreign_weights(self, path: str, cutoff: int | None = None) -> dict[str, int]:
         """``init_from`` for Darknet ``.weights`` files (``cutoff=52`` reads only the Darknet-53 backbone)."""
