@@ -95,6 +95,28 @@ def test_freeze_keeps_weights_and_bn_statistics_then_releases_at_a_lower_lr():
     assert second[-1]["released_lrs"] == [pytest.approx(0.01)] and second[-1]["other_lrs"] == [0.1]
 
 
+def test_freeze_releases_at_a_share_of_the_run_and_leaves_what_the_model_froze_itself():
+    """Released at epoch 2 of 4 (share 0.5); the body's bias, frozen by the model before the callback ran (as
+    torchvision's fine-tuning layout freezes Faster R-CNN's first stages), stays frozen after the release."""
+    torch.manual_seed(0)
+    batches = DataLoader([{"images": torch.randn(4, 3, 6, 6) + 3} for _ in range(2)], batch_size=None)
+    model, record = TinyDetector(momentum=0.9), RecordState()
+    norm_bias = model.body[1].bias
+    norm_bias.requires_grad_(False)
+    start = norm_bias.detach().clone()
+    freeze = Freeze(pattern=r"^body\.", unfreeze_at_share=0.5)
+    trainer = L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[freeze, record])
+    trainer.fit(model, train_dataloaders=batches)
+
+    moved = [s["epoch"] for s in record.steps if not torch.equal(s["body"], record.steps[0]["body"])]
+    assert moved and min(moved) == 2 and freeze.released
+    assert model.body[0].weight.requires_grad and not norm_bias.requires_grad
+    assert torch.equal(norm_bias, start)
+    with pytest.raises(ValueError, match="unfreeze_at_epoch or unfreeze_at_share, not both"):
+        Freeze(pattern="x", unfreeze_at_epoch=1, unfreeze_at_share=0.5)
+
+
 def test_first_n_freezes_leading_convolutions_with_their_norms():
     model = TinyDetector(momentum=0.9)
     modules = Freeze(first_n=1).frozen_modules(model)

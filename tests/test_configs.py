@@ -11,7 +11,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lightning_det.tools.train import apply_nominal_batch_size, build_callbacks, build_loggers, build_model
+from lightning_det.tools.train import (
+    apply_nominal_batch_size,
+    build_callbacks,
+    build_loggers,
+    build_model,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -33,9 +38,14 @@ def composed(tmp_path: Path, *overrides: str):
 def test_experiments_compose(tmp_path, experiment):
     cfg = composed(tmp_path, f"experiment={experiment}")
     OmegaConf.resolve(cfg)
-    # square pipelines give the input size; shorter-side resizing (Faster R-CNN) pads batches to a multiple of 32
-    # (SSD excepted: its 300 / 512 inputs are fixed by its default boxes, not by a stride)
-    assert cfg.data.img_size % 32 == 0 or "ssd" in cfg.model._target_ if "img_size" in cfg.data else cfg.data.size_divisor == 32
+    # square pipelines give the input size (or auto: chosen from the data, a multiple of 32); shorter-side resizing
+    # (Faster R-CNN) pads batches to a multiple of 32 (SSD excepted: its 300 / 512 inputs are fixed by its default
+    # boxes, not by a stride)
+    if "img_size" in cfg.data:
+        size = cfg.data.img_size
+        assert size == "auto" or size % 32 == 0 or "ssd" in cfg.model._target_
+    else:
+        assert cfg.data.size_divisor == 32
 
 
 @pytest.mark.parametrize("model", options("model"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
@@ -33,8 +34,10 @@ class Freeze(BaseFinetuning):
 
     Frozen BatchNorm layers stay in eval mode, normalising with their running statistics (mmdet's
     ``norm_eval``), instead of switching to batch statistics they would no longer learn from.
-    ``unfreeze_at_epoch`` releases everything at that epoch; the released parameters then train at
-    ``lr_factor`` times the learning rate the schedule gives the rest.
+    ``unfreeze_at_epoch`` releases everything at that epoch, ``unfreeze_at_share`` at that share of the run's
+    ``max_epochs`` (re-estimated under a time budget); the released parameters then train at ``lr_factor`` times
+    the learning rate the schedule gives the rest. Only what this callback froze is released: layers a model keeps
+    frozen itself (torchvision's fine-tuning layout of Faster R-CNN) stay frozen.
     """
 
     def __init__(
@@ -44,16 +47,23 @@ class Freeze(BaseFinetuning):
         first_n: int | None = None,
         unfreeze_at_epoch: int | None = None,
         lr_factor: float = 1.0,
+        unfreeze_at_share: float | None = None,
     ) -> None:
         super().__init__()
         if not (modules or pattern or first_n):
             raise ValueError("Freeze needs modules, pattern or first_n")
+        if unfreeze_at_epoch is not None and unfreeze_at_share is not None:
+            raise ValueError("Freeze: give unfreeze_at_epoch or unfreeze_at_share, not both")
+        if unfreeze_at_share is not None and not 0 <= unfreeze_at_share <= 1:
+            raise ValueError(f"Freeze: unfreeze_at_share={unfreeze_at_share} must be a share of the run in [0, 1]")
         self.module_names = list(modules or [])
         self.pattern = re.compile(pattern) if pattern else None
         self.first_n = first_n
         self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.unfreeze_at_share = unfreeze_at_share
         self.lr_factor = lr_factor
         self.frozen_norms: list[nn.Module] = []
+        self.frozen_parameters: list[nn.Parameter] = []
         self.released = False
 
     def frozen_modules(self, pl_module: L.LightningModule) -> list[nn.Module]:
@@ -70,6 +80,7 @@ class Freeze(BaseFinetuning):
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         modules = self.frozen_modules(pl_module)
+        self.frozen_parameters = [p for m in modules for p in m.parameters(recurse=False) if p.requires_grad]
         self.freeze(modules, train_bn=False)
         self.frozen_norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         frozen = sum(p.numel() for m in modules for p in m.parameters(recurse=False))
@@ -95,12 +106,21 @@ class Freeze(BaseFinetuning):
             self.release_modules(pl_module)
 
     def release_modules(self, pl_module: L.LightningModule) -> None:
-        self.make_trainable(self.frozen_modules(pl_module))
+        for parameter in self.frozen_parameters:
+            parameter.requires_grad_(True)
         for norm in self.frozen_norms:
+            norm.track_running_stats = True  # BaseFinetuning.freeze turned it off
             norm.train()
 
+    def release_epoch(self, trainer: L.Trainer) -> int | None:
+        """The epoch the frozen part is released at: ``unfreeze_at_epoch``, or the share of ``max_epochs``."""
+        if self.unfreeze_at_share is not None and trainer.max_epochs and trainer.max_epochs > 0:
+            return math.ceil(self.unfreeze_at_share * trainer.max_epochs)
+        return self.unfreeze_at_epoch
+
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
-        if self.released or self.unfreeze_at_epoch is None or epoch < self.unfreeze_at_epoch:
+        release = self.release_epoch(pl_module.trainer)
+        if self.released or release is None or epoch < release:
             return
         self.release_modules(pl_module)
         scheduler = next(
