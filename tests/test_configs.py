@@ -11,12 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lightning_det.tools.train import (
-    apply_nominal_batch_size,
-    build_callbacks,
-    build_loggers,
-    build_model,
-)
+from lightning_det.tools.train import apply_nominal_batch_size, build_callbacks, build_loggers, build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -27,15 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from darknet_reference import (
-    TINY_ANCHORS,
-    TINY_MASKS,
-    DarknetNetwork,
-    Yolo,
-    darknet_cfg,
-    darknet_detections,
-    randomise,
-)
+from darknet_reference import TINY_ANCHORS, TINY_MASKS, DarknetNetwork, Yolo, darknet_cfg, darknet_detections, randomise
 from hydra import compose, initialize_config_dir
 from torch import Tensor
 

@@ -10,13 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from runs import REPO, TINY, small_sample, train
 
-from lightning_det.models.transfer import (
-    COCO_80,
-    TORCHVISION_COCO,
-    ClassRows,
-    match_classes,
-    transfer_rows,
-)
+from lightning_det.models.transfer import COCO_80, TORCHVISION_COCO, ClassRows, match_classes, transfer_rows
 from lightning_det.models.weights import initialise_from
 from lightning_det.models.yolov3 import YOLOv3
 from lightning_det.models.yolov3.darknet_weights import save_darknet_weights

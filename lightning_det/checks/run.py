@@ -54,9 +54,7 @@ def check_init_from(cfg: DictConfig) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"init_from={path}: no such file")
     if path.stat().st_size and not is_torch_file(path):
-        from lightning_det.models.yolov3.darknet_weights import (
-            read_darknet_header,  # models import this module
-        )
+        from lightning_det.models.yolov3.darknet_weights import read_darknet_header  # models import this module
 
         read_darknet_header(path)
         return

@@ -1,8 +1,8 @@
 """Box operations every family shares, and the per-image detections type.
 
 Where torchvision computes the same thing (``box_iou``, ``box_convert``, ``BoxCoder``) the families call it;
-what is here is what it lacks: IoU over a padded batch, and ranks inside groups of rows written with tensor
-operations only, so they trace into ONNX.
+what is here is what it lacks: IoU over a padded batch, clipping each image's boxes to its own size, and ranks
+inside groups of rows written with tensor operations only, so they trace into ONNX.
 """
 
 from __future__ import annotations
@@ -46,3 +46,10 @@ def rank_within_groups(sorted_group: Tensor, sizes: Tensor) -> Tensor:
     """For rows sorted by group, each row's position inside its own group (0, 1, ...): its position in the
     whole list minus where its group starts."""
     return torch.ones_like(sorted_group).cumsum(0) - 1 - (sizes.cumsum(0) - sizes)[sorted_group]
+
+
+def clip_to_images(boxes: Tensor, image: Tensor, image_sizes: Tensor) -> Tensor:
+    """xyxy ``boxes [N, ..., 4]`` of images ``image [N]`` clipped to their image's ``(h, w)`` of ``image_sizes``."""
+    height, width = image_sizes[image].to(boxes.dtype).unbind(-1)
+    upper = torch.stack((width, height, width, height), -1).view(-1, *[1] * (boxes.dim() - 2), 4)
+    return torch.minimum(boxes.clamp(min=0), upper)

@@ -28,7 +28,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from lightning_det.models.boxes import Detections
+from lightning_det.models.boxes import Detections, clip_to_images
 from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.transfer import ClassRows
 from lightning_det.optim import parameter_groups
@@ -55,9 +55,7 @@ def to_original_pixels(boxes: Tensor, image_index: Tensor, meta: dict[str, Any])
     """
     offset = meta["pad"][image_index].repeat(1, 2)
     factor = meta["scale"][image_index].repeat(1, 2)
-    h, w = meta["orig_size"][image_index].unbind(1)
-    upper = torch.stack((w, h, w, h), dim=1).to(boxes)
-    return torch.minimum((boxes - offset) / factor, upper).clamp(min=0)
+    return clip_to_images((boxes - offset) / factor, image_index, meta["orig_size"])
 
 
 def labels_to_targets(labels: Tensor, meta: dict[str, Any]) -> Detections:

@@ -36,11 +36,10 @@ from lightning_det.metrics import COCOMeanAP, VOCMeanAP
 from lightning_det.models.boxes import Detections
 from lightning_det.models.detector import Detector
 from lightning_det.models.tta import from_config
-from lightning_det.models.weights import initialise_from
 from lightning_det.report.confusion import confusion_matrix
 from lightning_det.report.writer import write_evaluation_report
 from lightning_det.tools.inference import load_detector
-from lightning_det.tools.train import build_model
+from lightning_det.tools.train import build_model, load_init_from
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ def pretrained(cfg: DictConfig, class_names: list[str]) -> tuple[Detector, Detec
         raise ValueError("evaluate init_from=...: data.img_size=auto is chosen from training boxes; give the input "
                          "size the weights were trained at, e.g. data.img_size=416")
     model = build_model(cfg, num_classes=len(class_names), class_names=class_names)
-    initialise_from(model, cfg.init_from, classes=cfg.get("init_classes") or "auto")
+    load_init_from(model, cfg)
     model.inference_pipeline = OmegaConf.to_container(cfg.data.val_transform, resolve=True)
     return model.eval(), instantiate(cfg.data.val_transform)
 

@@ -70,6 +70,12 @@ def build_model(
     return model_class(**arguments, num_classes=num_classes, class_names=class_names, **plain)
 
 
+def load_init_from(model: L.LightningModule, cfg: DictConfig) -> None:
+    """The run's ``init_from`` weights into ``model``, with its ``init_*`` settings (training and evaluate)."""
+    initialise_from(model, cfg.init_from, list(cfg.get("init_exclude") or []), cfg.get("init_cutoff"),
+                    partial=bool(cfg.get("init_partial")), classes=cfg.get("init_classes") or "auto")
+
+
 def apply_nominal_batch_size(cfg: DictConfig) -> None:
     """Accumulate gradients up to ``nominal_batch_size`` images per optimizer step, scaling weight decay to match.
 
@@ -134,8 +140,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
                         records=datamodule.records["train"], img_size=datamodule.img_size)
     model.inference_pipeline = OmegaConf.to_container(cfg.data.val_transform, resolve=True)
     if cfg.get("init_from"):
-        initialise_from(model, cfg.init_from, list(cfg.get("init_exclude") or []), cfg.get("init_cutoff"),
-                        partial=bool(cfg.get("init_partial")), classes=cfg.get("init_classes") or "auto")
+        load_init_from(model, cfg)
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
     return datamodule, model, trainer
 

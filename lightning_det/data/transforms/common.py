@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -76,6 +76,16 @@ def resize_to_fit(image: Tensor, boxes: Tensor, size: int) -> Resized:
     resized = F.resize(tv_tensors.Image(image), [new_h, new_w], antialias=True)
     moved = F.resize(as_boxes(boxes, (height, width)), [new_h, new_w])
     return Resized(resized, moved, (new_w / width, new_h / height), (0, 0))
+
+
+#: How an evaluation transform resizes: ``antialias`` (antialiased ``uint8``, as in training) or ``torchvision``
+#: (:func:`resize_as_torchvision`, what torchvision's detectors and so their COCO weights expect).
+ResizeMode = Literal["antialias", "torchvision"]
+
+
+def check_resize_mode(resize: str) -> None:
+    if resize not in get_args(ResizeMode):
+        raise ValueError(f"resize={resize!r}: use one of {', '.join(get_args(ResizeMode))}")
 
 
 def resize_as_torchvision(

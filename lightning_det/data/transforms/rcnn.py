@@ -8,7 +8,6 @@ model takes one input size instead: ``canvas`` pastes each image top-left on a s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -17,14 +16,12 @@ from torchvision.transforms.v2 import functional as F
 
 from lightning_det.data.transforms.common import (
     DetectionTransform,
+    ResizeMode,
     Sample,
     as_boxes,
+    check_resize_mode,
     resize_as_torchvision,
 )
-
-#: How ``RCNNTransform`` resizes: ``antialias`` (antialiased, size rounded) or ``torchvision`` (its detectors'
-#: ``GeneralizedRCNNTransform``: bilinear without antialiasing, size floored), what torchvision's weights expect.
-RESIZE_MODES = ("antialias", "torchvision")
 
 
 def resize_shorter_side(
@@ -61,10 +58,9 @@ class RCNNTransform(DetectionTransform):
         flip: float = 0.0,
         canvas: int | None = None,
         fill: Sequence[float] = (0.0, 0.0, 0.0),
-        resize: Literal["antialias", "torchvision"] = "antialias",
+        resize: ResizeMode = "antialias",
     ) -> None:
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"resize={resize!r}: use one of {', '.join(RESIZE_MODES)}")
+        check_resize_mode(resize)
         if min_size > max_size:
             raise ValueError(f"min_size={min_size} is larger than max_size={max_size}")
         if canvas is not None and canvas < max_size:

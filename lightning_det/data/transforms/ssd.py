@@ -25,7 +25,9 @@ from torchvision.transforms.v2 import functional as F
 from lightning_det.data.transforms.common import (
     GREY_WEIGHTS,
     DetectionTransform,
+    ResizeMode,
     Sample,
+    check_resize_mode,
     clip_and_filter,
     colour_matrix,
     map_resized,
@@ -194,10 +196,6 @@ class SSDTrainTransform(DetectionTransform):
         )
 
 
-#: ``SSDEvalTransform``'s resize modes.
-RESIZE_MODES = ("antialias", "torchvision")
-
-
 class SSDEvalTransform(DetectionTransform):
     """Resize to an ``img_size`` square (no padding, aspect ratio not kept); ``scale`` maps boxes back exactly.
 
@@ -206,9 +204,8 @@ class SSDEvalTransform(DetectionTransform):
     antialiasing, on float pixels (:func:`~lightning_det.data.transforms.common.resize_as_torchvision`).
     """
 
-    def __init__(self, img_size: int = 300, resize: str = "antialias") -> None:
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"val_transform.resize={resize!r}: use one of {', '.join(RESIZE_MODES)}")
+    def __init__(self, img_size: int = 300, resize: ResizeMode = "antialias") -> None:
+        check_resize_mode(resize)
         self.img_size = img_size
         self.resize = resize
 

@@ -6,13 +6,8 @@ from __future__ import annotations
 from torch import Tensor
 from torchvision.ops import remove_small_boxes
 
-from lightning_det.models.boxes import Detections
-from lightning_det.models.faster_rcnn.rpn import clip_to_images
-from lightning_det.models.postprocess import (
-    PaddedDetections,
-    suppress_and_pad,
-    suppress_and_split,
-)
+from lightning_det.models.boxes import Detections, clip_to_images
+from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split
 
 
 class FasterRCNNDecoder:

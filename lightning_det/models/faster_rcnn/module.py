@@ -9,11 +9,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lightning_det.models.backbones.pretrained import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    forget_weights_file,
-)
+from lightning_det.models.backbones.pretrained import IMAGENET_MEAN, IMAGENET_STD, forget_weights_file, renamed
 from lightning_det.models.boxes import Detections
 from lightning_det.models.detector import Detector
 from lightning_det.models.faster_rcnn.decode import FasterRCNNDecoder
@@ -27,8 +23,9 @@ from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.transfer import ClassRows, layer_rows
 from lightning_det.report.loggers import log_image
 
-#: torchvision's Faster R-CNN tensor names -> ours, by prefix (the backbone and ``rpn.head`` are named alike).
-FROM_TORCHVISION = {"roi_heads.box_head.": "roi_head.box_head.", "roi_heads.box_predictor.": "roi_head.predictor."}
+#: Our tensor names -> torchvision's Faster R-CNN's, by prefix (the backbone and the RPN are named alike).
+TORCHVISION_NAMES = {"backbone.": "backbone.", "rpn.": "rpn.", "roi_head.box_head.": "roi_heads.box_head.",
+                     "roi_head.predictor.": "roi_heads.box_predictor."}
 
 
 class FasterRCNNOutputs(NamedTuple):
@@ -163,16 +160,12 @@ class FasterRCNN(Detector):
 
     def from_torchvision(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """torchvision's ``roi_heads.box_head`` / ``roi_heads.box_predictor`` are our ``roi_head.box_head`` /
-        ``roi_head.predictor``; the backbone and ``rpn.head`` have the same names. Tensors our model lacks are
-        carried over renamed (a strict load names them), except the batch-norm counters that frozen batch norm
-        has none of; counters the source lacks are not required either (batch norm fills them on loading)."""
-        ours = self.state_dict()
-        converted = {swap_prefix(name, FROM_TORCHVISION): tensor for name, tensor in state.items()}
-        converted = {name: tensor for name, tensor in converted.items() if name in ours or not is_counter(name)}
-        for name in ours:
-            if name not in converted and not is_counter(name):
-                raise KeyError(swap_prefix(name, {new: old for old, new in FROM_TORCHVISION.items()}))
-        return converted
+        ``roi_head.predictor``; the backbone and ``rpn.head`` have the same names. A tensor the source lacks raises
+        ``KeyError`` with its torchvision name, except batch-norm step counters: batch norm fills them in on
+        loading, and frozen batch norm has none (the source's are left out)."""
+        names = renamed(self, TORCHVISION_NAMES).names
+        return {ours: state[theirs] for ours, theirs in names.items()
+                if theirs in state or not ours.endswith("num_batches_tracked")}
 
     def network_outputs(self, batch: dict[str, Any]) -> FasterRCNNOutputs:
         """``forward`` on the normalised images with each image's size, so that proposals and detections are
@@ -236,19 +229,6 @@ class FasterRCNN(Detector):
             if metric.update_count:
                 log_matrix_image(self, f"confusion/{name}", metric.compute())
             metric.reset()
-
-
-def swap_prefix(name: str, prefixes: dict[str, str]) -> str:
-    """``name`` with the first matching key of ``prefixes`` at its start replaced by its value."""
-    for old, new in prefixes.items():
-        if name.startswith(old):
-            return new + name[len(old) :]
-    return name
-
-
-def is_counter(name: str) -> bool:
-    """A batch-norm step counter: no weight, and absent from frozen batch norm."""
-    return name.endswith("num_batches_tracked")
 
 
 def confusion_image(matrix: Tensor, cell: int = 16) -> Tensor:

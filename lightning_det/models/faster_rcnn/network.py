@@ -18,20 +18,12 @@ from functools import partial
 
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, resnet50, vgg16
-from torchvision.models.detection.backbone_utils import (
-    BackboneWithFPN,
-    _resnet_fpn_extractor,
-    resnet_fpn_backbone,
-)
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from lightning_det.models.backbones.pretrained import (
-    check_published_width,
-    load_torchvision_weights,
-    renamed,
-)
+from lightning_det.models.backbones.pretrained import check_published_width, load_torchvision_weights, renamed
 
 VGG_BLOCK_ENDS = (5, 10, 17, 24, 31)  # layer count of torchvision's vgg16().features up to each max-pool
 TRAINABLE_STAGES = 3  # torchvision's default for fine-tuning an ImageNet ResNet / MobileNet in a detector

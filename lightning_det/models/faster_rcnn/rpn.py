@@ -13,6 +13,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import batched_nms, remove_small_boxes
 
+from lightning_det.models.boxes import clip_to_images
 from lightning_det.models.faster_rcnn.network import Network
 
 
@@ -120,10 +121,3 @@ def nms_per_image(
         rows = (image == b).nonzero()[:, 0]
         kept.append(rows[batched_nms(boxes[rows], scores[rows], level[rows], nms_thresh)[:max_per_image]])
     return torch.cat(kept)
-
-
-def clip_to_images(boxes: Tensor, image: Tensor, image_sizes: Tensor) -> Tensor:
-    """xyxy ``boxes [N, ..., 4]`` of images ``image [N]`` clipped to their image's ``(h, w)`` of ``image_sizes``."""
-    height, width = image_sizes[image].to(boxes.dtype).unbind(-1)
-    upper = torch.stack((width, height, width, height), -1).view(-1, *[1] * (boxes.dim() - 2), 4)
-    return torch.minimum(boxes.clamp(min=0), upper)

@@ -14,12 +14,7 @@ from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
 from lightning_det.models.boxes import Detections
-from lightning_det.models.postprocess import (
-    PaddedDetections,
-    suppress_and_pad,
-    suppress_and_split,
-    top_candidates,
-)
+from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split, top_candidates
 from lightning_det.models.ssd.targets import VARIANCES
 from lightning_det.models.ssd.targets import decode as decode_offsets
 

@@ -9,10 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from lightning_det.models.backbones.pretrained import (
-    forget_weights_file,
-    pretrained_normalisation,
-)
+from lightning_det.models.backbones.pretrained import forget_weights_file, pretrained_normalisation
 from lightning_det.models.boxes import Detections
 from lightning_det.models.detector import Detector
 from lightning_det.models.parts import PartConfig, build_part

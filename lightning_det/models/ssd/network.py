@@ -25,12 +25,7 @@ from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.ops import Conv2dNormActivation
 
 from lightning_det.models.backbones.mobilenet import SSDLITE_NORM, MobileNetV3Features
-from lightning_det.models.backbones.pretrained import (
-    Mapping,
-    check_published_width,
-    load_torchvision_weights,
-    renamed,
-)
+from lightning_det.models.backbones.pretrained import Mapping, check_published_width, load_torchvision_weights, renamed
 from lightning_det.models.backbones.vgg import ReducedVGG16, scaled
 
 # Extra layers of the VGG variants: (1x1 width, 3x3 width, 3x3 stride, 3x3 padding), then SSD512's 4x4 last layer.

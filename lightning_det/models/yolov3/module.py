@@ -14,10 +14,7 @@ from lightning_det.models.detector import Detector
 from lightning_det.models.parts import PartConfig, build_part
 from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.transfer import ClassRows, layer_rows
-from lightning_det.models.yolov3.anchor_clustering import (
-    check_anchors,
-    letterboxed_sizes,
-)
+from lightning_det.models.yolov3.anchor_clustering import check_anchors, letterboxed_sizes
 from lightning_det.models.yolov3.darknet_weights import load_darknet_weights
 from lightning_det.models.yolov3.decode import YOLOv3Decoder
 from lightning_det.models.yolov3.grid import (
