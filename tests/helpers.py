@@ -117,3 +117,27 @@ def spread_weights(model: nn.Module, generator: torch.Generator, layers: tuple[t
                 module.weight.normal_(0.0, (2 / module.weight[0].numel()) ** 0.5, generator=generator)
                 if module.bias is not None:
                     module.bias.normal_(0.0, 0.05, generator=generator)
+
+
+def two_rank_result(make_metric, rank0_batches, rank1_batches):
+    """The metric of two DDP ranks: rank 1 runs torchmetrics' real sync path recording what it sends, rank 0's
+    gather then receives it; returns rank 0's result."""
+    sent = []
+
+    def send(tensor, group=None):
+        sent.append(tensor)
+        return [tensor]
+
+    received = iter(sent)
+
+    def receive(tensor, group=None):
+        return [tensor, next(received)]
+
+    rank1 = make_metric(dist_sync_fn=send, distributed_available_fn=lambda: True)
+    rank0 = make_metric(dist_sync_fn=receive, distributed_available_fn=lambda: True)
+    for batch in rank1_batches:
+        rank1.update(*batch)
+    for batch in rank0_batches:
+        rank0.update(*batch)
+    rank1.compute()
+    return rank0.compute()

@@ -26,13 +26,14 @@ TINY = [
 ]
 
 
+def train_arguments(tmp_path: Path, *overrides: str, run: str = "run") -> list[str]:
+    """``train.py`` and its arguments for a tiny run in ``tmp_path / run`` (logs under ``tmp_path / "logs"``)."""
+    return ["train.py", *TINY, *overrides, f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / run}"]
+
+
 def train(tmp_path: Path, *overrides: str, run: str = "run", expect_ok: bool = True, env: dict | None = None
           ) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable, "train.py", *TINY, *overrides,
-        f"paths.log_dir={tmp_path / 'logs'}",
-        f"hydra.run.dir={tmp_path / run}",
-    ]
+    args = [sys.executable, *train_arguments(tmp_path, *overrides, run=run)]
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     if expect_ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

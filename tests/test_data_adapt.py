@@ -9,11 +9,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import make_voc
 
 from lightning_det.data import DetectionDataModule, VOCSource
 from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers
 from lightning_det.data.records import AnnotationRecord
-from helpers import make_voc
 
 
 def records_with_sides(sides: list[float], height: int = 480, width: int = 640) -> list[AnnotationRecord]:

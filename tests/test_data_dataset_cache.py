@@ -3,12 +3,12 @@ its longer side, and augments it exactly as it would the full-size image."""
 
 import pytest
 import torch
+from helpers import make_voc
 
 from lightning_det.data import DetectionDataModule, VOCSource
 from lightning_det.data import dataset as dataset_module
 from lightning_det.data.dataset import DetectionDataset
 from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
-from helpers import make_voc
 
 IMAGES = {"wide": (300, 400, [("a", (41, 31, 200, 150), False)]), "tall": (350, 210, [("b", (11, 21, 150, 300), False)])}
 

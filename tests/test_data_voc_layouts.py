@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from helpers import make_voc, write_image
 
 from lightning_det.data import DetectionDataModule, VOCSource
-from helpers import make_voc, write_image
 
 IMAGES = {
     "a 1": (40, 60, [("cell", (5, 6, 20, 30), False)]),  # an id with a space

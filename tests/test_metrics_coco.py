@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import two_rank_result
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
@@ -185,26 +186,51 @@ def test_unknown_class_is_a_clear_error():
         COCOMeanAP(num_classes=3).update(preds, targets)
 
 
-def test_two_ranks_match_one_process():
-    preds, targets = random_images(5, num_images=20, num_classes=3)
+def test_only_the_best_100_detections_of_an_image_and_class_count():
+    # 150 detections of class 0 in one image, the best-scored ones mostly strays: COCOeval keeps the top 100 of the
+    # image and class (maxDets), so a true positive ranked below them is not counted. Class 1 shares the image.
+    preds, targets = random_images(3, num_images=6, num_classes=2)
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(150, 2, generator=g) * 300
+    strays = torch.cat([xy, xy + 20], 1)
+    scores = torch.linspace(0.99, 0.2, 150)
+    truth = torch.tensor([[10.0, 10, 110, 110]])
+    preds[1] = {
+        "boxes": torch.cat([strays, truth, truth + 200]),
+        "scores": torch.cat([scores, torch.tensor([0.1, 0.95])]),
+        "labels": torch.cat([torch.zeros(151, dtype=torch.long), torch.tensor([1])]),
+    }
+    targets[1] = {"boxes": torch.cat([truth, truth + 200]), "labels": torch.tensor([0, 1]),
+                  "difficult": torch.tensor([False, False])}
+    result = coco_result(preds, targets, 2)
+    assert_same(result, pycocotools_reference(preds, targets, 2))
+
+
+@pytest.mark.parametrize("split", [10, 7, 0])
+def test_ranks_with_unequal_image_counts_match_one_process(split):
+    # The states are flat tensors gathered with "cat": ranks may hold different numbers of images, or none at all
+    # (torchmetrics then sends an empty tensor), and rank 0's images come first, as in the single-process run.
+    preds, targets = random_images(6, num_images=20, num_classes=3)
     whole = coco_result(preds, targets, 3)
-    sent = []  # rank 1 runs torchmetrics' real sync path recording what it sends; rank 0 receives it
-
-    def send(tensor, group=None):
-        sent.append(tensor)
-        return [tensor]
-
-    received = iter(sent)
-
-    def receive(tensor, group=None):
-        return [tensor, next(received)]
-
-    rank1 = COCOMeanAP(num_classes=3, dist_sync_fn=send, distributed_available_fn=lambda: True)
-    rank0 = COCOMeanAP(num_classes=3, dist_sync_fn=receive, distributed_available_fn=lambda: True)
-    update_quietly(rank1, preds[10:], targets[10:])  # torchmetrics gathers image by image: equal counts per rank
-    update_quietly(rank0, preds[:10], targets[:10])
-    rank1.compute()
-    synced = rank0.compute()
+    rank0 = [(preds[:split], targets[:split])] if split else []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*before the ``update``.*")  # rank 0 saw no batch
+        synced = two_rank_result(lambda **kw: COCOMeanAP(num_classes=3, **kw), rank0, [(preds[split:], targets[split:])])
     for key in SUMMARY_INDEX:
         assert synced[key].item() == pytest.approx(whole[key].item(), abs=1e-6, nan_ok=True), key
     torch.testing.assert_close(synced["AP_per_class"], whole["AP_per_class"], equal_nan=True)
+
+
+def test_an_image_repeated_with_its_id_counts_once():
+    """Under DDP Lightning's sampler repeats images to even out the ranks; with ids they count once, as pycocotools
+    scores the images without the repeats."""
+    preds, targets = random_images(3, num_images=12, num_classes=3)
+    targets = [{**t, "image_id": i} for i, t in enumerate(targets)]
+    repeated = COCOMeanAP(num_classes=3)
+    update_quietly(repeated, preds[:8], targets[:8])
+    update_quietly(repeated, preds[8:] + preds[:3], targets[8:] + targets[:3])
+    assert_same(repeated.compute(), pycocotools_reference(preds, targets, 3))
+
+    without_ids = [{k: v for k, v in t.items() if k != "image_id"} for t in targets]
+    counted_twice = coco_result(preds + preds[:3], without_ids + without_ids[:3], 3)
+    assert counted_twice["mAP"].item() != pytest.approx(repeated.compute()["mAP"].item(), abs=1e-6)

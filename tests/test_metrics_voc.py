@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import two_rank_result
 
 from lightning_det.metrics import VOCMeanAP
 
@@ -290,29 +291,6 @@ def test_matches_devkit_reference_on_random_images(options, seed):
 
 
 # --- DDP: states gathered from two ranks give the single-process result -------------------------------------------
-
-
-def two_rank_result(make_metric, rank0_batches, rank1_batches):
-    """Rank 1 runs torchmetrics' real sync path recording what it sends; rank 0's gather then receives it."""
-    sent = []
-
-    def send(tensor, group=None):
-        sent.append(tensor)
-        return [tensor]
-
-    received = iter(sent)
-
-    def receive(tensor, group=None):
-        return [tensor, next(received)]
-
-    rank1 = make_metric(dist_sync_fn=send, distributed_available_fn=lambda: True)
-    rank0 = make_metric(dist_sync_fn=receive, distributed_available_fn=lambda: True)
-    for batch in rank1_batches:
-        rank1.update(*batch)
-    for batch in rank0_batches:
-        rank0.update(*batch)
-    rank1.compute()
-    return rank0.compute()
 
 
 def test_two_ranks_match_one_process():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_det.optim import constant, cosine, exponential, multistep, parameter_groups, plateau, polynomial
+from lightning_det.optim import constant, cosine, multistep, parameter_groups, plateau
 
 
 def lrs(scheduler_fn, steps: int, base_lr: float = 0.1, **kwargs) -> list[float]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import make_voc
+
 from lightning_det.data.adapt import epoch_repeats
 from lightning_det.optim.schedules import Cosine
 

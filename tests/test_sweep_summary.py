@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from runs import REPO, TINY, small_sample
 
@@ -98,6 +99,14 @@ def test_each_job_end_rewrites_the_summary_so_a_failed_job_still_leaves_one(tmp_
     lines = (tmp_path / "summary.md").read_text().splitlines()
     assert lines[2:4] == ["| 0 | seed=0 | 0.2500 | COMPLETED |  |", "| 1 | seed=1 |  | FAILED |  |"]
     assert lines[-1] == "| (all jobs) | 1 | 0.2500 | 0.2500 | 0.2500 | 1 |"
+
+
+def test_only_global_rank_zero_of_a_job_of_several_tasks_reports_it(tmp_path, monkeypatch):
+    """Under srun every task of a job runs Hydra's job end in the same folder; rank 1 must not overwrite rank 0's."""
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    SweepSummary().on_job_end(OmegaConf.create({"monitor": "val/mAP"}),
+                              job_return(tmp_path, 0, ["seed=0"], JobStatus.COMPLETED, 0.25))
+    assert not (tmp_path / "0" / RESULT_FILE).exists() and not (tmp_path / "summary.md").exists()
 
 
 @pytest.mark.slow

@@ -32,8 +32,11 @@ def test_fitness_by_hand():
 
 
 def test_letterbox_scaling_uses_the_long_side():
-    boxes = [torch.tensor([[0.0, 0.0, 100.0, 50.0]]), torch.tensor([[10.0, 10.0, 30.0, 50.0]])]
-    wh = letterboxed_sizes(boxes, [(200, 400), (416, 208)], img_size=416)
+    records = [AnnotationRecord("a.jpg", 0, 200, 400, np.array([[0.0, 0.0, 100.0, 50.0]], np.float32),
+                                np.zeros(1, np.int64), np.zeros(1, bool)),
+               AnnotationRecord("b.jpg", 1, 416, 208, np.array([[10.0, 10.0, 30.0, 50.0]], np.float32),
+                                np.zeros(1, np.int64), np.zeros(1, bool))]
+    wh = letterboxed_sizes(records, img_size=416)
     assert torch.allclose(wh, torch.tensor([[104.0, 52.0], [20.0, 40.0]]))
 
 

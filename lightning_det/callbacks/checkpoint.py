@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
-from lightning_det.callbacks.checkpoint_io import write_atomically
+from lightning_det.io import write_atomically
 
 log = logging.getLogger(__name__)
 

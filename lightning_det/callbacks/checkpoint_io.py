@@ -9,72 +9,15 @@ synced, and then renamed over it (atomic on one filesystem); on any error it is 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from lightning_det.io import write_atomically
+
 log = logging.getLogger(__name__)
-
-TEMPORARY = ".{name}.tmp-{pid}"
-
-
-def write_atomically(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, sync it and rename it to ``path``.
-
-    Readers see the old file or the complete new one, never a partial one, whatever kills the writer. Temporary
-    files left by writers that were killed (their process is gone) are removed first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    temporary = path.parent / TEMPORARY.format(name=path.name, pid=os.getpid())
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno is not None:
-            raise OSError(error.errno, f"writing {path} failed ({error.strerror}); the previous file, if any, is "
-                                       f"unchanged") from error
-        raise
-    sync_folder(path.parent)
-
-
-def sync_folder(folder: Path) -> None:
-    """Make the rename itself durable (a power cut after it keeps the new name)."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete ``.<name>.tmp-<pid>`` files of ``path`` whose writing process no longer runs."""
-    prefix = TEMPORARY.format(name=path.name, pid="")
-    for candidate in path.parent.glob(f"{prefix}*"):
-        pid = candidate.name[len(prefix):]
-        if pid.isdigit() and not process_alive(int(pid)):
-            candidate.unlink(missing_ok=True)
-            log.info("removed %s, left by a writer that was stopped", candidate)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def nonfinite_tensors(checkpoint: dict[str, Any]) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 
-from lightning_det.callbacks.checkpoint_io import write_atomically
+from lightning_det.io import write_atomically
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lightning_det.data.records import AnnotationRecord
+from lightning_det.data.records import AnnotationRecord, as_table
 
 
 def relative_short_sides(records: Sequence[AnnotationRecord]) -> np.ndarray:
     """Each box's shorter side over its image's longer side: its size in pixels at input size 1 (letterbox)."""
-    sides = [np.minimum(r.boxes[:, 2] - r.boxes[:, 0], r.boxes[:, 3] - r.boxes[:, 1]) / max(r.height, r.width)
-             for r in records if len(r.boxes)]
-    return np.concatenate(sides) if sides else np.zeros(0)
+    table = as_table(records)
+    boxes = table.boxes
+    return np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / table.object_image_sizes().max(1)
 
 
 def choose_img_size(
@@ -34,9 +34,10 @@ def choose_img_size(
     sees more epochs in the same time.
     """
     low, high = bounds
-    native = np.median([max(r.height, r.width) for r in records]) if records else high
+    table = as_table(records)
+    native = np.median(np.maximum(table.heights, table.widths)) if len(table) else high
     high = max(low, min(high, math.ceil(native / multiple) * multiple))
-    sides = relative_short_sides(records)
+    sides = relative_short_sides(table)
     if not len(sides):
         return high
     needed = min_object_px / max(float(np.quantile(sides, quantile)), 1e-6)

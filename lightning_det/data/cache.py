@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_det.callbacks.checkpoint_io import write_atomically
 from lightning_det.data.image_checks import framework_cache
 from lightning_det.data.records import AnnotationRecord
+from lightning_det.io import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ def cache_folder(kind: str) -> Path:
     return framework_cache() / "images"
 
 
-def image_bytes(shapes: Sequence[tuple[int, int]]) -> int:
+def image_bytes(shapes: Sequence[tuple[int, int]] | np.ndarray) -> int:
     """Bytes of the decoded ``uint8`` RGB images of these ``(h, w)``: the memory estimate."""
-    return sum(3 * height * width for height, width in shapes)
+    return int(3 * np.prod(np.asarray(shapes, dtype=np.int64).reshape(-1, 2), axis=1).sum())
 
 
 class ImageCacheError(RuntimeError):
@@ -65,10 +65,10 @@ class SharedImageCache:
     """The decoded images of a list of records, read from one memory-mapped file; picklable (a worker started by
     ``spawn`` maps the file again, a forked one shares the parent's mapping)."""
 
-    def __init__(self, path: Path, shapes: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, path: Path, shapes: Sequence[tuple[int, int]] | np.ndarray) -> None:
         self.path = path
-        self.shapes = list(shapes)
-        self.offsets = np.cumsum([0] + [image_bytes([shape]) for shape in self.shapes])
+        self.shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)  # an array: workers share it (records.py)
+        self.offsets = np.concatenate(([0], np.cumsum(3 * self.shapes[:, 0] * self.shapes[:, 1])))
         self._pixels: np.memmap | None = None
 
     def __len__(self) -> int:
@@ -83,7 +83,7 @@ class SharedImageCache:
         """A private, writable ``uint8 [3, H, W]`` copy of image ``index`` (transforms may work in place)."""
         if self._pixels is None:
             self.open()
-        height, width = self.shapes[index]
+        height, width = self.shapes[index].tolist()
         flat = self._pixels[self.offsets[index] : self.offsets[index + 1]]
         return torch.from_numpy(flat.reshape(3, height, width).copy())
 
@@ -92,7 +92,7 @@ class SharedImageCache:
 
 
 def shared_image_cache(
-    kind: str, records: Sequence[AnnotationRecord], shapes: Sequence[tuple[int, int]],
+    kind: str, records: Sequence[AnnotationRecord], shapes: Sequence[tuple[int, int]] | np.ndarray,
     decode: Callable[[int], torch.Tensor],
 ) -> SharedImageCache:
     """The cache of ``records`` (image ``i`` decoded by ``decode(i)`` at ``shapes[i]``), built by the first process
@@ -102,7 +102,8 @@ def shared_image_cache(
     if kind == "ram" and not folder.parent.is_dir():
         raise ImageCacheError(f"data.cache=ram needs {folder.parent} (Linux shared memory); use data.cache=disk")
     folder.mkdir(parents=True, exist_ok=True)
-    which = digest([(record.path, shape, record.exif_orientation) for record, shape in zip(records, shapes)])
+    which = digest([(record.path, (height, width), record.exif_orientation)
+                    for record, (height, width) in zip(records, np.asarray(shapes).tolist())])
     path = folder / f"{which}-{version_of(records)}.u8"
     cache = SharedImageCache(path, shapes)
     if is_complete(path, cache.offsets[-1]):

@@ -4,7 +4,8 @@ Category ids become contiguous labels ``0..C-1`` in category-id order; ``Annotat
 keeps the way back for result files. ``iscrowd`` annotations are marked difficult, so evaluation ignores them
 and training leaves them out (unless ``keep_difficult_in_training``). Boxes go from COCO ``xywh`` to ``xyxy``.
 Each annotation's ``area`` (the mask area for COCO itself) is kept: COCO bins objects into small / medium / large
-by it, not by the box.
+by it, not by the box. Its ``segmentation`` is dropped while the json is parsed: boxes are trained, and train2017's
+polygons would otherwise hold hundreds of MB of Python lists (BENCHMARKS.md, "COCO scale").
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ from lightning_det.data.records import (
     ParsedSource,
     read_annotations,
 )
+from lightning_det.io import collector_paused
 
 
 def load_coco_json(path: Path) -> dict[str, Any]:
-    """The json's content, with the three lists the reader needs checked to be there."""
+    """The json's content without the annotations' ``segmentation``, with the three lists the reader needs checked
+    to be there."""
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file {path} not found. Check data.root and the annotation_file.")
     try:
         with open(path) as file:
-            content = json.load(file)
+            content = json.load(file, object_hook=without_segmentation)
     except json.JSONDecodeError as error:
         raise InvalidAnnotationError(
             f"{path}: malformed JSON at line {error.lineno}, column {error.colno} ({error.msg})"
@@ -41,6 +44,11 @@ def load_coco_json(path: Path) -> dict[str, Any]:
     if missing:
         raise InvalidAnnotationError(f"{path}: no {' / '.join(missing)} list; is it a COCO 'instances' file?")
     return content
+
+
+def without_segmentation(entry: dict[str, Any]) -> dict[str, Any]:
+    entry.pop("segmentation", None)
+    return entry
 
 
 def _annotation_arrays(path: Path, annotations: list[dict]) -> tuple[np.ndarray, ...]:
@@ -76,6 +84,7 @@ class COCOSource:
     def __repr__(self) -> str:
         return f"COCOSource(annotation_file={self.annotation_file!r}, image_dir={self.image_dir!r})"
 
+    @collector_paused()
     def parse(self, root: Path, invalid: InvalidInputLog) -> ParsedSource:
         path = root / self.annotation_file
         content = load_coco_json(path)
@@ -118,10 +127,10 @@ class COCOSource:
     ) -> tuple[list[ImageEntry], np.ndarray]:
         """Usable image entries, and the ids of all entries (to tell skipped images from unknown ones)."""
         images = []
-        image_dir = root / self.image_dir
+        image_dir = str(root / self.image_dir)
         for k, entry in enumerate(entries):
             try:
-                image_path = str(image_dir / entry["file_name"])
+                image_path = os.path.join(image_dir, entry["file_name"])  # not pathlib: 3 s at COCO's 118k images
                 image = ImageEntry(image_path, int(entry["id"]), int(entry["height"]), int(entry["width"]),
                                    f"{path} (image {entry['file_name']})")
             except (KeyError, TypeError, ValueError):

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, SequentialSampler
 
@@ -25,7 +25,7 @@ from lightning_det.data.dataset import (
     MosaicSampler,
     SortedAspectRatioBatchSampler,
 )
-from lightning_det.data.records import AnnotationRecord, AnnotationSource, read_annotations
+from lightning_det.data.records import AnnotationSource, RecordTable, read_annotations
 from lightning_det.data.repeat_factor import class_image_shares, image_repeat_factors, pass_length
 from lightning_det.data.transforms import DetectionTransform, LetterboxTransform, YoloTrainTransform
 
@@ -88,7 +88,7 @@ class DetectionDataModule(L.LightningDataModule):
         prepare: Callable[[Path], Any] | None = None,
         batch_size: int = 16,
         num_workers: int | str = 2,
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
         persistent_workers: bool = False,
         cache: str | None = None,
         label_pad_width: int | None = None,
@@ -128,6 +128,8 @@ class DetectionDataModule(L.LightningDataModule):
                                       or num_workers < 0):
             raise ValueError(f"data.num_workers must be a whole number >= 0 or auto, got {num_workers!r}")
         self.num_workers = num_workers
+        if pin_memory != "auto" and not isinstance(pin_memory, bool):
+            raise ValueError(f"data.pin_memory must be true, false or auto, got {pin_memory!r}")
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         check_kind(cache)
@@ -151,8 +153,8 @@ class DetectionDataModule(L.LightningDataModule):
         self.rect_eval = rect_eval
         self.sampler = sampler
         self.repeat_threshold = repeat_threshold
-        self.records: dict[str, list[AnnotationRecord]] = {}  # per role: train, val, test
-        self._source_records: dict[str, list[AnnotationRecord]] = {}  # per configured source
+        self.records: dict[str, RecordTable] = {}  # per role: train, val, test
+        self._source_records: dict[str, RecordTable] = {}  # per configured source
         self._mosaic_override: bool | None = None
         self._mosaic_closed_logged = False
 
@@ -206,7 +208,7 @@ class DetectionDataModule(L.LightningDataModule):
                 raise ValueError(f"the {role} split has no images ({self.sources[source_role]}, root {self.root}); "
                                  "check data.root and the split names")
             self.records[role] = records
-            objects = sum(len(r.labels) for r in records)
+            objects = len(records.labels)
             rank_zero_info(f"{role}: {len(records)} images, {objects} objects, {len(self.classes)} classes")
             if role == "train" and self.img_size == "auto":
                 self.use_img_size(choose_img_size(records))
@@ -219,11 +221,11 @@ class DetectionDataModule(L.LightningDataModule):
         rank_zero_info(f"img_size {size}: the smallest input keeping 95 % of the training boxes' shorter sides "
                        "at 8 px or more (data.img_size=<pixels> to set it)")
 
-    def _hold_out(self, records: list[AnnotationRecord]) -> tuple[list[AnnotationRecord], list[AnnotationRecord]]:
+    def _hold_out(self, records: RecordTable) -> tuple[RecordTable, RecordTable]:
         """Seeded split of the training records into (train, val) for ``val_split``."""
         order = np.random.default_rng(self.seed).permutation(len(records))
         count = max(1, round(self.val_split * len(records)))
-        return [records[i] for i in sorted(order[count:])], [records[i] for i in sorted(order[:count])]
+        return records.take(np.sort(order[count:])), records.take(np.sort(order[:count]))
 
     # --- mosaic ----------------------------------------------------------------------------------------------
     def set_mosaic(self, enabled: bool) -> None:
@@ -251,7 +253,7 @@ class DetectionDataModule(L.LightningDataModule):
         records = self.records[role]
         if role == "train":
             if not self.keep_difficult_in_training:
-                records = [r.select(~r.difficult) for r in records]
+                records = records.select_objects(~records.difficult)
             return DetectionDataset(records, self.train_transform, cache=self.cache)
         return DetectionDataset(records, self.val_transform, cache=self.cache)
 
@@ -262,7 +264,7 @@ class DetectionDataModule(L.LightningDataModule):
             **{"batch_size": self.batch_size, **kwargs},
             collate_fn=self.collate,
             num_workers=workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pinned(),
             persistent_workers=self.persistent_workers and workers > 0,
         )
 
@@ -283,6 +285,13 @@ class DetectionDataModule(L.LightningDataModule):
                            "data.num_workers=<n> to set it)")
         return self._workers
 
+    def pinned(self) -> bool:
+        """``pin_memory``, or for ``auto`` whether this trainer runs on CUDA: from page-locked memory a batch is
+        copied to the GPU asynchronously (Lightning copies with ``non_blocking``); on a CPU pinning is only work."""
+        if self.pin_memory == "auto":
+            return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return self.pin_memory
+
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
         factors = self.repeat_factors(dataset.records) if self.sampler == "repeat_factor" else None
@@ -290,12 +299,12 @@ class DetectionDataModule(L.LightningDataModule):
         sampler = MosaicSampler(len(dataset), self.mosaic_enabled, shuffle=True, seed=self.seed,
                                 repeats=self.epoch_repeats(per_pass), repeat_factors=factors)
         if self.group_aspect_ratio:
-            landscape = [record.width >= record.height for record in dataset.records]
+            landscape = dataset.records.widths >= dataset.records.heights
             batches = AspectRatioBatchSampler(sampler, self.batch_size, landscape=landscape)
             return self._loader(dataset, batch_sampler=batches, batch_size=1)
         return self._loader(dataset, sampler=sampler)
 
-    def repeat_factors(self, records: list[AnnotationRecord]) -> np.ndarray:
+    def repeat_factors(self, records: RecordTable) -> np.ndarray:
         """The training images' repeat factors (``sampler: repeat_factor``), with the class shares they come from."""
         factors = image_repeat_factors(records, self.num_classes, self.repeat_threshold)
         _, share = class_image_shares(records, self.num_classes)
@@ -325,7 +334,7 @@ class DetectionDataModule(L.LightningDataModule):
     def _eval_loader(self, dataset: DetectionDataset) -> DataLoader:
         if not self.rect_eval:
             return self._loader(dataset, shuffle=False)
-        aspect_ratios = [record.height / record.width for record in dataset.records]
+        aspect_ratios = dataset.records.heights / dataset.records.widths
         batches = SortedAspectRatioBatchSampler(SequentialSampler(dataset), self.batch_size, aspect_ratios=aspect_ratios)
         return self._loader(dataset, batch_sampler=batches, batch_size=1)
 

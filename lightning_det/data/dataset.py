@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from lightning_det.data.cache import image_bytes, shared_image_cache
-from lightning_det.data.records import AnnotationRecord, load_image
+from lightning_det.data.records import AnnotationRecord, as_table, load_image
 from lightning_det.data.repeat_factor import pass_length, repeated_indices
 from lightning_det.data.transforms import DetectionTransform, Sample
 
@@ -39,34 +40,25 @@ class DetectionDataset(Dataset[Sample]):
     """
 
     def __init__(
-        self, records: list[AnnotationRecord], transform: DetectionTransform, cache_bytes: int = CACHE_BUDGET_BYTES,
+        self, records: Sequence[AnnotationRecord], transform: DetectionTransform, cache_bytes: int = CACHE_BUDGET_BYTES,
         cache: str | None = None,
     ) -> None:
-        self.records = records
+        self.records = as_table(records)  # flat arrays: forked workers share them (records.py)
         self.transform = transform
         self.decode_size: int | None = getattr(transform, "decode_size", None)
-        shapes = [self.decoded_size(record) for record in records]
-        self.shared_cache = None if cache is None else shared_image_cache(cache, records, shapes, self.decode)
-        private = self.shared_cache is None and image_bytes(shapes) <= cache_bytes
+        self.shapes = decoded_sizes(self.records.heights, self.records.widths, self.decode_size)
+        self.shared_cache = None if cache is None else shared_image_cache(cache, self.records, self.shapes, self.decode)
+        private = self.shared_cache is None and image_bytes(self.shapes) <= cache_bytes
         self.cache: dict[int, tuple[Tensor, Tensor]] | None = {} if private else None
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def decoded_size(self, record: AnnotationRecord) -> tuple[int, int]:
-        """``(h, w)`` of the record's image as :meth:`load` delivers it: at most ``decode_size`` on the longer side
-        (rounded as ``resize_to_fit`` rounds), never enlarged."""
-        longer = max(record.height, record.width)
-        if self.decode_size is None or longer <= self.decode_size:
-            return record.height, record.width
-        ratio = self.decode_size / longer
-        return max(1, round(record.height * ratio)), max(1, round(record.width * ratio))
-
     def decode(self, index: int) -> Tensor:
         """The record's ``uint8`` image, decoded and (with ``decode_size``) reduced."""
         record = self.records[index]
         image = load_image(record)
-        height, width = self.decoded_size(record)
+        height, width = self.shapes[index].tolist()
         if (height, width) != (record.height, record.width):
             image = F.resize(image, [height, width], antialias=True)
         return image
@@ -197,3 +189,11 @@ class SortedAspectRatioBatchSampler(BatchSampler):
 def index(item: int | tuple[int, bool]) -> int:
     """The dataset index of a sampler item (an index, or ``(index, mosaic_allowed)`` from MosaicSampler)."""
     return item[0] if isinstance(item, tuple) else item
+
+
+def decoded_sizes(heights: np.ndarray, widths: np.ndarray, decode_size: int | None) -> np.ndarray:
+    """``int64 [N, 2]``: each image's ``(h, w)`` as :meth:`DetectionDataset.decode` delivers it: at most
+    ``decode_size`` on the longer side (rounded as ``resize_to_fit`` rounds), never enlarged."""
+    longer = np.maximum(heights, widths)
+    ratio = np.ones(len(longer)) if decode_size is None else np.minimum(1.0, decode_size / np.maximum(longer, 1))
+    return np.maximum(1, np.round(np.stack((heights * ratio, widths * ratio), axis=1))).astype(np.int64)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 
-from lightning_det.callbacks.checkpoint_io import write_atomically
+from lightning_det.io import collector_paused, write_atomically
 
 CHECK_LEVELS = ("header", "decode")
 #: PIL pixel formats that become 8-bit RGB without loss of meaning (16-bit ones are scaled).
@@ -98,7 +98,8 @@ class CheckedImages:
         self.exif_orientation = exif_orientation
         self.path = framework_cache() / "checked_images.json"
         try:
-            self.entries: dict[str, list] = json.loads(self.path.read_text())
+            with collector_paused():  # one entry per image: 118k lists for COCO
+                self.entries: dict[str, list] = json.loads(self.path.read_text())
         except (OSError, ValueError):
             self.entries = {}
         self.changed = False

@@ -2,8 +2,13 @@
 
 Readers (VOC, COCO) first *parse* their files into a flat table of objects that still carry class *names*
 (:class:`ParsedSource`); :func:`build_records` then checks the boxes, turns names into labels ``0..C-1`` and groups
-the objects per image into :class:`AnnotationRecord`. Keeping the class list out of parsing lets the data module
+the objects per image into a :class:`RecordTable`. Keeping the class list out of parsing lets the data module
 infer it from several sources at once before any label is assigned.
+
+A split's records live in a few numpy arrays, not in a list of Python objects: loader workers forked from the
+main process share those pages as long as nobody writes to them, and reading a Python object writes its
+reference count, so a list of 118k records would be copied page by page into every worker over an epoch
+(BENCHMARKS.md, "COCO scale"). :class:`AnnotationRecord` is the view of one image, made when it is asked for.
 
 Bad input raises :class:`InvalidAnnotationError` naming the file and the fix, or, with ``skip_invalid``, is
 skipped, counted and reported in one warning by :class:`InvalidInputLog`. That includes the image files, checked
@@ -13,9 +18,10 @@ while reading (see :mod:`lightning_det.data.image_checks`), so a bad one never r
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, overload
 
 import numpy as np
 import torch
@@ -52,12 +58,112 @@ class AnnotationRecord:
     area: np.ndarray | None = None  # float32 [N]: COCO's "area" (mask area), 0 where absent; None: no such field
     exif_orientation: bool = False  # rotate the pixels as the file's EXIF orientation says when loading
 
-    def select(self, keep: np.ndarray) -> AnnotationRecord:
-        """The same image with only the objects where ``keep`` is true."""
-        area = None if self.area is None else self.area[keep]
-        return replace(
-            self, boxes=self.boxes[keep], labels=self.labels[keep], difficult=self.difficult[keep], area=area
+
+@dataclass(frozen=True)
+class RecordTable(Sequence[AnnotationRecord]):
+    """The records of a split as flat arrays: per image ``paths`` ... ``exif_orientation``, per object ``boxes`` ...
+    ``area``, the objects of image ``i`` at ``offsets[i]:offsets[i + 1]``. Indexing gives an
+    :class:`AnnotationRecord` whose arrays are views into these."""
+
+    paths: np.ndarray  # bytes [N]: utf-8 paths (fixed width)
+    image_ids: np.ndarray  # int64 [N]
+    heights: np.ndarray  # int64 [N]
+    widths: np.ndarray  # int64 [N]
+    exif_orientation: np.ndarray  # bool [N]
+    offsets: np.ndarray  # int64 [N + 1]
+    boxes: np.ndarray  # float32 [M, 4]
+    labels: np.ndarray  # int64 [M]
+    difficult: np.ndarray  # bool [M]
+    area: np.ndarray | None = None  # float32 [M], or None when the source has no area field
+
+    @classmethod
+    def from_records(cls, records: Iterable[AnnotationRecord]) -> RecordTable:
+        """The table of a list of records (records built one by one, e.g. in tests)."""
+        records = list(records)
+        counts = [len(r.labels) for r in records]
+        has_area = bool(records) and all(r.area is not None for r in records)
+
+        def joined(values: list[np.ndarray], dtype: type, shape: tuple[int, ...] = ()) -> np.ndarray:
+            return np.concatenate([np.asarray(v, dtype).reshape(-1, *shape) for v in values]) if values else \
+                np.zeros((0, *shape), dtype)
+
+        return cls(
+            paths=np.array([r.path.encode() for r in records], dtype=bytes),
+            image_ids=np.array([r.image_id for r in records], dtype=np.int64),
+            heights=np.array([r.height for r in records], dtype=np.int64),
+            widths=np.array([r.width for r in records], dtype=np.int64),
+            exif_orientation=np.array([r.exif_orientation for r in records], dtype=bool),
+            offsets=np.concatenate(([0], np.cumsum(counts, dtype=np.int64))),
+            boxes=joined([r.boxes for r in records], np.float32, (4,)),
+            labels=joined([r.labels for r in records], np.int64),
+            difficult=joined([r.difficult for r in records], bool),
+            area=joined([r.area for r in records], np.float32) if has_area else None,
         )
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @overload
+    def __getitem__(self, index: int) -> AnnotationRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> RecordTable: ...
+
+    def __getitem__(self, index: int | slice) -> AnnotationRecord | RecordTable:
+        if isinstance(index, slice):
+            return self.take(np.arange(len(self))[index])
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        index = int(index) % len(self)
+        start, stop = self.offsets[index], self.offsets[index + 1]
+        return AnnotationRecord(
+            self.paths[index].decode(), int(self.image_ids[index]), int(self.heights[index]),
+            int(self.widths[index]), self.boxes[start:stop], self.labels[start:stop], self.difficult[start:stop],
+            None if self.area is None else self.area[start:stop], bool(self.exif_orientation[index]),
+        )
+
+    @property
+    def object_counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def object_image(self) -> np.ndarray:
+        """int64 [M]: the image index of every object."""
+        return np.repeat(np.arange(len(self)), self.object_counts)
+
+    def object_image_sizes(self) -> np.ndarray:
+        """int64 [M, 2]: the ``(height, width)`` of every object's image."""
+        return np.stack((self.heights, self.widths), axis=1)[self.object_image]
+
+    def take(self, indices: np.ndarray) -> RecordTable:
+        """The images at ``indices`` (in that order) with their objects."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        counts = self.object_counts[indices]
+        starts = self.offsets[indices]
+        objects = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+        return replace(
+            self, paths=self.paths[indices], image_ids=self.image_ids[indices], heights=self.heights[indices],
+            widths=self.widths[indices], exif_orientation=self.exif_orientation[indices],
+            offsets=np.concatenate(([0], np.cumsum(counts, dtype=np.int64))), **self._objects(objects),
+        )
+
+    def select_objects(self, keep: np.ndarray) -> RecordTable:
+        """Every image, with only the objects where ``keep`` (bool [M]) is true."""
+        kept = np.bincount(self.object_image[keep], minlength=len(self))
+        return replace(self, offsets=np.concatenate(([0], np.cumsum(kept, dtype=np.int64))),
+                       **self._objects(np.flatnonzero(keep)))
+
+    def with_exif_orientation(self, apply: bool) -> RecordTable:
+        return replace(self, exif_orientation=np.full(len(self), apply))
+
+    def _objects(self, objects: np.ndarray) -> dict[str, np.ndarray | None]:
+        return {"boxes": self.boxes[objects], "labels": self.labels[objects], "difficult": self.difficult[objects],
+                "area": None if self.area is None else self.area[objects]}
+
+
+def as_table(records: Sequence[AnnotationRecord]) -> RecordTable:
+    """``records`` as a :class:`RecordTable` (itself when it is one)."""
+    return records if isinstance(records, RecordTable) else RecordTable.from_records(records)
 
 
 @dataclass(frozen=True)
@@ -155,24 +261,24 @@ def load_image(record: AnnotationRecord) -> torch.Tensor:
     return image
 
 
-def check_images(
-    records: list[AnnotationRecord], invalid: InvalidInputLog, level: str, exif_orientation: bool
-) -> list[AnnotationRecord]:
+def check_images(records: RecordTable, invalid: InvalidInputLog, level: str, exif_orientation: bool) -> RecordTable:
     """The records whose image passes :func:`~lightning_det.data.image_checks.image_problem`; the others are
     reported (an error naming the file, or a counted skip)."""
     checked = CheckedImages(level, exif_orientation)
-    usable = []
-    for record in records:
-        if not checked.passed(record.path, record.height, record.width):
-            problem = image_problem(record.path, record.height, record.width, level == "decode", exif_orientation)
+    usable = np.ones(len(records), dtype=bool)
+    for i, (path, height, width) in enumerate(zip(records.paths, records.heights.tolist(), records.widths.tolist())):
+        path = path.decode()
+        if not checked.passed(path, height, width):
+            problem = image_problem(path, height, width, level == "decode", exif_orientation)
             if problem:
-                invalid.report("image", f"image {record.path} {problem}",
+                invalid.report("image", f"image {path} {problem}",
                                "replace the file, or remove the image from the annotations")
+                usable[i] = False
                 continue
-            checked.remember(record.path, record.height, record.width)
-        usable.append(replace(record, exif_orientation=exif_orientation) if exif_orientation else record)
+            checked.remember(path, height, width)
     checked.save()
-    return usable
+    usable_records = records if usable.all() else records.take(np.flatnonzero(usable))
+    return usable_records.with_exif_orientation(True) if exif_orientation else usable_records
 
 
 def check_boxes(boxes: np.ndarray, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -196,12 +302,13 @@ def check_boxes(boxes: np.ndarray, width: np.ndarray, height: np.ndarray) -> tup
     return clipped, reason
 
 
-def build_records(parsed: ParsedSource, classes: list[str], invalid: InvalidInputLog) -> list[AnnotationRecord]:
+def build_records(parsed: ParsedSource, classes: list[str], invalid: InvalidInputLog) -> RecordTable:
     """Check boxes, map class names to labels ``0..C-1`` and group the objects per image."""
     images = parsed.images
-    widths = np.array([image.width for image in images], dtype=np.float32)[parsed.object_image]
-    heights = np.array([image.height for image in images], dtype=np.float32)[parsed.object_image]
-    boxes, reason = check_boxes(parsed.boxes, widths, heights)
+    image_heights = np.array([image.height for image in images], dtype=np.int64)
+    image_widths = np.array([image.width for image in images], dtype=np.int64)
+    boxes, reason = check_boxes(parsed.boxes, image_widths[parsed.object_image].astype(np.float32),
+                                image_heights[parsed.object_image].astype(np.float32))
 
     class_index = {name: i for i, name in enumerate(classes)}
     unique_names, inverse = np.unique(parsed.names, return_inverse=True)
@@ -226,17 +333,22 @@ def build_records(parsed: ParsedSource, classes: list[str], invalid: InvalidInpu
     keep = (labels >= 0) & (reason == "")
     object_image = parsed.object_image[keep]
     order = np.argsort(object_image, kind="stable")
-    bounds = np.cumsum(np.bincount(object_image, minlength=len(images)))[:-1]
-    def per_image(values: np.ndarray) -> list[np.ndarray]:
-        return np.split(values[keep][order], bounds)
 
-    areas = per_image(parsed.area) if parsed.area is not None else [None] * len(images)
-    return [
-        AnnotationRecord(image.path, image.image_id, image.height, image.width, b, lab, d, a)
-        for image, b, lab, d, a in zip(
-            images, per_image(boxes), per_image(labels), per_image(parsed.difficult), areas
-        )
-    ]
+    def grouped(values: np.ndarray) -> np.ndarray:
+        return values[keep][order]
+
+    return RecordTable(
+        paths=np.array([image.path.encode() for image in images], dtype=bytes),
+        image_ids=np.array([image.image_id for image in images], dtype=np.int64),
+        heights=image_heights,
+        widths=image_widths,
+        exif_orientation=np.zeros(len(images), dtype=bool),
+        offsets=np.concatenate(([0], np.cumsum(np.bincount(object_image, minlength=len(images)), dtype=np.int64))),
+        boxes=grouped(boxes),
+        labels=grouped(labels),
+        difficult=grouped(parsed.difficult),
+        area=None if parsed.area is None else grouped(parsed.area),
+    )
 
 
 class AnnotationSource(Protocol):
@@ -249,7 +361,7 @@ class AnnotationSource(Protocol):
 class Annotations:
     """The result of reading: records per source, the class list and (COCO) the dataset category id per label."""
 
-    records: list[list[AnnotationRecord]]
+    records: list[RecordTable]
     classes: list[str]
     label_to_category_id: list[int] | None
 

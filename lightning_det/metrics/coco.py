@@ -1,107 +1,180 @@
-"""COCO mAP through torchmetrics' ``MeanAveragePrecision`` on the faster_coco_eval backend, in our naming.
+"""COCO box mAP as a torchmetrics ``Metric`` scored by faster_coco_eval's ``COCOeval_faster``, in our naming.
 
-Only the edges are ours: difficult targets become COCO ``iscrowd`` regions (detections on them are ignored), a
-target's optional ``area`` (the annotation's own, e.g. COCO's mask area) bins it into small / medium / large as
-COCOeval does (``w * h`` where it is absent or 0),
-labels are range-checked, and the result is renamed to the keys the training loop logs (``mAP``, ``AP50`` ...)
-with ``AP_per_class`` aligned to ``0 .. num_classes - 1``. Values COCOeval leaves undefined (-1: no ground truth
-for a class or an area range) become NaN, as in ``VOCMeanAP``.
+The states are flat tensors gathered with ``"cat"`` (as in ``VOCMeanAP``), so DDP sync is torchmetrics' own. At the
+epoch end the whole epoch becomes the two COCO datasets in one pass over whole-epoch columns, and COCOeval runs once.
 
-Two choices keep the numbers official and the epoch end short:
+Our edges: difficult targets become COCO ``iscrowd`` regions (detections on them are ignored), a target's optional
+``area`` (the annotation's own, e.g. COCO's mask area) bins it into small / medium / large as COCOeval does
+(``w * h`` where it is absent or 0), labels are range-checked, and the result uses the keys the training loop logs
+(``mAP``, ``AP50`` ...) with ``AP_per_class`` aligned to ``0 .. num_classes - 1``. Values COCOeval leaves
+undefined (-1: no ground truth for a class or an area range) become NaN, as in ``VOCMeanAP``.
 
-- the IoU and recall thresholds are passed as COCOeval builds them (float64 ``np.linspace``); torchmetrics'
-  defaults come from a float32 ``torch.linspace`` (0.550000011920929 ...), which moves a few matches and recall
-  samples away from pycocotools' results;
-- AP per class is read from the precision array of the one evaluation (what COCOeval's summary does for a single
-  category) instead of torchmetrics' ``class_metrics``, which evaluates again once per class: 20 VOC classes made
-  the epoch end about 1.5x slower.
+The numbers are pycocotools' (tested): COCOeval's own float64 IoU and recall thresholds (a float32 0.55 would miss
+an IoU of exactly 0.55), boxes turned into xywh in float32, the precision they are stored in, and the summary and AP
+per class read from the one evaluation's precision and recall arrays as COCOeval's summary reads them.
+
+What keeps the epoch end no slower than faster_coco_eval fed directly (``bench/metrics.py``):
+
+- the library needs one Python dict per object; they are built from whole-epoch ``tolist()`` columns, and no
+  result list goes through ``loadRes`` (which adds a polygon to every detection);
+- only ``maxDets=[100]`` is evaluated: AR1 and AR10 are not reported, and accumulating them too costs COCOeval's
+  C++ part about a quarter more time;
+- Python's cyclic garbage collector is paused while the half-million acyclic dicts of a VOC-sized epoch are built
+  and scored: its full collections, triggered by the allocations, re-scan the whole process heap and cost more than
+  building the dicts.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
+from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor
-from torchmetrics.detection import MeanAveragePrecision
+from torchmetrics import Metric
 
-from lightning_det.metrics.common import PerClassVector, check_labels, check_target_boxes
+from lightning_det.io import collector_paused
+from lightning_det.metrics.common import (
+    PerClassVector,
+    checked_rows,
+    class_names_for,
+    first_occurrences,
+    flat_rows,
+    image_ids,
+    optional_column,
+    state_rows,
+)
 from lightning_det.models.boxes import Detections
 
-COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
-COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
+MAX_DETECTIONS = 100  # COCO scores the best 100 detections of each image and class
+IOU_50, IOU_75 = 0, 5  # positions of 0.5 and 0.75 among COCOeval's IoU thresholds 0.5, 0.55, ..., 0.95
+SUMMARY_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", f"AR{MAX_DETECTIONS}")
 
 
-class COCOMeanAP(PerClassVector, MeanAveragePrecision):
+class COCOMeanAP(PerClassVector, Metric):
     """COCO box mAP@[.5:.95] with AP50, AP75, APs/APm/APl, AR100 and AP per class.
 
-    Takes the same ``update(preds, targets)`` formats as ``VOCMeanAP``; ``**kwargs`` go to torchmetrics' ``Metric``
-    (e.g. ``dist_sync_fn``).
+    ``update(preds, targets)`` takes per image ``{"boxes" [N, 4] xyxy, "scores" [N], "labels" [N]}`` and
+    ``{"boxes" [M, 4], "labels" [M]}`` with optional ``"difficult"`` [M] (crowd regions) and ``"area"`` [M] (0:
+    none), as ``VOCMeanAP`` does; ``**kwargs`` go to torchmetrics' ``Metric`` (e.g. ``dist_sync_fn``).
     """
 
-    def __init__(self, num_classes: int, class_names: list[str] | None = None, **kwargs: Any) -> None:
-        super().__init__(
-            box_format="xyxy",
-            iou_type="bbox",
-            iou_thresholds=COCO_IOU_THRESHOLDS,
-            rec_thresholds=COCO_RECALL_THRESHOLDS,
-            extended_summary=True,
-            backend="faster_coco_eval",
-            **kwargs,
-        )
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}")
-        self.num_classes = num_classes
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        # COCO scores the best 100 detections per image by definition (maxDets); YOLOv3 and SSD keep 300 and 200 so
-        # that the VOC metrics see their low-score tail, which is not a mistake to warn about every evaluation.
-        self.warn_on_many_detections = False
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
 
-    def update(self, preds: Detections, targets: Detections) -> None:  # type: ignore[override]
-        """Store one batch; a target's ``difficult`` flags (optional) become ``iscrowd``, its ``area`` (optional, 0:
-        none) sets the object's area range."""
-        if preds:
-            check_labels(torch.cat([p["labels"].reshape(-1) for p in preds]), self.num_classes, "prediction")
-        if targets:
-            check_labels(torch.cat([t["labels"].reshape(-1) for t in targets]), self.num_classes, "target")
-            check_target_boxes(torch.cat([t["boxes"].reshape(-1, 4) for t in targets]))
-        crowd_targets = [
-            {
-                "boxes": t["boxes"],
-                "labels": t["labels"],
-                "iscrowd": t.get("difficult", torch.zeros_like(t["labels"])).long(),
-                "area": t.get("area", torch.zeros(len(t["labels"]))).float(),
-            }
-            for t in targets
-        ]
-        super().update(preds, crowd_targets)
+    detections: list[Tensor]  # (x1, y1, x2, y2, score, label) per detection, flattened
+    ground_truths: list[Tensor]  # (x1, y1, x2, y2, label, crowd, area) per ground-truth box, flattened
+    boxes_per_image: list[Tensor]  # (number of detections, number of ground-truth boxes) per image, flattened
+    image_ids: list[Tensor]  # the targets' image_id, when every target has one
+
+    def __init__(self, num_classes: int, class_names: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.class_names = class_names_for(num_classes, class_names)
+        for name in ("detections", "ground_truths", "boxes_per_image", "image_ids"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Detections, targets: Detections) -> None:
+        """Store one batch; a target's ``difficult`` flags become ``iscrowd``, its ``area`` sets the area range."""
+        if not preds and not targets:
+            return
+        rows = checked_rows(preds, targets, self.num_classes)
+        crowd = optional_column(targets, "difficult", rows.gt_counts)
+        area = optional_column(targets, "area", rows.gt_counts)
+
+        self.detections.append(flat_rows([rows.boxes, rows.scores, rows.labels], self.device, self.dtype))
+        self.ground_truths.append(flat_rows([rows.gt_boxes, rows.gt_labels, crowd, area], self.device, self.dtype))
+        self.boxes_per_image.append(flat_rows([rows.per_image()], self.device, self.dtype))
+        ids = image_ids(targets)
+        if ids is not None:
+            self.image_ids.append(ids.to(self.device))
 
     def compute(self) -> dict[str, Tensor]:
         """The summary values and AP per class (NaN where undefined)."""
-        raw = super().compute()
-        max_dets = self.max_detection_thresholds[-1]
-        names = {
-            "mAP": "map",
-            "AP50": "map_50",
-            "AP75": "map_75",
-            "APs": "map_small",
-            "APm": "map_medium",
-            "APl": "map_large",
-            f"AR{max_dets}": f"mar_{max_dets}",
-        }
-        results = {ours: _undefined_to_nan(raw[theirs].reshape(())) for ours, theirs in names.items()}
+        detections = state_rows(self.detections, 6)
+        ground_truths = state_rows(self.ground_truths, 7)
+        counts = state_rows(self.boxes_per_image, 2).long()
+        ids = state_rows(self.image_ids, 1).double().flatten()
+        if len(ids) == len(counts):  # every image came with its id: an image repeated by the DDP sampler counts once
+            first = first_occurrences(ids)
+            detections = detections[first.repeat_interleave(counts[:, 0])]
+            ground_truths = ground_truths[first.repeat_interleave(counts[:, 1])]
+            counts = counts[first]
+        categories = torch.cat([detections[:, 5], ground_truths[:, 4]]).long().unique()
+        results = {key: torch.tensor(torch.nan) for key in SUMMARY_KEYS}
         results["AP_per_class"] = torch.full((self.num_classes,), torch.nan)
-        if "precision" in raw:  # absent when no image was seen
-            # [IoU thresholds, recall thresholds, observed classes, area ranges, max detections]; -1 = undefined
-            precision = raw["precision"][:, :, :, 0, -1]
-            defined = precision > -1
-            ap = (precision * defined).sum((0, 1)) / defined.sum((0, 1))
-            results["AP_per_class"][raw["classes"].long().reshape(-1)] = ap.float()
+        if not len(categories):  # no image, or not one box in any
+            return results
+        with collector_paused():  # until every dict is freed again
+            precision, recall = _precision_recall(detections, ground_truths, counts, categories.tolist())
+        summary = [
+            precision[..., 0], precision[IOU_50, ..., 0], precision[IOU_75, ..., 0],
+            precision[..., 1], precision[..., 2], precision[..., 3], recall[..., 0],
+        ]
+        results.update({key: _defined_mean(values) for key, values in zip(SUMMARY_KEYS, summary)})
+        results["AP_per_class"][categories] = _defined_mean(precision[..., 0], dims=(0, 1))
         return results
 
 
-def _undefined_to_nan(values: Tensor) -> Tensor:
-    return torch.where(values < 0, torch.nan, values.float())
+def _precision_recall(
+    detections: Tensor, ground_truths: Tensor, counts: Tensor, categories: list[int]
+) -> tuple[Tensor, Tensor]:
+    """COCOeval_faster run once over the epoch: precision ``[IoU thresholds, recall thresholds, categories, area
+    ranges]`` and recall ``[IoU thresholds, categories, area ranges]``, both for the best 100 detections of each image
+    and class; area ranges: all, small, medium, large.
+
+    Images are numbered in update order; annotation ids start at 1 (COCOeval reads id 0 as "unmatched").
+    """
+    images = torch.arange(len(counts))
+    gt_xywh = _xywh(ground_truths[:, :4])
+    own_area = ground_truths[:, 6].double()
+    gt_area = torch.where(own_area > 0, own_area, gt_xywh[:, 2].double() * gt_xywh[:, 3].double())
+    truth = [
+        {"id": i, "image_id": image, "category_id": label, "bbox": box, "area": area, "iscrowd": crowd}
+        for i, image, label, box, area, crowd in zip(
+            range(1, len(ground_truths) + 1),
+            images.repeat_interleave(counts[:, 1]).tolist(),
+            ground_truths[:, 4].long().tolist(),
+            gt_xywh.tolist(),
+            gt_area.tolist(),
+            ground_truths[:, 5].long().tolist(),
+        )
+    ]
+    det_xywh = _xywh(detections[:, :4])
+    found = [
+        {"id": i, "image_id": image, "category_id": label, "bbox": box, "area": area, "score": score}
+        for i, image, label, box, area, score in zip(
+            range(1, len(detections) + 1),
+            images.repeat_interleave(counts[:, 0]).tolist(),
+            detections[:, 5].long().tolist(),
+            det_xywh.tolist(),
+            (det_xywh[:, 2].double() * det_xywh[:, 3].double()).tolist(),
+            detections[:, 4].tolist(),
+        )
+    ]
+    common = {"images": [{"id": i} for i in range(len(counts))], "categories": [{"id": c} for c in categories]}
+    evaluation = COCOeval_faster(
+        COCO({**common, "annotations": truth}), COCO({**common, "annotations": found}), "bbox", print_function=_silent
+    )
+    evaluation.params.maxDets = [MAX_DETECTIONS]
+    evaluation.evaluate()
+    evaluation.accumulate()
+    precision, recall = (evaluation.eval[name][..., -1] for name in ("precision", "recall"))
+    return torch.from_numpy(precision), torch.from_numpy(recall)
+
+
+def _xywh(boxes: Tensor) -> Tensor:
+    """xyxy -> COCO's xywh, subtracting in the stored dtype (float32) as torchmetrics' ``box_convert`` did."""
+    return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+
+
+def _defined_mean(values: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
+    """Mean of the values COCOeval defines (-1: undefined) over ``dims`` (all by default); NaN where none is."""
+    dims = dims if dims is not None else tuple(range(values.dim()))
+    defined = values > -1
+    return ((values * defined).sum(dims) / defined.sum(dims)).float()
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """COCOeval's progress messages, dropped."""

@@ -27,9 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
-from lightning_det.metrics.common import PerClassVector, check_labels, check_target_boxes
+from lightning_det.metrics.common import (
+    PerClassVector,
+    checked_rows,
+    class_names_for,
+    first_occurrences,
+    flat_rows,
+    image_ids,
+    optional_column,
+    state_rows,
+)
 from lightning_det.models.boxes import Detections
 
 # The 11 recall levels of the VOC07 metric, built as 0.1 * k in float64 like the devkit ports in common use
@@ -80,66 +88,43 @@ class VOCMeanAP(PerClassVector, Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         if not 0.0 < iou_threshold <= 1.0:
             raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}")
         self.num_classes = num_classes
         self.iou_threshold = iou_threshold
         self.use_07_metric = use_07_metric
         self.use_difficult = use_difficult
         self.plus_one = plus_one
         self.pr_thresholds = pr_thresholds
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.class_names = class_names_for(num_classes, class_names)
         for name in ("detections", "ground_truths", "boxes_per_image", "image_ids"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, preds: Detections, targets: Detections) -> None:
         """Store one batch of detections and ground truth (see the class docstring for the formats)."""
-        if len(preds) != len(targets):
-            raise ValueError(f"got detections for {len(preds)} images but targets for {len(targets)}")
-        if not preds:
+        if not preds and not targets:
             return
-        boxes, det_counts = _concat(preds, "boxes", 4, "prediction")
-        scores, score_counts = _concat(preds, "scores", 1, "prediction")
-        labels, label_counts = _concat(preds, "labels", 1, "prediction")
-        if not det_counts == score_counts == label_counts:
-            raise ValueError("every prediction needs as many 'scores' and 'labels' as 'boxes'")
-        gt_boxes, gt_counts = _concat(targets, "boxes", 4, "target")
-        gt_labels, gt_label_counts = _concat(targets, "labels", 1, "target")
-        flags = [t.get("difficult", torch.zeros(len(t["labels"]), dtype=torch.bool)).reshape(-1, 1) for t in targets]
-        difficult = torch.cat(flags)
-        if not gt_counts == gt_label_counts == [len(f) for f in flags]:
-            raise ValueError("every target needs as many 'labels' (and 'difficult' flags) as 'boxes'")
-        if not torch.isfinite(scores).all():
-            raise ValueError("a prediction score is NaN or infinite; check the model's decode step")
-        check_labels(labels, self.num_classes, "prediction")
-        check_labels(gt_labels, self.num_classes, "target")
-        check_target_boxes(gt_boxes)
+        rows = checked_rows(preds, targets, self.num_classes)
+        difficult = optional_column(targets, "difficult", rows.gt_counts)
 
-        def store(columns: list[Tensor]) -> Tensor:
-            return torch.cat([c.to(self.device, self.dtype) for c in columns], dim=1).flatten()
-
-        self.detections.append(store([boxes, scores, labels]))
-        self.ground_truths.append(store([gt_boxes, gt_labels, difficult]))
-        self.boxes_per_image.append(store([torch.tensor(det_counts)[:, None], torch.tensor(gt_counts)[:, None]]))
-        if all("image_id" in t for t in targets):
-            ids = torch.tensor([int(t["image_id"]) for t in targets], dtype=torch.float64, device=self.device)
-            self.image_ids.append(ids)
+        self.detections.append(flat_rows([rows.boxes, rows.scores, rows.labels], self.device, self.dtype))
+        self.ground_truths.append(flat_rows([rows.gt_boxes, rows.gt_labels, difficult], self.device, self.dtype))
+        self.boxes_per_image.append(flat_rows([rows.per_image()], self.device, self.dtype))
+        ids = image_ids(targets)
+        if ids is not None:
+            self.image_ids.append(ids.to(self.device))
 
     def compute(self) -> dict[str, Tensor]:
         """mAP, AP per class and mean recall over the classes that have positives."""
-        detections = _rows(self.detections, 6)
-        ground_truths = _rows(self.ground_truths, 6)
-        counts = _rows(self.boxes_per_image, 2).long()
+        detections = state_rows(self.detections, 6).double()
+        ground_truths = state_rows(self.ground_truths, 6).double()
+        counts = state_rows(self.boxes_per_image, 2).long()
         images = torch.arange(len(counts))
         det_image = images.repeat_interleave(counts[:, 0])
         gt_image = images.repeat_interleave(counts[:, 1])
-        ids = _rows(self.image_ids, 1).flatten()
+        ids = state_rows(self.image_ids, 1).double().flatten()
         if len(ids) == len(counts):  # every image came with its id: drop repeats
-            first = _first_occurrences(ids)
+            first = first_occurrences(ids)
             detections, det_image = detections[first[det_image]], det_image[first[det_image]]
             ground_truths, gt_image = ground_truths[first[gt_image]], gt_image[first[gt_image]]
 
@@ -200,16 +185,6 @@ class _Curve:
         self.envelope = _segmented_reverse_cummax(self.precision, labels, num_classes)
 
 
-def _first_occurrences(ids: Tensor) -> Tensor:
-    """A mask of the entries of ``ids`` not seen earlier in it."""
-    _, inverse = torch.unique(ids, return_inverse=True)
-    position = torch.arange(len(ids))
-    first = torch.full((int(inverse.max()) + 1 if len(ids) else 0,), len(ids)).scatter_reduce(
-        0, inverse, position, reduce="amin"
-    )
-    return torch.zeros(len(ids), dtype=torch.bool).index_fill_(0, first, True)
-
-
 def _threshold_counts(scores: Tensor, curve: _Curve, thresholds: int) -> Tensor:
     """``[C, thresholds, 3]`` (TP, FP, FN) over the detections scoring at least each threshold ``i / (T - 1)``."""
     top = (scores * (thresholds - 1)).floor().clamp(max=thresholds - 1).long()  # the last threshold each one reaches
@@ -221,21 +196,6 @@ def _threshold_counts(scores: Tensor, curve: _Curve, thresholds: int) -> Tensor:
     at_least = torch.stack((tp, fp), -1).view(-1, thresholds, 2).flip(1).cumsum(1).flip(1)
     missed = curve.positives[:, None] - at_least[..., 0]
     return torch.cat((at_least, missed.unsqueeze(-1)), -1)
-
-
-def _concat(items: Detections, key: str, columns: int, kind: str) -> tuple[Tensor, list[int]]:
-    """``item[key]`` of every image stacked as ``[total, columns]`` rows, with each image's row count."""
-    try:
-        parts = [item[key].detach().reshape(-1, columns) for item in items]
-    except KeyError:
-        raise ValueError(f"every {kind} dict needs a '{key}' entry (see lightning_det.metrics.voc)") from None
-    return torch.cat(parts), [len(p) for p in parts]
-
-
-def _rows(state: list[Tensor] | Tensor, width: int) -> Tensor:
-    """A flattened state (a list before sync, a tensor after) as float64 CPU rows of ``width`` values."""
-    flat = dim_zero_cat(state) if len(state) else torch.zeros(0)
-    return flat.reshape(-1, width).double().cpu()
 
 
 def _pair_iou(a: Tensor, b: Tensor, plus_one: bool) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from lightning_det.models.boxes import group_sizes, rank_within_groups
+from lightning_det.models.boxes import Detections, group_sizes, rank_within_groups
 
 # Sort key of a kept candidate: image * IMAGE_KEY + its position in score order. Unique while a batch has fewer
 # candidates than this, so any sort (ONNX's TopK is not stable) orders by image, then best first.

@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
-from lightning_det.callbacks.checkpoint_io import write_atomically
 from lightning_det.data.records import AnnotationRecord
+from lightning_det.io import write_atomically
 from lightning_det.report.curves import best_f1_threshold
 from lightning_det.report.loggers import log_image
 from lightning_det.report.plots import (

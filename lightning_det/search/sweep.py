@@ -15,6 +15,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from lightning_det.search.tables import markdown_table, write_csv, write_lines, write_text
@@ -36,6 +37,8 @@ class SweepSummary(Callback):
         self.seed_keys = list(seed_keys)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if rank_zero_only.rank != 0:  # a job of several tasks (srun): every task ends the job, rank 0 reports it
+            return
         runtime = job_return.hydra_cfg.hydra
         output = Path(runtime.runtime.output_dir)
         completed = job_return.status == JobStatus.COMPLETED

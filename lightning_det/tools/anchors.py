@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,7 +27,7 @@ def main(cfg: DictConfig) -> None:
     datamodule.prepare_data()
     records = datamodule.dataset("train").records
     img_size = datamodule.img_size  # a number once the annotations are read (img_size: auto)
-    wh = letterboxed_sizes([torch.as_tensor(r.boxes) for r in records], [(r.height, r.width) for r in records], img_size)
+    wh = letterboxed_sizes(records, img_size)
     current = anchors_tensor(configured_anchors(cfg.model.get("anchors"), cfg.model.variant))
     levels, per_level = current.shape[:2]
     anchors = kmeans_anchors(wh, levels * per_level, seed=cfg.seed)

@@ -11,14 +11,15 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_det.callbacks.checkpoint_io import write_atomically
 from lightning_det.callbacks.ranks import end_with_launcher, peer_failure
 from lightning_det.checks.run import check_run
 from lightning_det.data.adapt import usable_cores
+from lightning_det.io import write_atomically
 from lightning_det.models.detector import NonFiniteLossError
 from lightning_det.models.weights import initialise_from, recorded_settings
 
@@ -128,9 +129,30 @@ def check_devices(trainer_cfg: DictConfig) -> None:
                          f"trainer.devices={cores} or fewer (each process is one DDP rank with a copy of the model)")
 
 
+def check_launch(trainer_cfg: DictConfig) -> None:
+    """torchrun or srun started this process as one of several, but the trainer asks for one process: Lightning
+    would then train each alone, every one writing its own checkpoints and logs. Refuse before any data is read."""
+    if requested_devices(trainer_cfg.get("devices", "auto")) != 1 or trainer_cfg.get("num_nodes", 1) != 1:
+        return
+    if TorchElasticEnvironment.detect():
+        launcher, started = "torchrun", os.environ["WORLD_SIZE"]
+        nodes, per_node = os.environ.get("GROUP_WORLD_SIZE", "?"), os.environ.get("LOCAL_WORLD_SIZE", "?")
+    elif SLURMEnvironment.detect():
+        launcher, started = "srun", os.environ["SLURM_NTASKS"]
+        nodes, per_node = os.environ.get("SLURM_NNODES", "?"), os.environ.get("SLURM_NTASKS_PER_NODE", "?")
+    else:
+        return
+    if int(started) > 1:
+        alone = " (or run a single process with srun --ntasks=1)" if launcher == "srun" else ""
+        raise ValueError(f"{launcher} started {started} processes ({nodes} nodes x {per_node}) but trainer.num_nodes=1 "
+                         f"trainer.devices=1 would train each alone: set trainer.num_nodes={nodes} "
+                         f"trainer.devices={per_node}{alone}")
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data first: the class list (possibly inferred from the annotations) sizes the model's head."""
     check_devices(cfg.trainer)
+    check_launch(cfg.trainer)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -187,6 +209,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, model, trainer = build(cfg)
+    if trainer.is_global_zero and (line := cluster_summary(trainer)):
+        log.info(line)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except Exception as error:
@@ -216,6 +240,17 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         log.info("best checkpoint: %s (epoch %d)", best_path or "(none saved; the last weights)", best_epoch)
         log.info("%s of the best checkpoint: %s", cfg.monitor, "n/a" if best_score is None else f"{best_score:.4f}")
     return {"best_score": best_score, "best_model_path": best_path, "metrics": metrics}
+
+
+def cluster_summary(trainer: L.Trainer) -> str | None:
+    """Which of Lightning's cluster environments (torchrun, SLURM, its own variables ...) the run was launched
+    under and the world it sees, so a wrong launch shows at start-up; None for a one-device strategy."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is None:
+        return None
+    nodes, devices = trainer.num_nodes, trainer.num_devices
+    return (f"cluster environment: {type(environment).__name__}, {nodes} node{'s' * (nodes != 1)} x {devices} "
+            f"device{'s' * (devices != 1)}, world size {trainer.world_size}")
 
 
 def saved_epoch(checkpoint: str) -> int:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from lightning_det.data.records import as_table
 from lightning_det.models.boxes import pairwise_iou
 
 if TYPE_CHECKING:
@@ -35,10 +36,10 @@ def square_resized_boxes(
 ) -> tuple[Tensor, Tensor]:
     """Training boxes ``[N, 4]`` xyxy as SSD's pipeline feeds them (each image resized to an ``img_size``
     square), and their labels ``[N]``."""
-    boxes = [torch.as_tensor(r.boxes) * torch.tensor([img_size / r.width, img_size / r.height] * 2)
-             for r in records if len(r.boxes)]
-    labels = [torch.as_tensor(r.labels) for r in records if len(r.boxes)]
-    boxes, labels = (torch.cat(boxes), torch.cat(labels)) if boxes else (torch.zeros(0, 4), torch.zeros(0).long())
+    table = as_table(records)
+    heights, widths = torch.from_numpy(table.object_image_sizes()).unbind(1)
+    scales = torch.stack((img_size / widths, img_size / heights), 1).repeat(1, 2)
+    boxes, labels = (torch.from_numpy(table.boxes) * scales).float(), torch.from_numpy(table.labels)
     if len(boxes) > MAX_BOXES:
         keep = torch.randperm(len(boxes), generator=torch.Generator().manual_seed(seed))[:MAX_BOXES]
         boxes, labels = boxes[keep], labels[keep]

@@ -7,27 +7,42 @@ out in network-input pixels, ready for ``model.anchors``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from lightning_det.data.records import as_table
 from lightning_det.models.yolov3.targets import shape_iou
+
+if TYPE_CHECKING:
+    from lightning_det.data.records import AnnotationRecord
 
 log = logging.getLogger(__name__)
 
+#: k-means runs on a seeded sample of at most this many boxes: nine medians are as well placed, and COCO's 860k
+#: boxes would take a minute (BENCHMARKS.md, "COCO scale"). The recall check always sees every box.
+MAX_KMEANS_BOXES = 50_000
 
-def letterboxed_sizes(boxes: list[Tensor], image_sizes: list[tuple[int, int]], img_size: int) -> Tensor:
-    """``[N, 2]`` box widths and heights after the letterbox resize of their images (``(h, w)`` each)."""
-    scales = [img_size / max(h, w) for h, w in image_sizes]
-    return torch.cat([(b[:, 2:] - b[:, :2]) * s for b, s in zip(boxes, scales)]).clamp(min=1.0)
+
+def letterboxed_sizes(records: Sequence[AnnotationRecord], img_size: int) -> Tensor:
+    """``[N, 2]`` widths and heights of the records' boxes after the letterbox resize of their images."""
+    table = as_table(records)
+    boxes = torch.from_numpy(table.boxes).double()
+    scales = img_size / torch.from_numpy(table.object_image_sizes()).amax(1, keepdim=True).double()
+    return ((boxes[:, 2:] - boxes[:, :2]) * scales).float().clamp(min=1.0)
 
 
 def kmeans_anchors(wh: Tensor, k: int, iterations: int = 300, seed: int = 0) -> Tensor:
     """``k`` anchor shapes ``[k, 2]`` sorted by area. Each box joins the anchor it overlaps most (shape IoU);
-    each anchor moves to the median shape of its boxes, which resists the few huge or tiny outliers."""
+    each anchor moves to the median shape of its boxes, which resists the few huge or tiny outliers. Fitted on a
+    seeded sample of :data:`MAX_KMEANS_BOXES` when there are more."""
     if len(wh) < k:
         raise ValueError(f"{len(wh)} boxes cannot give {k} anchors")
     generator = torch.Generator().manual_seed(seed)
+    if len(wh) > MAX_KMEANS_BOXES:
+        wh = wh[torch.randperm(len(wh), generator=generator)[:MAX_KMEANS_BOXES]]
     centroids = wh[torch.randperm(len(wh), generator=generator)[:k]].clone()
     for _ in range(iterations):
         assignment = shape_iou(wh, centroids).argmax(1)

@@ -114,8 +114,7 @@ class YOLOv3(Detector):
         if arguments.get("anchors", "auto") != "auto":
             return arguments
         variant = arguments.get("variant", "yolov3")
-        wh = letterboxed_sizes([torch.as_tensor(r.boxes) for r in records], [(r.height, r.width) for r in records],
-                               img_size)
+        wh = letterboxed_sizes(records, img_size)
         anchors = anchors_tensor(DEFAULT_ANCHORS[variant])
         iou_t = assigner_iou_t(arguments.get("assigner"))
         fitted = check_anchors(wh, anchors, iou_t, seed=seed) if len(wh) else anchors
