@@ -7,10 +7,12 @@ from omegaconf import DictConfig
 
 from lightning_det.checks.config import refuse_renamed_overrides
 from lightning_det.search.study import search
+from lightning_det.tools.errors import report_errors
 from lightning_det.tools.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@report_errors
 def main(cfg: DictConfig) -> float | None:
     """Returns the best validation score so Hydra sweepers can optimise it. With ``hparams_search=<name>``, runs
     (or resumes) that Optuna search instead of one training."""

@@ -8,9 +8,11 @@ the target (atomic on one filesystem); on any error it is removed and the old fi
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -38,11 +40,30 @@ def write_atomically(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Non
         os.replace(temporary, path)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno is not None:
-            raise OSError(error.errno, f"writing {path} failed ({error.strerror}); the previous file, if any, is "
-                                       f"unchanged") from error
-        raise
+        cause = os_error(error) if isinstance(error, Exception) else None
+        if cause is None:
+            raise
+        if cause.errno == errno.ENOSPC:
+            raise OSError(cause.errno, f"writing {path} failed: the disk holding {path.parent} is full (No space "
+                                       f"left on device, {free_space(path.parent)} free); the previous file, if "
+                                       "any, is unchanged") from error
+        raise OSError(cause.errno, f"writing {path} failed ({cause.strerror}); the previous file, if any, is "
+                                   "unchanged") from error
     sync_folder(path.parent)
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """The operating system's error behind ``error``, if any. ``torch.save`` into a file that fails to grow raises
+    its own ``RuntimeError`` (``inline_container.cc ... unexpected pos``) while handling the file's ``OSError``."""
+    seen: BaseException | None = error
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno is not None):
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
+def free_space(folder: Path) -> str:
+    """E.g. ``"3.2 MiB"``: what is left on the filesystem holding ``folder``."""
+    return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB"
 
 
 def sync_folder(folder: Path) -> None:

@@ -41,7 +41,8 @@ def test_rules_for_a_50_image_set():
 def test_a_time_budget_on_a_real_layout_folder_ends_the_cosine_at_the_budget(tmp_path):
     images = {f"img {k:02d}": (96, 128, [("cell", (10 + k, 12, 60 + k, 70), False), ("dot", (70, 20, 90, 44), False)])
               for k in range(50)}
-    root = make_voc(tmp_path / "folder", {"train": images, "val": dict(list(images.items())[:6])})
+    validation = {f"val {k:02d}": image for k, image in enumerate(list(images.values())[:6])}  # files of their own
+    root = make_voc(tmp_path / "folder", {"train": images, "val": validation})
     run = tmp_path / "run"
     args = [sys.executable, "train.py", "data=voc", f"data.root={root}", "data.classes=null",
             "data.train.splits=[train]", "data.val.splits=[val]", "model.width=0.125", "data.num_workers=0",

@@ -8,14 +8,16 @@ synced, and then renamed over it (atomic on one filesystem); on any error it is 
 
 from __future__ import annotations
 
+import errno
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
-from lightning_det.io import write_atomically
+from lightning_det.io import free_space, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,12 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"storage_options are not supported for local checkpoints ({path})")
-        write_atomically(path, lambda file: torch.save(checkpoint, file))
+        try:
+            write_atomically(path, lambda file: torch.save(checkpoint, file))
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise OSError(errno.ENOSPC, disk_full_message(Path(path))) from error
 
     def remove_checkpoint(self, path: Any) -> None:
         if self.refused:
@@ -64,3 +71,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return
         super().remove_checkpoint(path)
 
+
+def disk_full_message(path: Path) -> str:
+    """What a save that filled the disk left: the checkpoints saved before it, whole, and the newest to resume from."""
+    kept = sorted(path.parent.glob("*.ckpt"), key=lambda file: file.stat().st_mtime)
+    then = f"then resume with ckpt_path={kept[-1]}" if kept else "then start again (no checkpoint was saved before)"
+    return (f"saving {path} failed: the disk holding {path.parent} is full (No space left on device, "
+            f"{free_space(path.parent)} free); the previous file, if any, is unchanged, and the checkpoints saved "
+            f"before are kept ({', '.join(file.name for file in kept) or 'none'}). Free space there, {then}")

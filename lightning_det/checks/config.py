@@ -42,8 +42,17 @@ TOP_LEVEL: dict[str, tuple[type, ...]] = {
 }
 
 
+#: Numbers with a lower bound, by key: ``(lowest allowed, the valid range as the message says it)``. Checked after
+#: the types, before anything is built: torch would refuse some only later and without the key, and accept others.
+RANGES: dict[str, tuple[float, str]] = {
+    "data.batch_size": (1, ">= 1 (images per batch on each device)"),
+    "optimizer.lr": (0, ">= 0"),
+    "trainer.max_epochs": (-1, ">= 1, 0 to validate the model as built without training, or -1 for no limit"),
+}
+
+
 class ConfigValueError(ValueError):
-    """A config value of the wrong type or outside its choices."""
+    """A config value of the wrong type, outside its choices or outside its range."""
 
 
 def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
@@ -153,6 +162,35 @@ def check_config(cfg: DictConfig) -> None:
             options = choices.get((target, key))
             if options and value not in options:
                 raise ConfigValueError(f"{path}.{key}={value!r} is not one of {list(options)}")
+    check_ranges(cfg)
+    check_input_size(cfg)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Each number of ``RANGES`` within its range (values of another type were refused by their type check)."""
+    for key, (lowest, valid) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if _is_instance(value, float) and value < lowest:
+            raise ConfigValueError(f"{key}={value} must be {valid}")
+
+
+def check_input_size(cfg: DictConfig) -> None:
+    """``data.img_size`` a positive multiple of the model's ``input_multiple``: YOLO's grids of stride 32 cover
+    only 96 px of a 100 px input, silently."""
+    size = OmegaConf.select(cfg, "data.img_size", default=None, throw_on_resolution_failure=False)
+    target = OmegaConf.select(cfg, "model._target_", default=None, throw_on_resolution_failure=False)
+    if not _is_instance(size, int) or not isinstance(target, str):
+        return
+    model = _import(target)  # importable: the type checks refused it otherwise
+    multiple = getattr(model, "input_multiple", 1)
+    if size >= multiple and size % multiple == 0:
+        return
+    if multiple == 1:
+        raise ConfigValueError(f"data.img_size={size} must be >= 1 (pixels), or auto")
+    below = size // multiple * multiple
+    nearest = [side for side in (below, below + multiple) if side >= multiple] or [multiple]
+    raise ConfigValueError(f"data.img_size={size} must be a positive multiple of {multiple} for {model.__name__} "
+                           f"(its coarsest stride), e.g. {' or '.join(map(str, nearest))}, or auto")
 
 
 def check_value(key: str, value: Any, allowed: tuple[Any, ...]) -> None:

@@ -43,6 +43,38 @@ def check_run(cfg: DictConfig) -> None:
         check_init_from(cfg)
 
 
+def check_resumed_classes(ckpt_path: str | Path, classes: list[str], data_root: str | Path) -> None:
+    """A resume continues one training, so the checkpoint's classes must be the data's, in order. Checked once the
+    data's classes are known (read from its annotations when ``data.classes`` is null), before the model is built:
+    else another count fails later as a page of size mismatches, and the same count resumes silently on classes
+    that are not the ones it learnt."""
+    settings = read_checkpoint(ckpt_path, "ckpt_path").get("hyper_parameters", {})
+    names, count = settings.get("class_names"), settings.get("num_classes")
+    same = list(names) == list(classes) if names else count in (None, len(classes))  # no names: the count alone
+    if same:
+        return
+    if not names:
+        differ = "its class names were not recorded"
+    elif sorted(names) == sorted(classes):
+        differ = "the same names in another order"
+    else:
+        only = {"checkpoint": [n for n in names if n not in classes], "data": [n for n in classes if n not in names]}
+        differ = "; ".join(f"only in the {where}: {listed(some)}" for where, some in only.items() if some)
+    trained = f"{count} classes {listed(names)}" if names else f"{count} classes"
+    raise CheckpointError(
+        f"ckpt_path={ckpt_path} was trained on {trained}, but the data (data.root={data_root}) has "
+        f"{len(classes)} classes {listed(classes)}: {differ}. A resume continues the same training on the same "
+        f"classes: give it the data it was trained on, or fine-tune it on these classes as a new training with "
+        f"init_from={ckpt_path} (init_classes=by_name carries over the rows of the classes both have)"
+    )
+
+
+def listed(names: list[str], limit: int = 12) -> str:
+    """``[cat, dog, ...]``, cut after ``limit`` names (COCO has 80)."""
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return "[" + ", ".join(names[:limit]) + more + "]"
+
+
 def check_init_from(cfg: DictConfig) -> None:
     """A torchvision weights name must name a COCO detector built here; a PyTorch file must load and hold the
     run's network (another class count is fine: the head is carried over); any other file must at least be a

@@ -125,7 +125,8 @@ class COCOSource:
     def _images(
         self, root: Path, path: Path, entries: list[dict], invalid: InvalidInputLog
     ) -> tuple[list[ImageEntry], np.ndarray]:
-        """Usable image entries, and the ids of all entries (to tell skipped images from unknown ones)."""
+        """Usable image entries, and the ids of all entries (to tell skipped images from unknown ones). An id given to
+        several images is reported for each: their annotations cannot be attributed."""
         images = []
         image_dir = str(root / self.image_dir)
         for k, entry in enumerate(entries):
@@ -142,7 +143,17 @@ class COCOSource:
                                f"add the image under {image_dir} or remove its entry from the json")
                 continue
             images.append(image)
-        return images, np.array([entry["id"] for entry in entries], dtype=np.int64)
+        ids = np.array([entry["id"] for entry in entries], dtype=np.int64)
+        unique, counts = np.unique(ids, return_counts=True)
+        shared: dict[int, list[str]] = {}
+        for k in np.flatnonzero(np.isin(ids, unique[counts > 1])).tolist():
+            shared.setdefault(int(ids[k]), []).append(entries[k]["file_name"])
+        for image_id, file_names in shared.items():
+            for j, name in enumerate(file_names):
+                others = ", ".join(file_names[:j] + file_names[j + 1:])
+                invalid.report("image", f"{path}: image {name} shares its id {image_id} with {others}, so their "
+                               "annotations cannot be told apart", "give every image its own id in the json")
+        return [image for image in images if image.image_id not in shared] if shared else images, ids
 
 
 def read_coco(

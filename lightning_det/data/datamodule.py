@@ -25,7 +25,7 @@ from lightning_det.data.dataset import (
     MosaicSampler,
     SortedAspectRatioBatchSampler,
 )
-from lightning_det.data.records import AnnotationSource, RecordTable, read_annotations
+from lightning_det.data.records import AnnotationSource, RecordTable, read_annotations, train_without_val_images
 from lightning_det.data.repeat_factor import class_image_shares, image_repeat_factors, pass_length
 from lightning_det.data.transforms import DetectionTransform, LetterboxTransform, YoloTrainTransform
 
@@ -190,7 +190,8 @@ class DetectionDataModule(L.LightningDataModule):
         return "train" if role == "val" and self.val_split is not None else role
 
     def _read(self, roles: list[str]) -> None:
-        """Parse the sources the roles need (each once, against one class list) and derive each role's records."""
+        """Parse the sources the roles need (each once, against one class list), derive each role's records and
+        keep the validation images out of training."""
         unread = sorted({self._source_role(role) for role in roles} - self._source_records.keys())
         if unread:
             result = read_annotations(self.root, [self.sources[r] for r in unread], self.classes, self.skip_invalid,
@@ -208,8 +209,13 @@ class DetectionDataModule(L.LightningDataModule):
                 raise ValueError(f"the {role} split has no images ({self.sources[source_role]}, root {self.root}); "
                                  "check data.root and the split names")
             self.records[role] = records
-            objects = len(records.labels)
-            rank_zero_info(f"{role}: {len(records)} images, {objects} objects, {len(self.classes)} classes")
+        if {"train", "val"} & set(roles) and {"train", "val"} <= self.records.keys():
+            sources = (self.sources[self._source_role("train")], self.sources[self._source_role("val")])
+            self.records["train"] = train_without_val_images(self.records["train"], self.records["val"], sources,
+                                                             self.root, self.skip_invalid)
+        for role in roles:
+            records = self.records[role]
+            rank_zero_info(f"{role}: {len(records)} images, {len(records.labels)} objects, {len(self.classes)} classes")
             if role == "train" and self.img_size == "auto":
                 self.use_img_size(choose_img_size(records))
 
@@ -225,6 +231,10 @@ class DetectionDataModule(L.LightningDataModule):
         """Seeded split of the training records into (train, val) for ``val_split``."""
         order = np.random.default_rng(self.seed).permutation(len(records))
         count = max(1, round(self.val_split * len(records)))
+        if records and count >= len(records):  # an empty source is reported as such by the caller
+            raise ValueError(f"data.val_split={self.val_split} holds out {count} of the {len(records)} training "
+                             f"images, leaving none to train on: it must hold out at most {len(records) - 1} (e.g. "
+                             "data.val_split=0.1), or set data.val to a separate validation source")
         return records.take(np.sort(order[count:])), records.take(np.sort(order[:count]))
 
     # --- mosaic ----------------------------------------------------------------------------------------------
@@ -335,7 +345,8 @@ class DetectionDataModule(L.LightningDataModule):
         if not self.rect_eval:
             return self._loader(dataset, shuffle=False)
         aspect_ratios = dataset.records.heights / dataset.records.widths
-        batches = SortedAspectRatioBatchSampler(SequentialSampler(dataset), self.batch_size, aspect_ratios=aspect_ratios)
+        batches = SortedAspectRatioBatchSampler(SequentialSampler(dataset), self.batch_size,
+                                                aspect_ratios=aspect_ratios)
         return self._loader(dataset, batch_sampler=batches, batch_size=1)
 
 

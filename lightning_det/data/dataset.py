@@ -3,6 +3,7 @@ batch samplers that keep images of similar shape together."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ from torch.utils.data import BatchSampler, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from lightning_det.data.cache import image_bytes, shared_image_cache
-from lightning_det.data.records import AnnotationRecord, as_table, load_image
+from lightning_det.data.records import AnnotationRecord, ImageLoadError, as_table, load_image
 from lightning_det.data.repeat_factor import pass_length, repeated_indices
 from lightning_det.data.transforms import DetectionTransform, Sample
 
@@ -20,6 +21,7 @@ from lightning_det.data.transforms import DetectionTransform, Sample
 # when all of them fit: a small set is then decoded and resized once per process instead of every epoch. A larger
 # set is decoded on every access.
 CACHE_BUDGET_BYTES = 512 * 2**20
+log = logging.getLogger(__name__)
 
 
 class DetectionDataset(Dataset[Sample]):
@@ -37,6 +39,10 @@ class DetectionDataset(Dataset[Sample]):
     (:mod:`~lightning_det.data.cache`), built here unless a current one exists. Without it, when the whole set's
     decoded images fit ``cache_bytes``, each process keeps each image after its first decoding (in persistent
     workers, across epochs): a copy per loader worker and rank.
+
+    With ``records.skip_unreadable`` (``data.skip_invalid``), an image that fails to decode here (corrupt data behind
+    a valid header: the default check decodes nothing) is replaced by the next one that decodes, named in a warning
+    once per process and counted; without it, the error names the file.
     """
 
     def __init__(
@@ -50,6 +56,7 @@ class DetectionDataset(Dataset[Sample]):
         self.shared_cache = None if cache is None else shared_image_cache(cache, self.records, self.shapes, self.decode)
         private = self.shared_cache is None and image_bytes(self.shapes) <= cache_bytes
         self.cache: dict[int, tuple[Tensor, Tensor]] | None = {} if private else None
+        self.unreadable: set[int] = set()  # images this process failed to decode, replaced (skip_unreadable)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -77,9 +84,24 @@ class DetectionDataset(Dataset[Sample]):
             self.cache[index] = image, boxes
         return image, boxes
 
+    def readable(self, index: int) -> tuple[int, Tensor, Tensor]:
+        """``index`` (or, when its image fails to decode and ``skip_unreadable``, the next that decodes) with
+        :meth:`image_and_boxes`."""
+        while True:
+            while index in self.unreadable:
+                index = (index + 1) % len(self)
+            try:
+                return index, *self.image_and_boxes(index)
+            except ImageLoadError as error:
+                if not self.records.skip_unreadable or len(self.unreadable) == len(self) - 1:
+                    raise
+                self.unreadable.add(index)
+                log.warning("skip_invalid: %s The next image is used in its place (%d image%s replaced in this "
+                            "process)", error, len(self.unreadable), "s" * (len(self.unreadable) > 1))
+
     def load(self, index: int) -> Sample:
+        index, image, boxes = self.readable(index)
         record = self.records[index]
-        image, boxes = self.image_and_boxes(index)
         return Sample(
             image=image,
             boxes=boxes,

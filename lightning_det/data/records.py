@@ -12,12 +12,14 @@ reference count, so a list of 118k records would be copied page by page into eve
 
 Bad input raises :class:`InvalidAnnotationError` naming the file and the fix, or, with ``skip_invalid``, is
 skipped, counted and reported in one warning by :class:`InvalidInputLog`. That includes the image files, checked
-while reading (see :mod:`lightning_det.data.image_checks`), so a bad one never reaches a loader worker.
+while reading (see :mod:`lightning_det.data.image_checks`), so a bad one rarely reaches a loader worker; one that
+still fails to decode there (corrupt data behind a valid header) is replaced and counted under ``skip_invalid``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,9 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_det.data.image_checks import CheckedImages, decode_rgb, image_problem
+from lightning_det.data.image_checks import CUT_SHORT, CheckedImages, decode_rgb, image_problem
+from lightning_det.io import write_atomically
 
 log = logging.getLogger(__name__)
+#: The run folder's list of image files that end early and are decoded as far as they go (train.py writes it).
+CUT_SHORT_LIST = "restored_images.txt"
 
 #: Boxes may exceed the image by this many pixels (rounding in annotation tools) and are clipped; beyond it they
 #: are invalid.
@@ -57,6 +62,7 @@ class AnnotationRecord:
     difficult: np.ndarray  # bool [N]; VOC "difficult" or COCO "iscrowd": ignored by evaluation
     area: np.ndarray | None = None  # float32 [N]: COCO's "area" (mask area), 0 where absent; None: no such field
     exif_orientation: bool = False  # rotate the pixels as the file's EXIF orientation says when loading
+    cut_short: bool = False  # the file ends early: decoded as far as it goes (found so by check_images)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class RecordTable(Sequence[AnnotationRecord]):
     labels: np.ndarray  # int64 [M]
     difficult: np.ndarray  # bool [M]
     area: np.ndarray | None = None  # float32 [M], or None when the source has no area field
+    cut_short: np.ndarray | None = None  # bool [N]: files that end early, decoded as far as they go; None: none
+    skip_unreadable: bool = False  # data.skip_invalid: a loader worker replaces an image that fails to decode
 
     @classmethod
     def from_records(cls, records: Iterable[AnnotationRecord]) -> RecordTable:
@@ -98,6 +106,7 @@ class RecordTable(Sequence[AnnotationRecord]):
             labels=joined([r.labels for r in records], np.int64),
             difficult=joined([r.difficult for r in records], bool),
             area=joined([r.area for r in records], np.float32) if has_area else None,
+            cut_short=np.array([r.cut_short for r in records], dtype=bool),
         )
 
     def __len__(self) -> int:
@@ -120,6 +129,7 @@ class RecordTable(Sequence[AnnotationRecord]):
             self.paths[index].decode(), int(self.image_ids[index]), int(self.heights[index]),
             int(self.widths[index]), self.boxes[start:stop], self.labels[start:stop], self.difficult[start:stop],
             None if self.area is None else self.area[start:stop], bool(self.exif_orientation[index]),
+            self.cut_short is not None and bool(self.cut_short[index]),
         )
 
     @property
@@ -144,6 +154,7 @@ class RecordTable(Sequence[AnnotationRecord]):
         return replace(
             self, paths=self.paths[indices], image_ids=self.image_ids[indices], heights=self.heights[indices],
             widths=self.widths[indices], exif_orientation=self.exif_orientation[indices],
+            cut_short=None if self.cut_short is None else self.cut_short[indices],
             offsets=np.concatenate(([0], np.cumsum(counts, dtype=np.int64))), **self._objects(objects),
         )
 
@@ -206,13 +217,16 @@ class ParsedSource:
 
 
 class InvalidInputLog:
-    """Raises on invalid input, or (``skip_invalid``) counts it and reports everything in one warning."""
+    """Raises on invalid input, or (``skip_invalid``) counts it and reports everything in one warning. Image files
+    that fail the check are gathered first, so the error names every one of them, not the first alone."""
 
     shown = 5  # file names quoted in the summary warning
 
     def __init__(self, skip_invalid: bool) -> None:
         self.skip_invalid = skip_invalid
         self.skipped: dict[str, list[str]] = {"image": [], "object": []}
+        self.bad_images: list[str] = []  # without skip_invalid: raised together by finish()
+        self.cut_short: list[str] = []  # image files that end early, decoded as far as they go
 
     def report(self, kind: str, message: str, fix: str) -> None:
         """``kind`` is "image" (the whole image and its objects are dropped) or "object"."""
@@ -222,16 +236,35 @@ class InvalidInputLog:
             )
         self.skipped[kind].append(message)
 
-    def warn_summary(self) -> None:
+    def bad_image(self, message: str) -> None:
+        """An image file that cannot be used: skipped and counted, or held for the one error of :meth:`finish`."""
+        (self.skipped["image"] if self.skip_invalid else self.bad_images).append(message)
+
+    def finish(self) -> None:
+        """The error naming every bad image file, else one warning for what was skipped and one for the files
+        decoded as far as they go."""
+        if self.bad_images:
+            raise InvalidAnnotationError(
+                f"{len(self.bad_images)} image file{'s' * (len(self.bad_images) > 1)} cannot be used:\n  "
+                + "\n  ".join(self.bad_images) + "\nFix: replace them, or remove the images from the annotations; "
+                "or set data.skip_invalid=true to skip and count such images."
+            )
         counts = {kind: len(messages) for kind, messages in self.skipped.items() if messages}
-        if not counts:
-            return
-        first = [m for messages in self.skipped.values() for m in messages][: self.shown]
-        log.warning(
-            "skip_invalid: skipped %s with invalid annotations. First ones:\n  %s",
-            " and ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items()),
-            "\n  ".join(first),
-        )
+        if counts:
+            first = [m for messages in self.skipped.values() for m in messages][: self.shown]
+            log.warning(
+                "skip_invalid: skipped %s with invalid annotations. First ones:\n  %s",
+                " and ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items()),
+                "\n  ".join(first),
+            )
+        if self.cut_short:
+            count, first = len(self.cut_short), self.cut_short[: self.shown]
+            log.warning(
+                "%d %s cut short and decoded as far as %s (the rest gray or black); a training run lists %s in "
+                "<run folder>/%s:\n  %s%s", count, "image was" if count == 1 else "images were",
+                "it goes" if count == 1 else "they go", "it" if count == 1 else "them", CUT_SHORT_LIST,
+                "\n  ".join(first), "\n  ..." * (count > len(first)),
+            )
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -246,7 +279,7 @@ def image_size(path: str) -> tuple[int, int]:
 def load_image(record: AnnotationRecord) -> torch.Tensor:
     """Decode a record's image to ``uint8 [3, H, W]`` RGB, checking it against the annotated size."""
     try:
-        image = decode_rgb(record.path, record.exif_orientation)
+        image = decode_rgb(record.path, record.exif_orientation, record.cut_short)
     except (RuntimeError, OSError, ValueError) as error:
         raise ImageLoadError(
             f"cannot read image {record.path}: {error}. Replace the file, or remove the image from the "
@@ -263,22 +296,38 @@ def load_image(record: AnnotationRecord) -> torch.Tensor:
 
 def check_images(records: RecordTable, invalid: InvalidInputLog, level: str, exif_orientation: bool) -> RecordTable:
     """The records whose image passes :func:`~lightning_det.data.image_checks.image_problem`; the others are
-    reported (an error naming the file, or a counted skip)."""
+    reported to ``invalid`` (one error naming them all, or counted skips). Files that end early but decode as far as
+    they go are kept and flagged (``cut_short``); with ``skip_invalid`` the table says so to the loader workers."""
     checked = CheckedImages(level, exif_orientation)
     usable = np.ones(len(records), dtype=bool)
+    cut_short = np.zeros(len(records), dtype=bool)
     for i, (path, height, width) in enumerate(zip(records.paths, records.heights.tolist(), records.widths.tolist())):
         path = path.decode()
-        if not checked.passed(path, height, width):
-            problem = image_problem(path, height, width, level == "decode", exif_orientation)
-            if problem:
-                invalid.report("image", f"image {path} {problem}",
-                               "replace the file, or remove the image from the annotations")
-                usable[i] = False
-                continue
+        if checked.passed(path, height, width):
+            continue
+        problem = image_problem(path, height, width, level == "decode", exif_orientation)
+        if problem == CUT_SHORT:  # not remembered: warned about and listed on every run
+            cut_short[i] = True
+            invalid.cut_short.append(path)
+        elif problem:
+            invalid.bad_image(f"image {path} {problem}")
+            usable[i] = False
+        else:
             checked.remember(path, height, width)
     checked.save()
-    usable_records = records if usable.all() else records.take(np.flatnonzero(usable))
+    flagged = replace(records, cut_short=cut_short, skip_unreadable=invalid.skip_invalid)
+    usable_records = flagged if usable.all() else flagged.take(np.flatnonzero(usable))
     return usable_records.with_exif_orientation(True) if exif_orientation else usable_records
+
+
+def write_cut_short_list(folder: Path, tables: Iterable[RecordTable]) -> None:
+    """:data:`CUT_SHORT_LIST` in ``folder``: the images of ``tables`` decoded as far as their data goes, one path a
+    line, for the user to replace (no file when there are none)."""
+    paths = sorted({path.decode() for table in tables if table.cut_short is not None
+                    for path in table.paths[table.cut_short]})
+    if paths:
+        text = "".join(f"{path}\n" for path in paths).encode()
+        write_atomically(folder / CUT_SHORT_LIST, lambda file: file.write(text))
 
 
 def check_boxes(boxes: np.ndarray, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -351,6 +400,76 @@ def build_records(parsed: ParsedSource, classes: list[str], invalid: InvalidInpu
     )
 
 
+def once_each(keys: list[str], where: str, shown: int = 5) -> np.ndarray:
+    """Indices of the first listing of every key, in listing order. A key listed again is kept once, with one warning
+    for all: a repeated line is a typo, not a way to show an image more often (``data.sampler=repeat_factor`` is)."""
+    unique, first, counts = np.unique(np.array(keys, dtype=str), return_index=True, return_counts=True)
+    if len(unique) == len(keys):
+        return np.arange(len(keys))
+    repeated = np.flatnonzero(counts > 1)
+    repeated = repeated[np.argsort(first[repeated])]
+    extra = len(keys) - len(unique)
+    log.warning(
+        "%s: %d image%s listed more than once (%d extra line%s), kept once: %s%s. Listing an image again does not "
+        "show it more often; data.sampler=repeat_factor shows the images of rare classes more often",
+        where, len(repeated), "s" * (len(repeated) > 1), extra, "s" * (extra > 1),
+        ", ".join(f"{unique[i]} ({counts[i]} times)" for i in repeated[:shown]), ", ..." * (len(repeated) > shown),
+    )
+    return np.sort(first)
+
+
+def resolved_paths(paths: np.ndarray) -> list[bytes]:
+    """The real paths of image files (``paths``: bytes [N]), so one file reached through a linked folder, a linked
+    file or ``..`` compares equal. Each folder is resolved once and only its linked files one by one: one
+    ``realpath`` a file would take seconds at COCO's 118k images."""
+    separator = os.fsencode(os.sep)
+    real: dict[bytes, bytes] = {}  # folder -> its real path, ending in a separator
+    linked: dict[bytes, bytes] = {}  # linked file -> its target's real path
+    resolved = []
+    for path in paths.tolist():
+        folder, _, name = path.rpartition(separator)
+        if folder not in real:
+            listed = folder or separator  # b"": the file system's root
+            real[folder] = os.path.join(os.path.realpath(listed), b"")
+            linked.update((entry.path, os.path.realpath(entry.path)) for entry in os.scandir(listed)
+                          if entry.is_symlink())
+        resolved.append(linked.get(path) or real[folder] + name)
+    return resolved
+
+
+def train_without_val_images(
+    train: RecordTable, val: RecordTable, sources: tuple[AnnotationSource, AnnotationSource], root: Path,
+    skip_invalid: bool,
+    shown: int = 5,
+) -> RecordTable:
+    """``train`` without the images ``val`` holds too (the same file; folders and links resolved): trained on, they
+    inflate the validation score. An error naming them, unless ``skip_invalid`` leaves them out of training (never
+    out of validation). A val set that is exactly the train set is a deliberate check of fit: only a warning."""
+    train_paths, val_paths = resolved_paths(train.paths), resolved_paths(val.paths)
+    train_set, val_set = set(train_paths), set(val_paths)  # np.isin would sort the strings: 5x slower
+    in_val = np.array([path in val_set for path in train_paths], dtype=bool)
+    in_train = np.array([path in train_set for path in val_paths], dtype=bool)
+    if not in_train.any():
+        return train
+    if in_train.all() and in_val.all():
+        log.warning("val holds the same %d images as train: its scores measure how well the training images are "
+                    "fitted, not how well unseen images are detected", len(val))
+        return train
+    first = [os.path.relpath(path.decode(), root) for path in val.paths[in_train][:shown]]
+    named = ", ".join(first) + ", ..." * (int(in_train.sum()) > shown)
+    if not skip_invalid or in_val.all():
+        or_else = ("(data.skip_invalid=true would leave no training image)" if skip_invalid
+                   else "or set data.skip_invalid=true to leave them out of training")
+        raise InvalidAnnotationError(
+            f"{int(in_train.sum())} of the {len(val)} val images are also train images: {named} (train: {sources[0]}, "
+            f"val: {sources[1]}, under {root}); trained on, they inflate the validation score. Fix: remove them from "
+            f"one split (VOC: its ImageSets/Main/<split>.txt; COCO: its json; YOLO: its list file or folder); {or_else}"
+        )
+    log.warning("skip_invalid: left %d images out of training that val holds too (train: %s, val: %s): %s",
+                int(in_val.sum()), sources[0], sources[1], named)
+    return train.take(np.flatnonzero(~in_val))
+
+
 class AnnotationSource(Protocol):
     """Where a split's annotations come from (:class:`~lightning_det.data.voc.VOCSource`, ``COCOSource``)."""
 
@@ -421,5 +540,5 @@ def read_annotations(
     label_to_category_id = category_ids_for(classes, parsed)
     records = [check_images(build_records(p, classes, invalid), invalid, check_level, exif_orientation)
                for p in parsed]
-    invalid.warn_summary()
+    invalid.finish()
     return Annotations(records, classes, label_to_category_id)

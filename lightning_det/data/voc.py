@@ -20,6 +20,7 @@ from lightning_det.data.records import (
     InvalidInputLog,
     ParsedSource,
     image_size,
+    once_each,
     read_annotations,
 )
 
@@ -109,7 +110,8 @@ class VOCSource:
         return f"VOCSource(splits={self.splits})"
 
     def image_ids(self, root: Path) -> list[tuple[Path, str]]:
-        """``(folder holding Annotations/ and JPEGImages/, file id)`` of every listed image, in list order."""
+        """``(folder holding Annotations/ and JPEGImages/, file id)`` of every listed image, in list order; an id
+        listed again (in one list or another of the same folder) is kept once, with one warning."""
         if self.splits is None:
             annotations = root / "Annotations"
             if not annotations.is_dir():
@@ -118,7 +120,7 @@ class VOCSource:
                     "and JPEGImages/ directly"
                 )
             return [(root, xml.stem) for xml in sorted(annotations.glob("*.xml"))]
-        listed = []
+        listed, keys, list_files = [], [], []
         for split in self.splits:
             year, _, name = split.rpartition("/")
             folder = root / f"VOC{year}" if year else root
@@ -131,8 +133,11 @@ class VOCSource:
                     "data.val=null data.val_split=0.2"
                 )
             lines = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
-            listed += [(folder, listed_id(folder, line)) for line in lines]
-        return listed
+            file_ids = [listed_id(folder, line) for line in lines]
+            listed += [(folder, file_id) for file_id in file_ids]
+            keys += [f"VOC{year}/{file_id}" if year else file_id for file_id in file_ids]
+            list_files.append(str(list_file))
+        return [listed[i] for i in once_each(keys, ", ".join(list_files))]
 
     def parse(self, root: Path, invalid: InvalidInputLog) -> ParsedSource:
         images: list[ImageEntry] = []

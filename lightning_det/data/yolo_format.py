@@ -34,6 +34,7 @@ from lightning_det.data.records import (
     InvalidInputLog,
     ParsedSource,
     image_size,
+    once_each,
 )
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ def line_problem(fields: list[str]) -> str:
 
 
 class YOLOSource:
-    """One split (``train``, ``val`` or ``test``) of a ``data.yaml``. Image ids are positions in the split."""
+    """One split (``train``, ``val`` or ``test``) of a ``data.yaml``. Image ids are positions in the split; an image
+    listed again (in a list file, or by two entries) is read once, with one warning."""
 
     def __init__(self, data_yaml: str, split: str) -> None:
         if split not in SPLIT_KEYS:
@@ -195,28 +197,31 @@ class YOLOSource:
         images: list[ImageEntry] = []
         object_image, boxes, names, object_ids = [], [], [], []
         unlabelled: list[str] = []
+        listed: list[tuple[str, str]] = []
         for entry in dataset.splits[self.split]:
-            listed = list(listed_images(entry))
+            entry_images = list(listed_images(entry))
             if entry.is_dir():
-                report_orphan_labels([path for path, _ in listed], invalid)
-            for image_path, where in listed:
-                size = self._size(image_path, where, invalid)
-                if size is None:
-                    continue
-                labels = label_path(image_path)
-                has_labels = os.path.exists(labels)
-                lines = read_label_file(labels, len(dataset.names), invalid) if has_labels else []
-                if lines is None:
-                    continue
-                if not has_labels:
-                    unlabelled.append(labels)
-                height, width = size
-                for line in lines:
-                    object_image.append(len(images))
-                    boxes.append(np.multiply(line.box, [width, height] * 2).tolist())
-                    names.append(dataset.names[line.class_id])
-                    object_ids.append(line.number)
-                images.append(ImageEntry(image_path, len(images), height, width, labels if has_labels else image_path))
+                report_orphan_labels([path for path, _ in entry_images], invalid)
+            listed += entry_images
+        once = once_each([os.path.normpath(path) for path, _ in listed], f"{dataset.file}, '{self.split}' images")
+        for image_path, where in (listed[i] for i in once):
+            size = self._size(image_path, where, invalid)
+            if size is None:
+                continue
+            labels = label_path(image_path)
+            has_labels = os.path.exists(labels)
+            lines = read_label_file(labels, len(dataset.names), invalid) if has_labels else []
+            if lines is None:
+                continue
+            if not has_labels:
+                unlabelled.append(labels)
+            height, width = size
+            for line in lines:
+                object_image.append(len(images))
+                boxes.append(np.multiply(line.box, [width, height] * 2).tolist())
+                names.append(dataset.names[line.class_id])
+                object_ids.append(line.number)
+            images.append(ImageEntry(image_path, len(images), height, width, labels if has_labels else image_path))
         self._check_labels_found(dataset, images, unlabelled)
         return ParsedSource.from_lists(images, object_image, boxes, names, [False] * len(names), object_ids,
                                        declared_classes=dataset.names)

@@ -97,6 +97,9 @@ class Detector(L.LightningModule):
     default_pixel_std: ClassVar[tuple[float, float, float]] = (255.0, 255.0, 255.0)
     #: Why an exported graph of this family takes only the batch size it was traced with (``None``: any).
     export_batch_fixed: ClassVar[str | None] = None
+    #: ``data.img_size`` must be a multiple of this (1: any size): a grid of stride s covers ``img_size // s * s``
+    #: pixels, so a family predicting on fixed-stride grids declares its coarsest stride.
+    input_multiple: ClassVar[int] = 1
 
     def __init__(
         self,

@@ -19,9 +19,11 @@ from lightning_det.checks.config import refuse_renamed_overrides
 from lightning_det.models.yolov3.anchor_clustering import anchor_fitness, kmeans_anchors, letterboxed_sizes
 from lightning_det.models.yolov3.grid import anchors_tensor, configured_anchors
 from lightning_det.models.yolov3.module import assigner_iou_t
+from lightning_det.tools.errors import report_errors
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@report_errors
 def main(cfg: DictConfig) -> None:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

@@ -22,6 +22,7 @@ from torchvision.utils import make_grid
 
 from lightning_det.data.transforms.common import displayable
 from lightning_det.report.drawing import draw_labels
+from lightning_det.tools.errors import report_errors
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def browse(cfg: DictConfig) -> list[Path]:
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="browse")
+@report_errors
 def main(cfg: DictConfig) -> None:
     browse(cfg)
 

@@ -38,6 +38,7 @@ from lightning_det.models.detector import Detector
 from lightning_det.models.tta import from_config
 from lightning_det.report.confusion import confusion_matrix
 from lightning_det.report.writer import write_evaluation_report
+from lightning_det.tools.errors import report_errors
 from lightning_det.tools.inference import load_detector
 from lightning_det.tools.train import build_model, load_init_from
 
@@ -179,6 +180,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+@report_errors
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     evaluate(cfg)

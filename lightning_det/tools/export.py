@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from lightning_det.checks.config import check_config
 from lightning_det.models.detector import Detector
 from lightning_det.models.postprocess import PAD_LABEL
+from lightning_det.tools.errors import report_errors
 from lightning_det.tools.inference import load_detector
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,7 @@ def export(
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
+@report_errors
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     export(cfg.ckpt_path, cfg.format, cfg.output, cfg.img_size, cfg.batch_size, cfg.dynamic_batch, cfg.opset)

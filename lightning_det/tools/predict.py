@@ -22,6 +22,7 @@ from lightning_det.checks.config import check_config
 from lightning_det.data.image_checks import decode_rgb
 from lightning_det.models.tta import TestTimeAugmentation, from_config
 from lightning_det.report.drawing import draw_detections
+from lightning_det.tools.errors import report_errors
 from lightning_det.tools.inference import image_batch, load_detector
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: 
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="predict")
+@report_errors
 def main(cfg: DictConfig) -> None:
     check_config(cfg)
     paths = image_files(Path(cfg.input))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import socket
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import torch
@@ -17,8 +19,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_det.callbacks.ranks import end_with_launcher, peer_failure
-from lightning_det.checks.run import check_run
+from lightning_det.callbacks.run_end import RunEnd
+from lightning_det.checks.run import check_resumed_classes, check_run
 from lightning_det.data.adapt import usable_cores
+from lightning_det.data.records import write_cut_short_list
 from lightning_det.io import write_atomically
 from lightning_det.models.detector import NonFiniteLossError
 from lightning_det.models.weights import initialise_from, recorded_settings
@@ -149,6 +153,52 @@ def check_launch(trainer_cfg: DictConfig) -> None:
                          f"trainer.devices={per_node}{alone}")
 
 
+class RunFolderInUse(OSError):
+    """Another training is writing into the run folder (its lock is taken: an ``OSError`` as ``lockf``'s own)."""
+
+
+#: The run folder's lock file, naming the process that holds it.
+RUN_LOCK = "run.lock"
+#: Variables through which launchers give a process its rank (torchrun, Lightning, SLURM, LSF).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+_held_locks: dict[Path, IO[str]] = {}  # this process's run folder lock, kept open while it holds it
+
+
+def lock_run_folder(folder: Path) -> None:
+    """Refuse a second training into ``folder`` while one runs there: their ``results.csv`` rows would interleave
+    and their checkpoints replace each other's.
+
+    A POSIX record lock (``lockf``) on ``run.lock``, taken by global rank 0 alone (every rank variable a launcher
+    set is 0; the other ranks write nothing there). The kernel releases it when the process ends, however it ends,
+    so a killed run leaves no stale lock, and forked loader workers do not inherit it. A process holds the lock of
+    its current run only: taking the next (a multirun's next job, a search's next trial) releases the previous.
+    """
+    if any(os.environ.get(name, "0") != "0" for name in RANK_VARIABLES):
+        return
+    path = folder.resolve() / RUN_LOCK
+    if path in _held_locks:  # a second run in the same folder, after the first, from the same process
+        return
+    file = open(path, "a+")  # kept open for as long as the lock is held
+    try:
+        fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        file.close()
+        holder = path.read_text().strip() or "a process that has just started"
+        raise RunFolderInUse(
+            f"run folder {folder} is in use by another training ({holder}): two runs in one folder would interleave "
+            f"results.csv and replace each other's checkpoints. Give this run its own folder with "
+            f"hydra.run.dir=<another folder>, or wait until that run ends (resuming into this folder works then)"
+        ) from None
+    file.seek(0)
+    file.truncate()
+    file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    file.flush()
+    for previous in _held_locks.values():
+        previous.close()
+    _held_locks.clear()
+    _held_locks[path] = file
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Data first: the class list (possibly inferred from the annotations) sizes the model's head."""
     check_devices(cfg.trainer)
@@ -156,6 +206,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if cfg.get("ckpt_path"):  # the data's classes are known now, and nothing is built from them yet
+        check_resumed_classes(cfg.ckpt_path, list(datamodule.classes), datamodule.root)
     if cfg.data.get("img_size") == "auto":  # resolved from the training boxes: the checkpoint keeps the number
         cfg.data.img_size = datamodule.img_size
     model = build_model(cfg, num_classes=datamodule.num_classes, class_names=list(datamodule.classes),
@@ -203,12 +255,15 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     check_run(cfg)  # config types and checkpoint files, before any data is read
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_folder(output_dir)  # before anything is written into it
     apply_nominal_batch_size(cfg)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     write_atomically(output_dir / "config_resolved.yaml", lambda file: file.write(resolved.encode()))
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, model, trainer = build(cfg)
+    if trainer.is_global_zero:  # the images decoded only as far as their files go, for the user to replace
+        write_cut_short_list(output_dir, datamodule.records.values())
     if trainer.is_global_zero and (line := cluster_summary(trainer)):
         log.info(line)
     try:
@@ -224,6 +279,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
     best_path = checkpoint.best_model_path if checkpoint else ""
     best_epoch = saved_epoch(best_path) if best_path else trainer.current_epoch - 1
+    if trainer.max_epochs == 0 and not best_path:  # nothing trained: the model as built is validated
+        best_epoch = None
     final = trainer.validate(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
     metrics = {k: float(v) for k, v in (final[0] if final else {}).items()}
     best_score = metrics.get(cfg.monitor)
@@ -235,10 +292,17 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
                 logger.log_hyperparams(hyperparameters(cfg))
                 logger.log_metrics({f"best/{cfg.monitor}": best_score}, step=trainer.global_step)
     if trainer.is_global_zero:
-        summary = json.dumps({"checkpoint": best_path, "epoch": best_epoch, **metrics}, indent=1)
+        ending = next((c.summary() for c in trainer.callbacks if isinstance(c, RunEnd)), {})  # why fit stopped
+        summary = json.dumps({"checkpoint": best_path, "epoch": best_epoch, **ending, **metrics}, indent=1)
         write_atomically(output_dir / "final_metrics.json", lambda file: file.write(summary.encode()))
-        log.info("best checkpoint: %s (epoch %d)", best_path or "(none saved; the last weights)", best_epoch)
-        log.info("%s of the best checkpoint: %s", cfg.monitor, "n/a" if best_score is None else f"{best_score:.4f}")
+        score = "n/a" if best_score is None else f"{best_score:.4f}"
+        if best_epoch is None:
+            weights = f"the weights of init_from={cfg.init_from}" if cfg.get("init_from") else "its initial weights"
+            log.info("trainer.max_epochs=0: nothing trained; %s of the model as built, with %s: %s", cfg.monitor,
+                     weights, score)
+        else:
+            log.info("best checkpoint: %s (epoch %d)", best_path or "(none saved; the last weights)", best_epoch)
+            log.info("%s of the best checkpoint: %s", cfg.monitor, score)
     return {"best_score": best_score, "best_model_path": best_path, "metrics": metrics}
 
 

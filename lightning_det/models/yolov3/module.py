@@ -58,6 +58,7 @@ class YOLOv3(Detector):
     Each part is a plain config (see ``models/parts.py``): ``None`` or no ``_target_`` takes the default class.
     """
 
+    input_multiple: ClassVar[int] = 32  # the coarsest grid's stride, in both variants
     renamed: ClassVar[dict[str, str]] = {
         "iou_t": "assigner.iou_t",
         "best_anchor_only": "assigner.best_anchor_only",

@@ -1,0 +1,71 @@
+"""The framework's own errors print as ``Error: <message>`` without a traceback, exit status 1; the traceback comes
+back with ``HYDRA_FULL_ERROR=1``, and a bug's error (a library's, or another kind) keeps it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from runs import REPO, train
+
+from lightning_det.tools.errors import FrameworkError, framework_error, report_errors
+from lightning_det.tools.train import check_devices, saved_epoch
+
+
+def run_tool(tmp_path, module: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={tmp_path / 'run'}",
+            f"paths.log_dir={tmp_path / 'logs'}"]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_data_error_prints_its_message_alone_and_hydra_full_error_the_traceback(tmp_path):
+    missing = [f"data.root={tmp_path / 'nowhere'}", "data=voc"]
+    done = train(tmp_path, *missing, expect_ok=False)
+    assert done.returncode == 1
+    assert f"Error: VOC split list {tmp_path / 'nowhere'}/VOC2007/ImageSets/Main/trainval.txt not found" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+
+    done = train(tmp_path, *missing, expect_ok=False, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr
+    assert f"FileNotFoundError: VOC split list {tmp_path / 'nowhere'}" in done.stderr
+
+
+def test_an_error_raised_while_hydra_builds_an_object_prints_its_own_message(tmp_path):
+    done = train(tmp_path, "data.repeat_threshold=5", expect_ok=False)
+    assert done.returncode == 1
+    assert "Error: data.repeat_threshold must be a share of images in (0, 1], got 5" in done.stderr
+    assert "Traceback" not in done.stderr and "Error in call to target" not in done.stderr, done.stderr
+
+
+def test_every_hydra_tool_reports_the_same_way(tmp_path):
+    missing = tmp_path / "missing.ckpt"
+    done = run_tool(tmp_path, "lightning_det.tools.evaluate", f"ckpt_path={missing}")
+    assert done.returncode == 1 and f"Error: ckpt_path={missing}: no such file" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_only_the_frameworks_own_errors_lose_their_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(ValueError, match="asks for 64 CPU processes") as own:
+        check_devices(OmegaConf.create({"devices": 64, "accelerator": "cpu"}))
+    assert framework_error(own.value) is own.value
+    with pytest.raises(ValueError) as library:  # raised inside numpy: a bug's, whatever its kind
+        np.arange(2).reshape(3)
+    assert framework_error(library.value) is None
+    with pytest.raises(FileNotFoundError) as library_file:  # raised by torch.load for the framework's call
+        saved_epoch(str(tmp_path / "none.ckpt"))
+    assert framework_error(library_file.value) is None
+
+    def task(cfg):
+        check_devices(cfg)
+
+    with pytest.raises(FrameworkError, match=r"^Error: trainer.devices=64 asks for 64 CPU processes"):
+        report_errors(task)(OmegaConf.create({"devices": 64, "accelerator": "cpu"}))
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ValueError, match="asks for 64 CPU processes"):
+        report_errors(task)(OmegaConf.create({"devices": 64, "accelerator": "cpu"}))
