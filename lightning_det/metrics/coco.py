@@ -31,76 +31,29 @@ from typing import Any
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor
-from torchmetrics import Metric
 
 from lightning_det.io import collector_paused
-from lightning_det.metrics.common import (
-    PerClassVector,
-    checked_rows,
-    class_names_for,
-    first_occurrences,
-    flat_rows,
-    image_ids,
-    optional_column,
-    state_rows,
-)
-from lightning_det.models.boxes import Detections
+from lightning_det.metrics.common import DetectionMetric
 
 MAX_DETECTIONS = 100  # COCO scores the best 100 detections of each image and class
 IOU_50, IOU_75 = 0, 5  # positions of 0.5 and 0.75 among COCOeval's IoU thresholds 0.5, 0.55, ..., 0.95
 SUMMARY_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", f"AR{MAX_DETECTIONS}")
 
 
-class COCOMeanAP(PerClassVector, Metric):
+class COCOMeanAP(DetectionMetric):
     """COCO box mAP@[.5:.95] with AP50, AP75, APs/APm/APl, AR100 and AP per class.
 
     ``update(preds, targets)`` takes per image ``{"boxes" [N, 4] xyxy, "scores" [N], "labels" [N]}`` and
-    ``{"boxes" [M, 4], "labels" [M]}`` with optional ``"difficult"`` [M] (crowd regions) and ``"area"`` [M] (0:
-    none), as ``VOCMeanAP`` does; ``**kwargs`` go to torchmetrics' ``Metric`` (e.g. ``dist_sync_fn``).
+    ``{"boxes" [M, 4], "labels" [M]}`` with optional ``"difficult"`` [M] (crowd regions), ``"area"`` [M] (0:
+    none) and ``"image_id"``, as ``VOCMeanAP`` does; ``**kwargs`` go to torchmetrics' ``Metric`` (e.g.
+    ``dist_sync_fn``).
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    detections: list[Tensor]  # (x1, y1, x2, y2, score, label) per detection, flattened
-    ground_truths: list[Tensor]  # (x1, y1, x2, y2, label, crowd, area) per ground-truth box, flattened
-    boxes_per_image: list[Tensor]  # (number of detections, number of ground-truth boxes) per image, flattened
-    image_ids: list[Tensor]  # the targets' image_id, when every target has one
-
-    def __init__(self, num_classes: int, class_names: list[str] | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_classes = num_classes
-        self.class_names = class_names_for(num_classes, class_names)
-        for name in ("detections", "ground_truths", "boxes_per_image", "image_ids"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: Detections, targets: Detections) -> None:
-        """Store one batch; a target's ``difficult`` flags become ``iscrowd``, its ``area`` sets the area range."""
-        if not preds and not targets:
-            return
-        rows = checked_rows(preds, targets, self.num_classes)
-        crowd = optional_column(targets, "difficult", rows.gt_counts)
-        area = optional_column(targets, "area", rows.gt_counts)
-
-        self.detections.append(flat_rows([rows.boxes, rows.scores, rows.labels], self.device, self.dtype))
-        self.ground_truths.append(flat_rows([rows.gt_boxes, rows.gt_labels, crowd, area], self.device, self.dtype))
-        self.boxes_per_image.append(flat_rows([rows.per_image()], self.device, self.dtype))
-        ids = image_ids(targets)
-        if ids is not None:
-            self.image_ids.append(ids.to(self.device))
+    target_columns = ("difficult", "area")  # difficult becomes iscrowd; area sets the area range
 
     def compute(self) -> dict[str, Tensor]:
         """The summary values and AP per class (NaN where undefined)."""
-        detections = state_rows(self.detections, 6)
-        ground_truths = state_rows(self.ground_truths, 7)
-        counts = state_rows(self.boxes_per_image, 2).long()
-        ids = state_rows(self.image_ids, 1).double().flatten()
-        if len(ids) == len(counts):  # every image came with its id: an image repeated by the DDP sampler counts once
-            first = first_occurrences(ids)
-            detections = detections[first.repeat_interleave(counts[:, 0])]
-            ground_truths = ground_truths[first.repeat_interleave(counts[:, 1])]
-            counts = counts[first]
+        detections, ground_truths, counts = self.epoch_rows()
         categories = torch.cat([detections[:, 5], ground_truths[:, 4]]).long().unique()
         results = {key: torch.tensor(torch.nan) for key in SUMMARY_KEYS}
         results["AP_per_class"] = torch.full((self.num_classes,), torch.nan)

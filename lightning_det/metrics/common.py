@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 
@@ -146,3 +147,58 @@ def state_rows(state: list[Tensor] | Tensor, width: int) -> Tensor:
     """
     flat = dim_zero_cat(state) if len(state) else torch.zeros(0)
     return flat.reshape(-1, width).cpu()
+
+
+class DetectionMetric(PerClassVector, Metric):
+    """What ``VOCMeanAP`` and ``COCOMeanAP`` keep: an epoch's checked detections and ground truth as flat tensor
+    states that torchmetrics gathers with ``"cat"`` (DDP sync for free, ranks may hold different numbers of images),
+    with the targets' ``image_id`` so that an image Lightning's distributed sampler repeats counts once.
+
+    A subclass names the optional per-box target values it keeps beside each ground-truth box
+    (``target_columns``) and scores :meth:`epoch_rows` in ``compute``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    target_columns: tuple[str, ...] = ()
+
+    detections: list[Tensor]  # (x1, y1, x2, y2, score, label) per detection, flattened
+    ground_truths: list[Tensor]  # (x1, y1, x2, y2, label, *target_columns) per ground-truth box, flattened
+    boxes_per_image: list[Tensor]  # (number of detections, number of ground-truth boxes) per image, flattened
+    image_ids: list[Tensor]  # the targets' image_id, when every target of a batch has one
+
+    def __init__(self, num_classes: int, class_names: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.class_names = class_names_for(num_classes, class_names)
+        for name in ("detections", "ground_truths", "boxes_per_image", "image_ids"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> None:
+        """Store one batch (see the subclass for the formats), after :func:`checked_rows`' checks."""
+        if not preds and not targets:
+            return
+        rows = checked_rows(preds, targets, self.num_classes)
+        kept = [optional_column(targets, key, rows.gt_counts) for key in self.target_columns]
+        self.detections.append(flat_rows([rows.boxes, rows.scores, rows.labels], self.device, self.dtype))
+        self.ground_truths.append(flat_rows([rows.gt_boxes, rows.gt_labels, *kept], self.device, self.dtype))
+        self.boxes_per_image.append(flat_rows([rows.per_image()], self.device, self.dtype))
+        ids = image_ids(targets)
+        if ids is not None:
+            self.image_ids.append(ids.to(self.device))
+
+    def epoch_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The epoch on the CPU, each image once (when every image came with its id): detection rows ``[N, 6]``,
+        ground-truth rows ``[M, 5 + len(target_columns)]`` and per image (detections, ground-truth boxes), in
+        update order."""
+        detections = state_rows(self.detections, 6)
+        ground_truths = state_rows(self.ground_truths, 5 + len(self.target_columns))
+        counts = state_rows(self.boxes_per_image, 2).long()
+        ids = state_rows(self.image_ids, 1).double().flatten()
+        if len(ids) == len(counts):
+            first = first_occurrences(ids)
+            detections = detections[first.repeat_interleave(counts[:, 0])]
+            ground_truths = ground_truths[first.repeat_interleave(counts[:, 1])]
+            counts = counts[first]
+        return detections, ground_truths, counts

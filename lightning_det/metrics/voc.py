@@ -26,26 +26,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from lightning_det.metrics.common import (
-    PerClassVector,
-    checked_rows,
-    class_names_for,
-    first_occurrences,
-    flat_rows,
-    image_ids,
-    optional_column,
-    state_rows,
-)
-from lightning_det.models.boxes import Detections
+from lightning_det.metrics.common import DetectionMetric
 
 # The 11 recall levels of the VOC07 metric, built as 0.1 * k in float64 like the devkit ports in common use
 # (py-faster-rcnn, Detectron2, MMDetection), so a recall of exactly 0.3, 0.6 or 0.7 is scored as they score it.
 VOC07_RECALL_LEVELS = torch.arange(11, dtype=torch.float64) * 0.1
 
 
-class VOCMeanAP(PerClassVector, Metric):
+class VOCMeanAP(DetectionMetric):
     """Pascal VOC mAP at one IoU threshold: VOC2010+ area under the precision envelope, or VOC07 11-point.
 
     ``update(preds, targets)`` takes per image ``{"boxes" [N, 4] xyxy, "scores" [N], "labels" [N]}`` and
@@ -67,14 +56,7 @@ class VOCMeanAP(PerClassVector, Metric):
     than in a single-process run, as with the devkit fed the same detections in another file order.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    # Rows are flattened to 1-D because torchmetrics gathers a rank that saw no batch as a 1-D empty tensor.
-    detections: list[Tensor]  # (x1, y1, x2, y2, score, label) per detection
-    ground_truths: list[Tensor]  # (x1, y1, x2, y2, label, difficult) per ground-truth box
-    boxes_per_image: list[Tensor]  # (number of detections, number of ground-truth boxes) per image
+    target_columns = ("difficult",)
 
     def __init__(
         self,
@@ -87,46 +69,22 @@ class VOCMeanAP(PerClassVector, Metric):
         pr_thresholds: int = 101,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(num_classes, class_names, **kwargs)
         if not 0.0 < iou_threshold <= 1.0:
             raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
-        self.num_classes = num_classes
         self.iou_threshold = iou_threshold
         self.use_07_metric = use_07_metric
         self.use_difficult = use_difficult
         self.plus_one = plus_one
         self.pr_thresholds = pr_thresholds
-        self.class_names = class_names_for(num_classes, class_names)
-        for name in ("detections", "ground_truths", "boxes_per_image", "image_ids"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: Detections, targets: Detections) -> None:
-        """Store one batch of detections and ground truth (see the class docstring for the formats)."""
-        if not preds and not targets:
-            return
-        rows = checked_rows(preds, targets, self.num_classes)
-        difficult = optional_column(targets, "difficult", rows.gt_counts)
-
-        self.detections.append(flat_rows([rows.boxes, rows.scores, rows.labels], self.device, self.dtype))
-        self.ground_truths.append(flat_rows([rows.gt_boxes, rows.gt_labels, difficult], self.device, self.dtype))
-        self.boxes_per_image.append(flat_rows([rows.per_image()], self.device, self.dtype))
-        ids = image_ids(targets)
-        if ids is not None:
-            self.image_ids.append(ids.to(self.device))
 
     def compute(self) -> dict[str, Tensor]:
         """mAP, AP per class and mean recall over the classes that have positives."""
-        detections = state_rows(self.detections, 6).double()
-        ground_truths = state_rows(self.ground_truths, 6).double()
-        counts = state_rows(self.boxes_per_image, 2).long()
+        detections, ground_truths, counts = self.epoch_rows()
+        detections, ground_truths = detections.double(), ground_truths.double()
         images = torch.arange(len(counts))
         det_image = images.repeat_interleave(counts[:, 0])
         gt_image = images.repeat_interleave(counts[:, 1])
-        ids = state_rows(self.image_ids, 1).double().flatten()
-        if len(ids) == len(counts):  # every image came with its id: drop repeats
-            first = first_occurrences(ids)
-            detections, det_image = detections[first[det_image]], det_image[first[det_image]]
-            ground_truths, gt_image = ground_truths[first[gt_image]], gt_image[first[gt_image]]
 
         det_boxes, scores, det_labels = detections[:, :4], detections[:, 4], detections[:, 5].long()
         gt_boxes, gt_labels = ground_truths[:, :4], ground_truths[:, 4].long()
