@@ -3,9 +3,12 @@ same loop on batches loaded beforehand, alternated in one run.
 
     python bench/loop.py                              # BCCD (640 x 480 JPEGs), yolov3_tiny w0.5, 256 px, batch 8
     python bench/loop.py --workers 0 2 --rounds 3 --root /data/VOCdevkit --split 2007/trainval
-    python bench/loop.py --mosaic 0 --workers 0 1 2   # the shipped pipeline (mosaic off)
+    python bench/loop.py --mosaic 0 --workers 0 1 2   # mosaic off
+    python bench/loop.py --yaml <aquarium>/data.yaml --img-size 512 --mosaic 0 --rect --precision bf16-mixed \
+        --workers 0 2                                 # the README command's loop on aquarium (shipped defaults)
 
-``--root`` and ``--split`` are those of ``VOCSource`` (default: BCCD's yearless folder and its ``train`` split). The
+``--root`` and ``--split`` are those of ``VOCSource`` (default: BCCD's yearless folder and its ``train`` split);
+``--yaml`` reads an Ultralytics data.yaml instead. The
 first epoch of each loop is untimed: it starts the workers and decodes the images a small set then keeps; the rate
 is that of the epochs after.
 """
@@ -26,7 +29,7 @@ from omegaconf import OmegaConf
 from tables import table
 from torch.utils.data import DataLoader
 
-from lightning_det.data import DetectionDataModule, VOCSource
+from lightning_det.data import DetectionDataModule, VOCSource, YOLODataModule
 from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
 from lightning_det.models.yolov3 import YOLOv3
 
@@ -56,12 +59,14 @@ class StepTimer(L.Callback):
 
 
 def datamodule(args: argparse.Namespace, workers: int) -> DetectionDataModule:
-    data = DetectionDataModule(
-        args.root, VOCSource([args.split]), VOCSource([args.split]), batch_size=args.batch_size, num_workers=workers,
-        persistent_workers=workers > 0, img_size=args.img_size,
-        train_transform=YoloTrainTransform(args.img_size, mosaic=args.mosaic),
-        val_transform=LetterboxTransform(args.img_size),
-    )
+    settings = dict(batch_size=args.batch_size, num_workers=workers, persistent_workers=workers > 0,
+                    img_size=args.img_size, group_aspect_ratio=args.rect, size_divisor=32,
+                    train_transform=YoloTrainTransform(args.img_size, mosaic=args.mosaic, rect=args.rect),
+                    val_transform=LetterboxTransform(args.img_size))
+    if args.yaml is not None:
+        data = YOLODataModule(str(args.yaml), **settings)
+    else:
+        data = DetectionDataModule(args.root, VOCSource([args.split]), VOCSource([args.split]), **settings)
     data.setup("fit")
     return data
 
@@ -74,7 +79,8 @@ def images_per_second(args: argparse.Namespace, num_classes: int, loader: DataLo
     model.to(memory_format=torch.channels_last)
     timer = StepTimer(untimed)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=untimed + args.steps, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu", devices=1, precision=args.precision, max_steps=untimed + args.steps, limit_val_batches=0,
+        num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[timer],
     )
@@ -85,6 +91,9 @@ def images_per_second(args: argparse.Namespace, num_classes: int, loader: DataLo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=BCCD, help="VOC root (a devkit, or one yearless VOC folder)")
+    parser.add_argument("--yaml", type=Path, help="an Ultralytics data.yaml instead (its train split)")
+    parser.add_argument("--precision", default="32-true", help="the Trainer's precision, e.g. bf16-mixed")
+    parser.add_argument("--rect", action="store_true", help="rectangular training samples (data.rect_train)")
     parser.add_argument("--split", default="train", help="training split: <year>/<name>, or <name> in a yearless folder")
     parser.add_argument("--img-size", type=int, default=256)
     parser.add_argument("--width", type=float, default=0.5, help="yolov3_tiny channel multiplier")
@@ -108,9 +117,9 @@ def main() -> None:
     loops |= {f"DataModule, {w} workers": (lambda w=w: datamodule(args, w).train_dataloader()) for w in args.workers}
 
     title = (f"Lightning training loop, {args.split} ({len(data.records['train'])} images), yolov3_tiny w{args.width}, "
-             f"{args.img_size} px, batch {args.batch_size}, mosaic {args.mosaic}, {args.threads} torch threads, "
-             f"{args.steps} steps after "
-             f"one epoch, median over alternated rounds")
+             f"{args.img_size} px{' rect' * args.rect}, batch {args.batch_size}, mosaic {args.mosaic}, "
+             f"{args.precision}, {args.threads} torch threads, {args.steps} steps after one epoch, median over "
+             "alternated rounds")
     rates: dict[str, list[float]] = {name: [] for name in loops}
     for done in range(1, args.rounds + 1):
         for name, loader in loops.items():

@@ -8,6 +8,7 @@ trained on a synthetic batch, so a row measures what ``train.py model=<name>`` r
     python bench/train_step.py --compare                # today's step against each speed-up, alternated
     python bench/train_step.py --compare --compile      # ... and torch.compile (slow to compile)
     python bench/train_step.py --loss --optimizer       # the ignore rule at 8-1,000 objects; optimizer paths
+    python bench/train_step.py --precision --rounds 5   # float32 against bf16 autocast (trainer.precision: auto)
 
 ``--compare`` runs the variants of one model round-robin (A/B/A/B), so a slower spell of the machine hits all of
 them alike, and reports each variant's median time ratio to "today" over the rounds. "Today" is the step at
@@ -228,6 +229,41 @@ def compare(name: str, img_size: int, batch_size: int, variants: list[Variant], 
 
 
 # --- parts: the ignore rule in dense scenes, the optimizer paths --------------------------------------------------
+# (config, width, input, batch): yolov3_tiny at half width is the default model (yolov3_tiny_cpu), at aquarium's and
+# BCCD's input sizes
+PRECISION_CASES = [("yolov3_tiny", 0.5, 512, 8), ("yolov3_tiny", 0.5, 256, 8), ("ssdlite", 0.5, 320, 8)]
+
+
+def precision_rows(rounds: int) -> list[tuple[str, ...]]:
+    """Each case's step in float32 and under bf16 autocast (what Lightning's ``bf16-mixed`` does on a CPU: the
+    forward and loss autocast, the backward and the Adam step outside), alternated over ``rounds``."""
+    rows = []
+    for name, width, size, batch_size in PRECISION_CASES:
+        cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+        cfg.model.width = width
+        model = instantiate(cfg.model, num_classes=NUM_CLASSES, _recursive_=False)
+        model.to(memory_format=torch.channels_last).train()
+        batch = synthetic_batch(batch_size, size)
+        optimizer = adam(model.parameters(), configured=True)
+
+        def step(bf16: bool) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                losses = model.loss(model.network_outputs(batch), batch)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+
+        step(False), step(True)  # warm-up, untimed
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(rounds):
+            for bf16 in (False, True):
+                times[bf16].append(timed(lambda: step(bf16)))
+        fp32, bf16 = (statistics.median(times[k]) for k in (False, True))
+        rows.append((f"{name} w{width}", str(size), str(batch_size), f"{fp32:.3f}", f"{bf16:.3f}",
+                     f"{bf16 / fp32:.2f}x"))
+    return rows
+
+
 LOSS_OBJECTS = (8, 200, 1000)
 LOSS_VARIANTS = ("today: full IoU matrix", "chunked")
 
@@ -300,6 +336,7 @@ def main() -> None:
     parser.add_argument("--loss", action="store_true", help="the YOLOv3 loss at 8, 200 and 1,000 objects")
     parser.add_argument("--loss-case", nargs=2, metavar=("VARIANT", "OBJECTS"), help=argparse.SUPPRESS)
     parser.add_argument("--optimizer", action="store_true", help="Adam's single-tensor, foreach and fused steps")
+    parser.add_argument("--precision", action="store_true", help="float32 against bf16 autocast (bf16-mixed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -324,7 +361,12 @@ def main() -> None:
     if args.optimizer:
         title = f"Adam step on CPU, {threads}, median of {args.iterations}; max |param - single-tensor's|"
         log.info(table(title, ("params of", "implementation", "ms", "difference"), optimizer_rows(args.iterations)))
-    if args.compare or args.loss or args.optimizer:
+    if args.precision:
+        title = (f"train step on CPU, {threads}, Adam, channels_last; float32 and bf16 autocast alternated over "
+                 f"{args.rounds} rounds")
+        log.info(table(title, ("model", "input", "batch", "fp32 s/step", "bf16 s/step", "bf16 / fp32"),
+                       precision_rows(args.rounds)))
+    if args.compare or args.loss or args.optimizer or args.precision:
         return
 
     rows = []

@@ -57,6 +57,53 @@ def test_ema_follows_the_ramped_formula_and_is_what_the_checkpoint_holds(tmp_pat
     assert not torch.allclose(expected, record.seen[-1], atol=1e-3)
 
 
+def test_auto_decay_sizes_the_average_to_the_planned_run(tmp_path):
+    """decay=auto: a window of window_share of the planned steps (2 epochs x 6 = 12; half: 6 steps, decay 5/6),
+    ramped over a fifth of it, against the hand-rolled recursion."""
+    torch.manual_seed(0)
+    batches = DataLoader([{"images": torch.randn(2, 3, 4, 4)} for _ in range(6)], batch_size=None)
+    record, ema = RecordWeights(), ModelEMA(window_share=0.5)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="last", monitor=None)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, callbacks=[record, ema, saver],
+                        limit_val_batches=0)
+    trainer.fit(Regressor(), train_dataloaders=batches)
+
+    expected = record.seen[0]
+    for updates, raw in enumerate(record.seen[1:], start=1):
+        d = (1 - 1 / 6) * (1 - math.exp(-updates / 1.2))
+        expected = expected * d + raw * (1 - d)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert torch.allclose(checkpoint["state_dict"]["conv.weight"], expected, atol=1e-6)
+
+
+class RecordValidatedWeights(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.seen.append(pl_module.body[0].weight.detach().clone())
+
+
+def test_validating_a_checkpoint_after_fit_validates_that_checkpoint(tmp_path):
+    """After fit, trainer.validate(ckpt_path=best) must score the best checkpoint's (averaged) weights, not the
+    average of the last step swapped in by the EMA callback."""
+    torch.manual_seed(0)
+    batches = DataLoader([{"images": torch.randn(2, 3, 6, 6) + 2} for _ in range(4)], batch_size=None)
+    validated = RecordValidatedWeights()
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="epoch{epoch}", monitor=None, save_top_k=-1,
+                            auto_insert_metric_name=False)
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        callbacks=[ModelEMA(decay=0.5, ramp=1.0), validated, saver])
+    model = TinyDetector()
+    trainer.fit(model, train_dataloaders=batches, val_dataloaders=batches)
+    first = tmp_path / "epoch0.ckpt"
+    trainer.validate(model, dataloaders=batches, ckpt_path=str(first), verbose=False)
+    saved = torch.load(first, weights_only=False)["state_dict"]["body.0.weight"]
+    assert torch.equal(validated.seen[0], saved)  # validation during fit saw the average, as saved
+    assert torch.equal(validated.seen[-1], saved)
+    assert not torch.equal(validated.seen[-2], saved)
+
+
 class RecordState(L.Callback):
     def __init__(self):
         self.steps = []

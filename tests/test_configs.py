@@ -74,8 +74,8 @@ def test_optimizers_and_schedulers_build(tmp_path, optimizer, scheduler):
 def test_trainers_callbacks_and_loggers_build(tmp_path, trainer):
     cfg = composed(tmp_path, f"trainer={trainer}", "trainer.accelerator=cpu", "logger=many", f"paths.output_dir={tmp_path}")
     callbacks, loggers = build_callbacks(cfg), build_loggers(cfg)
-    assert {type(c).__name__ for c in callbacks} >= {"RunCheckpoint", "InterruptCheckpoint", "EarlyStopping",
-                                                      "LearningRateMonitor"}
+    assert {type(c).__name__ for c in callbacks} >= {"RunCheckpoint", "InterruptCheckpoint", "BudgetedEarlyStopping",
+                                                      "ModelEMA", "LearningRateMonitor"}
     assert {type(lg).__name__ for lg in loggers} == {"TensorBoardLogger", "CSVLogger"}
     assert str(tmp_path) in cfg.paths.output_dir
 
@@ -92,10 +92,12 @@ def test_sample_tuning_applies_only_to_the_sample_pair(tmp_path):
     assert overridden.model.width == 0.25 and overridden.data.img_size == 128
 
 
-def test_ema_callback_composes_on_top_of_the_defaults(tmp_path):
-    cfg = composed(tmp_path, "callbacks=[default,ema]", f"paths.output_dir={tmp_path}")
+def test_the_defaults_average_the_weights_and_stop_early_only_without_a_budget(tmp_path):
+    cfg = composed(tmp_path, f"paths.output_dir={tmp_path}")
     names = {type(c).__name__ for c in build_callbacks(cfg)}
-    assert {"ModelEMA", "RunCheckpoint", "EarlyStopping"} <= names
+    assert {"ModelEMA", "RunCheckpoint", "BudgetedEarlyStopping"} <= names
+    off = composed(tmp_path, f"paths.output_dir={tmp_path}", "~callbacks.ema")
+    assert "ModelEMA" not in {type(c).__name__ for c in build_callbacks(off)}
 
 
 def test_freeze_callback_composes_and_freezes_the_backbone(tmp_path):

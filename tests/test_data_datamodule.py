@@ -232,7 +232,7 @@ def test_sample_configs_generate_and_serve_data(tmp_path, name):
 def test_dataset_configs_build_their_sources(tmp_path, name):
     datamodule = instantiate(compose_data(name, tmp_path))
     assert datamodule.root == tmp_path / ("VOCdevkit" if name == "voc" else "coco")
-    assert datamodule.batch_size == 8 and datamodule.num_workers == 2 and datamodule.img_size == "auto"
+    assert datamodule.batch_size == 8 and datamodule.num_workers == "auto" and datamodule.img_size == "auto"
     assert datamodule.min_steps_per_epoch == 50
     if name == "voc":
         assert datamodule.sources["train"].splits == ["2007/trainval", "2012/trainval"]

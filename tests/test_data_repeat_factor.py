@@ -89,6 +89,17 @@ def test_data_module_repeats_the_rare_class_image_and_reports_it(rare_class_root
     assert "common 1.000, rare 0.125; 1 of 8 images repeated (up to 2.00 times), 9 images a pass" in caplog.text
 
 
+def test_auto_threshold_is_one_over_the_class_count(rare_class_root, caplog):
+    """Two classes: auto is 0.5, so the image of 'rare' (1 / 8 of the images) repeats sqrt(0.5 / 0.125) = 2 times;
+    a class in at least half of the images would repeat nothing."""
+    datamodule = data_module(rare_class_root, sampler="repeat_factor", repeat_threshold="auto")
+    datamodule.setup("fit")
+    with caplog.at_level(logging.INFO):
+        sampler = datamodule.train_dataloader().sampler
+    np.testing.assert_allclose(sampler.repeat_factors.numpy(), [1, 1, 1, 2, 1, 1, 1, 1])
+    assert "(data.repeat_threshold=0.5)" in caplog.text
+
+
 def test_unknown_sampler_and_bad_threshold_are_refused(rare_class_root):
     with pytest.raises(ValueError, match="data.sampler must be one of"):
         data_module(rare_class_root, sampler="weighted")
@@ -140,7 +151,8 @@ def test_a_two_process_ddp_run_trains_on_equal_shares(tmp_path):
         sys.executable, "train.py", "model=yolov3_tiny", "model.width=0.125", "data.img_size=64", "data.batch_size=2",
         f"data.root={tmp_path / 'sample'}", "data.prepare.num_train=12", "data.prepare.num_val=4", "data.num_workers=0",
         "data.min_steps_per_epoch=0", "data.persistent_workers=false", "data.sampler=repeat_factor",
-        "data.repeat_threshold=0.9", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "data.repeat_threshold=0.9", "data.train_transform.rect=false", "trainer=ddp", "trainer.accelerator=cpu",
+        "trainer.devices=2",
         "trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0", f"paths.log_dir={tmp_path / 'logs'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ], cwd=repo, capture_output=True, text=True, timeout=600)

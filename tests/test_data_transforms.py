@@ -131,15 +131,34 @@ def test_augmented_boxes_stay_inside_the_canvas_and_keep_their_labels(seed):
         assert set(out.labels.tolist()) <= {label for s in samples for label in s.labels.tolist()}
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_rect_training_letterboxes_into_the_images_own_rectangle(seed):
+    """rect: 300 x 400 at 416 is scaled by 1.04 to 312 x 416 and padded to 320 x 416 (the next multiple of 32); a
+    portrait image gets the transposed shape; a mosaic stays square. Boxes stay inside their canvas."""
+    torch.manual_seed(seed)
+    transform = YoloTrainTransform(img_size=SIZE, mosaic=0.0, rect=True)
+    wide = make_sample(300, 400, [[10.0, 10.0, 200.0, 150.0]], [0], colour=(90, 90, 90))
+    tall = make_sample(400, 300, [[10.0, 10.0, 150.0, 200.0]], [1], colour=(90, 90, 90))
+    for sample, shape in ((wide, (320, SIZE)), (tall, (SIZE, 320))):
+        out = transform([sample])
+        assert tuple(out.image.shape[-2:]) == shape and tuple(out.orig_size) == shape
+        height, width = shape
+        assert bool((out.boxes[:, 0::2] <= width).all() and (out.boxes[:, 1::2] <= height).all())
+        assert bool((out.boxes >= 0).all())
+    assert transform([wide, tall, wide, tall]).image.shape[-2:] == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("rect", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_zoomed_and_shifted_boxes_follow_their_pixels(seed):
+def test_zoomed_and_shifted_boxes_follow_their_pixels(seed, rect):
     """A painted rectangle after the random zoom (0.5x to 1.5x) and shift: its box holds only its colour (1 px in
     from the edges) and the ring just outside it (1 px out) holds none of it."""
     torch.manual_seed(seed)
     box = [120.0, 90.0, 250.0, 180.0]
     sample = make_sample(300, 400, [box], [1], colour=(90, 90, 90), box_colours=[(250, 20, 20)])
     colourless = dict(hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fill=90)
-    out = YoloTrainTransform(img_size=SIZE, mosaic=0.0, scale=0.5, translate=0.1, **colourless)([sample])
+    out = YoloTrainTransform(img_size=SIZE, mosaic=0.0, scale=0.5, translate=0.1, rect=rect, **colourless)([sample])
+    assert out.image.shape[-2:] == ((320, SIZE) if rect else (SIZE, SIZE))
     x1, y1, x2, y2 = out.boxes[0].tolist()
     red = out.image[0] > 170
     inner = red[math.ceil(y1) + 1 : math.floor(y2) - 1, math.ceil(x1) + 1 : math.floor(x2) - 1]

@@ -121,8 +121,8 @@ def composed(name: str, *overrides: str):
 @pytest.mark.parametrize("data", sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml")))
 def test_trainer_gpu_sets_the_gpu_defaults_and_a_cpu_run_keeps_its_own(data):
     plain, gpu = composed("train", f"data={data}"), composed("train", f"data={data}", "trainer=gpu")
-    assert plain.data.num_workers == 2 and plain.data.pin_memory == "auto"  # a CPU run's loader is unchanged
-    assert gpu.data.num_workers == "auto" and gpu.data.pin_memory == "auto"
+    assert plain.data.num_workers == gpu.data.num_workers == "auto"  # workers by the machine (data/adapt.py)
+    assert plain.data.pin_memory == gpu.data.pin_memory == "auto" and plain.trainer.precision == "auto"
     assert gpu.trainer.precision == "bf16-mixed" and gpu.trainer.benchmark and gpu.trainer.accelerator == "gpu"
     assert gpu.trainer._target_ == plain.trainer._target_ and gpu.trainer.plugins == plain.trainer.plugins
     assert set(gpu) == set(plain)  # the global package adds no top-level keys

@@ -19,7 +19,7 @@ from runs import small_sample, train
 from tiny_detector import TinyDetector
 from torch.utils.data import DataLoader
 
-from lightning_det.callbacks import RunEnd, TimeBudget
+from lightning_det.callbacks import BudgetedEarlyStopping, RunEnd, TimeBudget
 
 
 def batches(count: int = 2) -> DataLoader:
@@ -151,3 +151,15 @@ def test_a_run_through_the_command_line_prints_it_and_writes_it(tmp_path):
     assert line in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert final["stopped_by"] == "early_stopping" and final["run_ended"].startswith(line.removeprefix("run ended: "))
+
+
+def test_budgeted_early_stopping_waits_for_the_budget_and_stops_without_one(lines):
+    """The default early stopping: under trainer.max_time the same scores that stop an unbudgeted run at epoch 3
+    leave it to run to its last epoch (the schedule anneals there); without a budget it is Lightning's."""
+    scores = [0.5, 0.4, 0.3, 0.2, 0.2, 0.2]
+    ending = fit(TinyDetector(scores), [BudgetedEarlyStopping(monitor="val/mAP", mode="max", patience=2)],
+                 max_epochs=6)
+    assert ending.stopped_by == "early_stopping"
+    ending = fit(TinyDetector(scores), [BudgetedEarlyStopping(monitor="val/mAP", mode="max", patience=2)],
+                 max_epochs=6, max_time=timedelta(minutes=10))
+    assert ending.stopped_by == "max_epochs" and lines()[-1].startswith("run ended: max_epochs 6 reached")

@@ -14,6 +14,8 @@ from helpers import make_coco, make_voc
 from omegaconf import OmegaConf
 from runs import REPO, TINY, scalars, small_sample, train
 
+from lightning_det.tools.precision import auto_precision
+
 
 def test_sample_run_writes_config_checkpoints_and_tensorboard(tmp_path):
     done = train(tmp_path, *small_sample(tmp_path))
@@ -22,6 +24,7 @@ def test_sample_run_writes_config_checkpoints_and_tensorboard(tmp_path):
     resolved = OmegaConf.load(run_dir / "config_resolved.yaml")
     assert resolved.data.img_size == 128 and resolved.model.width == 0.25
     assert "${" not in (run_dir / "config_resolved.yaml").read_text()
+    assert resolved.trainer.precision == auto_precision("auto", cpu_bf16=True)  # auto, recorded as what it meant
 
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in checkpoints and any(name.startswith("best-epoch") for name in checkpoints)
@@ -124,7 +127,7 @@ def test_default_sample_run_learns(tmp_path):
 
 def test_mixed_precision_accumulation_clipping_ema_and_multiscale_together(tmp_path):
     train(tmp_path, *small_sample(tmp_path), "trainer.precision=bf16-mixed", "nominal_batch_size=16",
-          "trainer.gradient_clip_val=1.0", "callbacks=[default,ema,multiscale]", "callbacks.multiscale.every_n_batches=1")
+          "trainer.gradient_clip_val=1.0", "callbacks=[default,multiscale]", "callbacks.multiscale.every_n_batches=1")
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     # 16 images in batches of 4, accumulated 4 at a time: one optimizer step per epoch
     assert checkpoint["global_step"] == 2

@@ -10,10 +10,11 @@ from lightning_det.callbacks.interrupt import InterruptCheckpoint
 from lightning_det.callbacks.multiscale import MultiScale
 from lightning_det.callbacks.run_end import RunEnd
 from lightning_det.callbacks.speed import ChannelsLast, Compile
-from lightning_det.callbacks.time_budget import TimeBudget
+from lightning_det.callbacks.time_budget import BudgetedEarlyStopping, TimeBudget
 from lightning_det.callbacks.validation_summary import ValidationSummary
 
 __all__ = [
+    "BudgetedEarlyStopping",
     "ChannelsLast",
     "Compile",
     "Freeze",

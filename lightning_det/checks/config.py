@@ -134,6 +134,12 @@ def check_renamed(cfg: DictConfig) -> None:
                                    "(in the composed config)")
 
 
+# Values of a library's argument that the framework turns into one the library takes before it builds the object.
+RESOLVED_HERE: dict[tuple[str, str], tuple[str, ...]] = {
+    ("lightning.pytorch.Trainer", "precision"): ("auto",),  # tools/precision.py
+}
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigValueError` for the first mistyped value of ``cfg``."""
     check_renamed(cfg)
@@ -154,7 +160,7 @@ def check_config(cfg: DictConfig) -> None:
             if key.startswith("_") or key not in hints or OmegaConf.is_interpolation(node, key):
                 continue  # an interpolated value is checked where it is set
             value = _value(node, key)
-            if value is _UNRESOLVED:
+            if value is _UNRESOLVED or value in RESOLVED_HERE.get((target, key), ()):
                 continue
             allowed = _scalar_types(hints[key])
             if allowed is not None:

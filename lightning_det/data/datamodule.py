@@ -26,7 +26,7 @@ from lightning_det.data.dataset import (
     SortedAspectRatioBatchSampler,
 )
 from lightning_det.data.records import AnnotationSource, RecordTable, read_annotations, train_without_val_images
-from lightning_det.data.repeat_factor import class_image_shares, image_repeat_factors, pass_length
+from lightning_det.data.repeat_factor import auto_threshold, class_image_shares, image_repeat_factors, pass_length
 from lightning_det.data.transforms import DetectionTransform, LetterboxTransform, YoloTrainTransform
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class DetectionDataModule(L.LightningDataModule):
         sampler: ``None`` shows every training image once a pass; ``"repeat_factor"`` shows images of rare classes
             more often (:mod:`~lightning_det.data.repeat_factor`, the LVIS rule).
         repeat_threshold: with ``"repeat_factor"``, a class found in a smaller share of the training images than
-            this has its images repeated ``sqrt(repeat_threshold / share)`` times.
+            this has its images repeated ``sqrt(repeat_threshold / share)`` times; ``"auto"``: one over the number
+            of classes (:func:`~lightning_det.data.repeat_factor.auto_threshold`).
     """
 
     def __init__(
@@ -106,12 +107,12 @@ class DetectionDataModule(L.LightningDataModule):
         group_aspect_ratio: bool = False,
         rect_eval: bool = False,
         sampler: str | None = None,
-        repeat_threshold: float = 0.001,
+        repeat_threshold: float | str = 0.001,
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"data.sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
-        if not 0 < repeat_threshold <= 1:
+        if repeat_threshold != "auto" and not 0 < repeat_threshold <= 1:
             raise ValueError(f"data.repeat_threshold must be a share of images in (0, 1], got {repeat_threshold}")
         if val is None and val_split is None:
             raise ValueError("no validation data: set data.val to an annotation source, or data.val_split=0.1")
@@ -316,10 +317,11 @@ class DetectionDataModule(L.LightningDataModule):
 
     def repeat_factors(self, records: RecordTable) -> np.ndarray:
         """The training images' repeat factors (``sampler: repeat_factor``), with the class shares they come from."""
-        factors = image_repeat_factors(records, self.num_classes, self.repeat_threshold)
+        threshold = auto_threshold(self.num_classes) if self.repeat_threshold == "auto" else self.repeat_threshold
+        factors = image_repeat_factors(records, self.num_classes, threshold)
         _, share = class_image_shares(records, self.num_classes)
         shares = ", ".join(f"{name} {value:.3f}" for name, value in zip(self.classes, share))
-        rank_zero_info(f"repeat-factor sampling (data.repeat_threshold={self.repeat_threshold:g}): share of training "
+        rank_zero_info(f"repeat-factor sampling (data.repeat_threshold={threshold:.3g}): share of training "
                        f"images per class: {shares}; {int((factors > 1).sum())} of {len(records)} images repeated "
                        f"(up to {factors.max(initial=1.0):.2f} times), {pass_length(torch.from_numpy(factors))} "
                        "images a pass")

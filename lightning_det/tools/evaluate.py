@@ -40,6 +40,7 @@ from lightning_det.report.confusion import confusion_matrix
 from lightning_det.report.writer import write_evaluation_report
 from lightning_det.tools.errors import report_errors
 from lightning_det.tools.inference import load_detector
+from lightning_det.tools.precision import resolve_precision
 from lightning_det.tools.train import build_model, load_init_from
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
         )
     datamodule.val_transform = pipeline
     collector = DetectionCollector()
+    resolve_precision(cfg.trainer, cfg.model.get("_target_"))
     trainer = instantiate(cfg.trainer, callbacks=[collector], logger=False, enable_checkpointing=False,
                           enable_model_summary=False)
     trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)

@@ -26,6 +26,7 @@ from lightning_det.data.records import write_cut_short_list
 from lightning_det.io import write_atomically
 from lightning_det.models.detector import NonFiniteLossError
 from lightning_det.models.weights import initialise_from, recorded_settings
+from lightning_det.tools.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     model.inference_pipeline = OmegaConf.to_container(cfg.data.val_transform, resolve=True)
     if cfg.get("init_from"):
         load_init_from(model, cfg)
+    resolve_precision(cfg.trainer, cfg.model.get("_target_"))  # a run did it already (run_stage); a caller of build not
     trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
     return datamodule, model, trainer
 
@@ -257,6 +259,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     lock_run_folder(output_dir)  # before anything is written into it
     apply_nominal_batch_size(cfg)
+    resolve_precision(cfg.trainer, cfg.model.get("_target_"))
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     write_atomically(output_dir / "config_resolved.yaml", lambda file: file.write(resolved.encode()))
     L.seed_everything(cfg.seed, workers=True)

@@ -24,7 +24,8 @@ from lightning_det.data.transforms.common import (
 Layout = tuple[Tensor, Tensor, Tensor]  # canvas image, unclipped boxes, visible region per box
 
 class YoloTrainTransform(DetectionTransform):
-    """Augment one image, or four into a mosaic, into an ``img_size`` square.
+    """Augment one image, or four into a mosaic, into an ``img_size`` square (with ``rect``, a single image into
+    its own rectangle).
 
     Mosaic: each of the four images is resized so its longer side is ``img_size`` and fills one quadrant of the
     canvas around a random centre (in the middle half), showing the part nearest that centre. Without mosaic the
@@ -37,6 +38,12 @@ class YoloTrainTransform(DetectionTransform):
     Every step works on the ``uint8`` image except the colour jitter, which is one 3 x 3 matrix per image
     (:func:`colour_matrix`) applied with the float conversion and clipped once. As every image is first resized to
     fit ``img_size``, the dataset may hand over images already at that size (``decode_size``).
+
+    ``rect``: a single image is letterboxed into the smallest rectangle of multiples of ``stride`` around it (a
+    1024 x 768 photo at 512 becomes 512 x 384, not 512 x 512), and zoomed and shifted within it. The padding a
+    square adds is computed for nothing: a 4:3 image costs 0.75 of the square's pixels, a 16:9 one 0.56. With
+    batches of one orientation (``DetectionDataModule(group_aspect_ratio=True)``) the batch keeps that shape; a
+    mosaic stays square.
     """
 
     def __init__(
@@ -52,8 +59,11 @@ class YoloTrainTransform(DetectionTransform):
         fill: int = 114,
         min_size: float = 2.0,
         min_visible: float = 0.2,
+        rect: bool = False,
+        stride: int = 32,
     ) -> None:
         self.img_size = img_size
+        self.stride = stride if rect else None
         self.mosaic_probability = mosaic
         self.scale = scale
         self.translate = translate
@@ -75,7 +85,8 @@ class YoloTrainTransform(DetectionTransform):
         boxes, keep = clip_and_filter(boxes, regions, self.min_size, self.min_visible)
         labels = torch.cat([s.labels for s in samples])[keep]
         difficult = torch.cat([s.difficult for s in samples])[keep]
-        boxes = as_boxes(boxes[keep], (self.img_size,) * 2)
+        canvas = tuple(image.shape[-2:])
+        boxes = as_boxes(boxes[keep], canvas)
         if torch.rand(()) < self.flip:
             image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
         return Sample(
@@ -85,7 +96,7 @@ class YoloTrainTransform(DetectionTransform):
             difficult=difficult,
             image_id=first.image_id,
             path=first.path,
-            orig_size=(self.img_size, self.img_size),
+            orig_size=canvas,
             mosaic=len(samples) == 4,
         )
 
@@ -98,7 +109,7 @@ class YoloTrainTransform(DetectionTransform):
         return torch.einsum("ij,jhw->ihw", matrix, image.float()).clamp_(0, 255)
 
     def letterboxed(self, sample: Sample) -> Layout:
-        boxed = letterbox(sample.image, sample.boxes, self.img_size, self.fill)
+        boxed = letterbox(sample.image, sample.boxes, self.img_size, self.fill, self.stride)
         height, width = sample.image.shape[-2:]
         (left, top), (scale_x, scale_y) = boxed.pad, boxed.scale
         region = torch.tensor([left, top, left + scale_x * width, top + scale_y * height], dtype=torch.float32)
@@ -130,8 +141,9 @@ class YoloTrainTransform(DetectionTransform):
         output pixels they cover, and boxes are mapped with exactly that scale and offset.
         """
         zoom = 1 + self.scale * (2 * torch.rand(()).item() - 1)
-        shift = (self.translate * self.img_size * (2 * torch.rand(2) - 1)).round().tolist()
-        (x0, x1, u0, u1), (y0, y1, v0, v1) = (self.axis_crop(zoom, t) for t in shift)
+        height, width = image.shape[-2:]
+        shift = (self.translate * torch.tensor([width, height]) * (2 * torch.rand(2) - 1)).round().tolist()
+        (x0, x1, u0, u1), (y0, y1, v0, v1) = (self.axis_crop(zoom, t, size) for t, size in zip(shift, (width, height)))
         canvas = torch.full_like(image, self.fill)
         if x1 > x0 and y1 > y0 and u1 > u0 and v1 > v0:
             crop = image[:, y0:y1, x0:x1]
@@ -142,10 +154,11 @@ class YoloTrainTransform(DetectionTransform):
         moved_regions = map_resized(regions, source, target).clamp(min=pasted[:2].repeat(2), max=pasted[2:].repeat(2))
         return tv_tensors.Image(canvas), moved_boxes, moved_regions
 
-    def axis_crop(self, zoom: float, shift: float) -> tuple[int, int, int, int]:
-        """Along one axis: the input pixels ``[x0, x1)`` that stay on the canvas under ``u = (x - c) zoom + c +
-        shift`` (``c`` the centre) and the output pixels ``[u0, u1)`` they are resized to."""
-        size, centre = self.img_size, self.img_size / 2
+    @staticmethod
+    def axis_crop(zoom: float, shift: float, size: int) -> tuple[int, int, int, int]:
+        """Along one axis of ``size`` pixels: the input pixels ``[x0, x1)`` that stay on the canvas under ``u = (x -
+        c) zoom + c + shift`` (``c`` the centre) and the output pixels ``[u0, u1)`` they are resized to."""
+        centre = size / 2
         x0 = max(0, math.ceil((0 - centre - shift) / zoom + centre - 1e-6))
         x1 = min(size, math.floor((size - centre - shift) / zoom + centre + 1e-6))
         u0, u1 = (min(size, max(0, round((x - centre) * zoom + centre + shift))) for x in (x0, x1))
