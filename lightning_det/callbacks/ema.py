@@ -10,6 +10,8 @@ import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
+from lightning_det.callbacks.time_budget import optimizer_steps_per_epoch
+
 AUTO = "auto"
 MAX_WINDOW = 10_000  # optimizer steps: Ultralytics' decay of 0.9999
 RAMP_SHARE = 0.2  # of the window: Ultralytics' ramp of 2,000 steps at its 10,000-step window
@@ -47,7 +49,7 @@ def planned_steps(trainer: L.Trainer) -> int | None:
     epochs = trainer.fit_loop.max_epochs
     if epochs is None or epochs < 0 or not math.isfinite(trainer.num_training_batches):
         return None
-    return epochs * max(1, int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
+    return epochs * optimizer_steps_per_epoch(trainer)
 
 
 class ModelEMA(WeightAveraging):

@@ -33,6 +33,11 @@ def schedules_of(trainer: L.Trainer) -> list[Schedule]:
     return found
 
 
+def optimizer_steps_per_epoch(trainer: L.Trainer) -> int:
+    """Optimizer steps an epoch of the trainer's training batches makes (at least one)."""
+    return max(1, int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
+
+
 def budget_timer(trainer: L.Trainer) -> Timer | None:
     """The Timer Lightning adds for ``trainer.max_time``, when the run has one."""
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
@@ -69,7 +74,7 @@ class TimeBudget(L.Callback):
             log.info("time budget: %.1f s per epoch, %.0f s left, so %d epochs; schedule laid over them",
                      epoch_seconds, self.timer.time_remaining(), epochs)
         trainer.fit_loop.max_epochs = epochs
-        steps = epochs * max(1, trainer.num_training_batches // trainer.accumulate_grad_batches)
+        steps = epochs * optimizer_steps_per_epoch(trainer)
         for schedule in schedules_of(trainer):
             schedule.fit_to(steps)
 
