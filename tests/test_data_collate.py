@@ -54,3 +54,25 @@ def test_fixed_pad_width_and_an_empty_batch_keeps_one_row():
 def test_too_many_objects_for_the_pad_width_names_image_and_setting():
     with pytest.raises(ValueError, match=r"10\.jpg has 2 objects .*label_pad_width=1"):
         collate_detection(SAMPLES, label_pad_width=1)
+
+
+def test_uint8_images_with_colour_matrices_are_converted_and_coloured_as_one_batch():
+    """By hand: doubling every channel sends 50 -> 100 and 200 -> 255 (clipped); swapping red and blue moves a
+    pixel's values; an image without a matrix and the zero padding are left as they are."""
+    def pixels(value, height, width, colour=None):
+        image = torch.tensor(value, dtype=torch.uint8).view(3, 1, 1).repeat(1, height, width)
+        return Sample(image=image, boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long),
+                      difficult=torch.zeros(0, dtype=torch.bool), image_id=0, path="x.jpg",
+                      orig_size=(height, width), colour=colour)
+
+    swap = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    batch = collate_detection([
+        pixels((50, 200, 10), 4, 6, colour=2 * torch.eye(3)),
+        pixels((50, 200, 10), 4, 6, colour=swap),
+        pixels((50, 200, 10), 3, 5),
+    ], size_divisor=8)["images"]
+    assert batch.dtype == torch.float32 and batch.shape == (3, 3, 8, 8)
+    assert batch[0, :, :4, :6].flatten(1).tolist() == [[100.0] * 24, [255.0] * 24, [20.0] * 24]
+    assert batch[1, :, :4, :6].flatten(1).tolist() == [[10.0] * 24, [200.0] * 24, [50.0] * 24]
+    assert batch[2, :, :3, :5].flatten(1).tolist() == [[50.0] * 15, [200.0] * 15, [10.0] * 15]
+    assert batch[0, :, 4:].eq(0).all() and batch[0, :, :, 6:].eq(0).all() and batch[2, :, 3:].eq(0).all()

@@ -61,6 +61,19 @@ def test_pipelines_hand_over_pixels_the_model_normalises():
     assert out.image.dtype == torch.float32 and torch.equal(displayable(out.image), sample.image)
 
 
+def test_yolo_training_hands_over_uint8_pixels_and_the_colour_jitter_as_a_matrix():
+    """The colour jitter is left to collation (one product for the batch): the pixels stay ``uint8`` and the
+    sample carries its draw, the identity when every gain is zero."""
+    sample = make_sample(64, 64, [[8.0, 8.0, 40.0, 40.0]], [0], colour=(50, 60, 80))
+    plain = YoloTrainTransform(img_size=64, flip=0.0, **NO_AUGMENTATION)([sample])
+    assert plain.image.dtype == torch.uint8 and torch.equal(plain.image, sample.image)
+    torch.testing.assert_close(plain.colour, torch.eye(3), atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    jittered = YoloTrainTransform(img_size=64, mosaic=0.0, scale=0.0, translate=0.0, hsv_v=0.4)([sample])
+    brightness = jittered.colour.diagonal()
+    assert not torch.allclose(brightness, torch.ones(3), atol=1e-3) and 0.6 <= brightness.mean() <= 1.4
+
+
 def test_horizontal_flip_mirrors_boxes_and_pixels():
     sample = make_sample(SIZE, SIZE, [[10.0, 50.0, 110.0, 90.0]], [3], box_colours=[(200, 0, 0)])
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ def collate_detection(
     labels[..., 0] = -1
     labels[torch.arange(width) < counts.unsqueeze(1)] = rows
     return {
-        "images": pad_and_stack([s.image for s in samples], size_divisor),
+        "images": pad_and_stack([s.image for s in samples], size_divisor, [s.colour for s in samples]),
         "labels": labels,
         "meta": {
             "image_id": torch.tensor([s.image_id for s in samples], dtype=torch.long),
@@ -56,11 +56,22 @@ def collate_detection(
     }
 
 
-def pad_and_stack(images: list[Tensor], size_divisor: int = 1) -> Tensor:
-    """``[3, H_i, W_i]`` images -> ``[B, 3, H, W]``, zero-padded bottom/right to the rounded-up largest size."""
+def pad_and_stack(
+    images: list[Tensor], size_divisor: int = 1, colours: list[Tensor | None] | None = None
+) -> Tensor:
+    """``[3, H_i, W_i]`` images -> float ``[B, 3, H, W]``, zero-padded bottom/right to the rounded-up largest size.
+
+    ``uint8`` images are stacked as they are and converted once, as a batch; each of ``colours`` that is not
+    ``None`` (a 3 x 3 matrix) is then applied to its image, all in one product, and the pixels clipped to 0..255.
+    The zero padding stays zero under a matrix."""
     height, width = (max(sizes) for sizes in zip(*(image.shape[-2:] for image in images)))
     height, width = (-(-side // size_divisor) * size_divisor for side in (height, width))
-    batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    dtype = torch.uint8 if all(image.dtype == torch.uint8 for image in images) else torch.float32
+    batch = torch.zeros(len(images), images[0].shape[0], height, width, dtype=dtype)
     for target, image in zip(batch, images):  # a copy per image: the sizes differ, so it cannot be one op
         target[:, : image.shape[-2], : image.shape[-1]] = image
-    return batch
+    batch = batch.float()
+    if colours is None or all(colour is None for colour in colours):
+        return batch
+    matrices = torch.stack([torch.eye(3) if colour is None else colour for colour in colours])
+    return torch.einsum("bij,bjhw->bihw", matrices, batch).clamp_(0, 255)

@@ -34,7 +34,8 @@ def colour_matrix(brightness: float, saturation: float, hue: float) -> Tensor:
 
 @dataclass
 class Sample:
-    """One image with its objects, before (``uint8`` image) or after (normalised ``float`` image) a transform.
+    """One image with its objects, before (``uint8`` image) or after a transform (``uint8`` or ``float`` pixels
+    in 0..255, and optionally a ``colour`` matrix that collation applies to the whole batch at once).
 
     ``scale``/``pad`` map the image's pixels back to the source image: ``x_orig = (x - pad_x) / scale_x``;
     ``orig_size`` is the ``(h, w)`` that mapping lands in. Evaluation transforms keep this exact; training
@@ -54,6 +55,8 @@ class Sample:
     mosaic: bool = False
     area: Tensor | None = None  # float32 [N]: each object's own area in source pixels (COCO's, 0 where absent),
     # kept by the evaluation transforms so validation bins objects by size as COCO does
+    colour: Tensor | None = None  # float32 [3, 3]: a colour matrix still to apply to the pixels (collation does
+    # it for the whole batch at once, after the float conversion; see ``collate.pad_and_stack``)
 
 
 def as_boxes(boxes: Tensor, canvas_size: tuple[int, int]) -> tv_tensors.BoundingBoxes:
@@ -151,7 +154,8 @@ def clip_and_filter(
 
 
 class DetectionTransform:
-    """Base of every pipeline: ``__call__(samples) -> Sample`` with the image as ``float`` pixels (0..255).
+    """Base of every pipeline: ``__call__(samples) -> Sample`` with the image as pixels (0..255), ``uint8`` or
+    ``float``; collation turns a batch into ``float`` once (:func:`~lightning_det.data.collate.pad_and_stack`).
 
     The pipeline does not normalise: the model does (``Detector.normalise``), so a checkpoint carries its own
     mean and std and a pretrained backbone brings its normalisation with it. ``mosaic_probability`` tells the
