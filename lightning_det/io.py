@@ -1,5 +1,5 @@
-"""Files written whole or not at all, and large files read without the garbage collector in the way: the ground
-floor every part that reads or writes a file stands on.
+"""Files written whole or not at all, checkpoints read without executing code, and large files read without the
+garbage collector in the way: the ground floor every part that reads or writes a file stands on.
 
 A temporary file beside the target (``.<name>.tmp-<pid>``) is written, flushed and synced, and then renamed over
 the target (atomic on one filesystem); on any error it is removed and the old file stays.
@@ -12,10 +12,14 @@ import errno
 import gc
 import logging
 import os
+import pickle
 import shutil
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +111,45 @@ def collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used by the run that names it."""
+
+
+def is_torch_file(path: Path) -> bool:
+    """``torch.save`` writes a zip archive (or, before 1.6, a pickle); anything else is another format."""
+    with path.open("rb") as file:
+        start = file.read(2)
+    return start == b"PK" or start[:1] == b"\x80"
+
+
+def read_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
+    """The content of a ``torch.save`` file, loaded without executing code; one error naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(
+            f"{key}={path} is empty (0 bytes), not a checkpoint (an interrupted save leaves such a file). Use "
+            "another checkpoint of the run (e.g. best-*.ckpt)"
+        )
+    if not is_torch_file(path):
+        with path.open("rb") as file:
+            start = file.read(16)
+        raise CheckpointError(
+            f"{key}={path} is not a PyTorch checkpoint (a torch.save file starts with 'PK'; this one with "
+            f"{start!r}). Give a .ckpt written by train.py"
+        )
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"{key}={path} is truncated or damaged ({size} bytes; {reason}). Use another checkpoint of the run "
+            "(e.g. best-*.ckpt), or copy the file again"
+        ) from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{key}={path} holds a {type(content).__name__}, not a checkpoint or a state dict")
+    return content

@@ -13,7 +13,7 @@ from torchvision.ops import box_iou
 from lightning_det.data import DetectionDataModule, VOCSource
 from lightning_det.data.transforms import RCNNTransform
 from lightning_det.models.faster_rcnn import FasterRCNN
-from lightning_det.models.faster_rcnn.module import confusion_image
+from lightning_det.report.confusion import heat_map
 
 SMALL_RPN = dict(anchor_sizes=[[16, 32, 64, 128]] * 3, pre_nms_topk=(200, 100), max_detections=(50, 30))
 SMALL = dict(
@@ -138,10 +138,13 @@ def test_confusion_matrices_accumulate_in_training_only(batch):
     with torch.no_grad():
         model.loss(model.network_outputs(batch), batch)
     assert model.rpn_confusion.compute().sum().item() == rpn_count
+    assert set(model.training_matrices()) == {"confusion/rpn", "confusion/roi"}
+    model.on_train_epoch_start()
+    assert model.training_matrices() == {}
 
 
 def test_confusion_image_is_row_normalised():
-    image = confusion_image(torch.tensor([[3, 1], [0, 0]]), cell=2)
+    image = heat_map(torch.tensor([[3, 1], [0, 0]]), cell=2)
     assert image.shape == (1, 4, 4)
     assert image[0, 0, 0] == 0.75 and image[0, 0, 2] == 0.25 and image[0, 2:].sum() == 0
 

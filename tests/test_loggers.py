@@ -121,7 +121,7 @@ import sys
 sys.modules.update(mlflow=None, wandb=None)  # `import mlflow` now fails, as where the packages are missing
 import lightning as L, torch
 from lightning.pytorch.loggers import TensorBoardLogger
-import lightning_det.tools.train, lightning_det.report.callback, lightning_det.callbacks.image_logger
+import lightning_det.tools.train, lightning_det.callbacks.results_report, lightning_det.callbacks.image_logger
 from lightning_det.report.loggers import log_image
 trainer = L.Trainer(logger=TensorBoardLogger({str(tmp_path)!r}, name="tb"), enable_progress_bar=False)
 log_image(trainer, "val/images", torch.zeros(3, 8, 8, dtype=torch.uint8))

@@ -94,7 +94,7 @@ def test_voc_folder_with_inferred_classes_and_a_plateau_schedule(tmp_path):
     assert reduce["mode"] == "max"  # ReduceLROnPlateau stepped on val/mAP
 
 
-def test_coco_folder(tmp_path):
+def test_coco_folder_with_what_the_data_decides_recorded(tmp_path):
     root = tmp_path / "coco"
     categories = [(3, "car"), (7, "person")]
     images = [(1, "a.jpg", 96, 128), (2, "b.jpg", 96, 128), (3, "c.jpg", 80, 100)]
@@ -102,10 +102,16 @@ def test_coco_folder(tmp_path):
              (2, 3, [70, 40, 40, 40], 0), (3, 3, [20, 20, 30, 30], 0)]
     make_coco(root, categories, images, boxes, name="instances_train2017.json", image_dir="train2017")
     make_coco(root, categories, images, boxes, name="instances_val2017.json", image_dir="val2017")
-    train(tmp_path, "data=coco", f"data.root={root}", "metric=coco", "logger=many")
+    train(tmp_path, "data=coco", f"data.root={root}", "metric=coco", "logger=many", "data.img_size=auto")
     assert (tmp_path / "run" / "csv" / "hparams.yaml").is_file()  # the CSV logger beside TensorBoard
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["hyper_parameters"]["class_names"] == ["car", "person"]
+    # input size and anchors resolved from the data, written as numbers where the run and its checkpoint use them
+    resolved = OmegaConf.load(tmp_path / "run" / "config_resolved.yaml")
+    size = resolved.data.img_size
+    assert isinstance(size, int) and size == checkpoint["inference_pipeline"]["img_size"]
+    anchors = checkpoint["hyper_parameters"]["anchors"]
+    assert resolved.model.anchors == anchors and all(isinstance(v, (int, float)) for level in anchors for v in level)
     assert "val/AP50" in scalars(tmp_path / "run")
 
 

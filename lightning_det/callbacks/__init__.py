@@ -8,6 +8,7 @@ from lightning_det.callbacks.freeze import Freeze
 from lightning_det.callbacks.image_logger import ValidationImageLogger
 from lightning_det.callbacks.interrupt import InterruptCheckpoint
 from lightning_det.callbacks.multiscale import MultiScale
+from lightning_det.callbacks.results_report import ResultsReport
 from lightning_det.callbacks.run_end import RunEnd
 from lightning_det.callbacks.speed import ChannelsLast, Compile
 from lightning_det.callbacks.time_budget import BudgetedEarlyStopping, TimeBudget
@@ -23,6 +24,7 @@ __all__ = [
     "MultiScale",
     "ReloadBestAndDecay",
     "RestoreBestOnDecay",
+    "ResultsReport",
     "RunCheckpoint",
     "RunEnd",
     "SafeCheckpointIO",

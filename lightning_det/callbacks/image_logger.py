@@ -1,4 +1,5 @@
-"""Draw validation images with ground truth and predicted boxes into the run's image loggers once per epoch."""
+"""Draw validation images with ground truth and predicted boxes into the run's image loggers once per epoch, and
+the matrices a family accumulates in training (``Detector.training_matrices``) as heat maps."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torchvision.utils import make_grid
 
 from lightning_det.data.transforms.common import displayable
+from lightning_det.report.confusion import heat_map
 from lightning_det.report.drawing import draw_detections, draw_labels
 from lightning_det.report.loggers import image_loggers, log_image
 
@@ -16,7 +18,7 @@ from lightning_det.report.loggers import image_loggers, log_image
 class ValidationImageLogger(L.Callback):
     """Logs a grid of the first validation batch: ground truth in green (difficult in orange), detections above
     ``score_thresh`` in red; and once, the first training batch with its labels, as augmented
-    (``train/first_batch``).
+    (``train/first_batch``); after each training epoch, the model's ``training_matrices`` as heat maps.
 
     Seeing boxes is the quickest check that labels, letterboxing and decoding agree; a falling loss alone
     does not show a transposed box or an off-by-a-stride anchor.
@@ -35,6 +37,11 @@ class ValidationImageLogger(L.Callback):
         no_detections = [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}] * n
         images = displayable(batch["images"][:n])
         log_image(trainer, "train/first_batch", self.render(images, batch["labels"][:n], no_detections, pl_module), step=0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        matrices = getattr(pl_module, "training_matrices", dict)()  # computed on every rank: it syncs under DDP
+        for tag, matrix in matrices.items():
+            log_image(trainer, tag, heat_map(matrix))
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int,

@@ -9,6 +9,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lightning_det.data.collate import Labels
+
 
 class MultiScale(L.Callback):
     """Resize training batches to a random size every ``every_n_batches`` batches.
@@ -45,7 +47,7 @@ class MultiScale(L.Callback):
             return
         batch["images"] = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
         labels = batch["labels"].clone()
-        labels[..., 1:5] *= labels.new_tensor([new_w / width, new_h / height] * 2)
+        Labels.of(labels).boxes.mul_(labels.new_tensor([new_w / width, new_h / height] * 2))
         batch["labels"] = labels
         if "image_size" in batch.get("meta", {}):  # where each image ends inside the padded batch, resized with it
             factors = torch.tensor([new_h / height, new_w / width], device=batch["meta"]["image_size"].device)

@@ -2,7 +2,7 @@
 
 Hydra passes a mistyped override through as a string (``data.skip_invalid=flase`` arrives as ``"flase"``, which
 Python reads as true), so every value of a ``_target_`` node is checked against the type hint of the parameter it
-fills, and a few strings against the choices the code accepts. The message names the key, the value and what is
+fills, and strings against the ``choices`` its class declares. The message names the key, the value and what is
 allowed.
 """
 
@@ -20,6 +20,8 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from lightning_det.models import SSD, FasterRCNN, YOLOv3
 
 SCALARS = (bool, int, float, str)
 
@@ -55,23 +57,6 @@ class ConfigValueError(ValueError):
     """A config value of the wrong type, outside its choices or outside its range."""
 
 
-def string_choices() -> dict[tuple[str, str], tuple[str, ...]]:
-    """``(target, parameter) -> allowed strings``, taken from the code that decides."""
-    from lightning_det.data.cache import CACHE_KINDS
-    from lightning_det.data.image_checks import CHECK_LEVELS
-    from lightning_det.models.ssd.network import VARIANTS as SSD_VARIANTS
-    from lightning_det.models.yolov3.grid import DEFAULT_ANCHORS
-    from lightning_det.models.yolov3.loss import BOX_LOSSES
-
-    return {
-        ("lightning_det.models.yolov3.YOLOv3", "variant"): tuple(sorted(DEFAULT_ANCHORS)),
-        ("lightning_det.models.yolov3.loss.YOLOv3Loss", "box_loss"): tuple(BOX_LOSSES),
-        ("lightning_det.models.ssd.SSD", "variant"): tuple(SSD_VARIANTS),
-        ("lightning_det.data.DetectionDataModule", "check_images"): CHECK_LEVELS,
-        ("lightning_det.data.DetectionDataModule", "cache"): (*CACHE_KINDS, None),
-    }
-
-
 #: Settings that left the data pipeline: the model normalises its own input.
 MOVED_FROM_DATA = {
     f"data.{transform}.{statistic}": f"model.pixel_{statistic}"
@@ -81,8 +66,6 @@ MOVED_FROM_DATA = {
 
 def renamed_settings() -> dict[str, list[tuple[str, str]]]:
     """Every renamed setting: ``old path -> [(family, new path)]`` (family empty where it is the same for all)."""
-    from lightning_det.models import SSD, FasterRCNN, YOLOv3
-
     table: dict[str, list[tuple[str, str]]] = {old: [("", new)] for old, new in MOVED_FROM_DATA.items()}
     for family in (YOLOv3, SSD, FasterRCNN):
         for old, new in family.renamed.items():
@@ -146,11 +129,11 @@ def check_config(cfg: DictConfig) -> None:
     for key, types_allowed in TOP_LEVEL.items():
         if key in cfg:
             check_value(key, _value(cfg, key), types_allowed)
-    choices = string_choices()
     for path, node in _target_nodes(cfg, ""):
         target = node.get("_target_")
         try:
-            hints = _parameter_hints(_import(target))
+            built = _import(target)
+            hints = _parameter_hints(built)
         except Exception:  # noqa: BLE001 - any import failure means the name is wrong
             raise ConfigValueError(
                 f"{path}._target_={target!r} cannot be imported; check the spelling, or pick a config group "
@@ -165,7 +148,7 @@ def check_config(cfg: DictConfig) -> None:
             allowed = _scalar_types(hints[key])
             if allowed is not None:
                 check_value(f"{path}.{key}", value, allowed)
-            options = choices.get((target, key))
+            options = getattr(built, "choices", {}).get(key)
             if options and value not in options:
                 raise ConfigValueError(f"{path}.{key}={value!r} is not one of {list(options)}")
     check_ranges(cfg)

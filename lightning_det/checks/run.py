@@ -7,24 +7,19 @@ will build, so a mismatch is one sentence instead of a page of size-mismatch lin
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_det.checks.config import check_config
+from lightning_det.io import CheckpointError, is_torch_file, read_checkpoint
 from lightning_det.models.torchvision_zoo import TORCHVISION_PREFIX, torchvision_weights
+from lightning_det.models.yolov3.darknet_weights import read_darknet_header
 
 #: Hyper-parameters that decide the network's tensor shapes (where a detector has them).
 NETWORK_SETTINGS = ("variant", "width", "depth", "backbone", "representation", "fpn_channels")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used by the run that names it."""
 
 
 def check_run(cfg: DictConfig) -> None:
@@ -86,8 +81,6 @@ def check_init_from(cfg: DictConfig) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"init_from={path}: no such file")
     if path.stat().st_size and not is_torch_file(path):
-        from lightning_det.models.yolov3.darknet_weights import read_darknet_header  # models import this module
-
         read_darknet_header(path)
         return
     checkpoint = read_checkpoint(path, "init_from")
@@ -100,44 +93,6 @@ def check_init_from(cfg: DictConfig) -> None:
             "its tensors would fit. Pick the matching model settings, or set init_partial=true to load the "
             "tensors that fit anyway"
         )
-
-
-def is_torch_file(path: Path) -> bool:
-    """``torch.save`` writes a zip archive (or, before 1.6, a pickle); anything else is another format."""
-    with path.open("rb") as file:
-        start = file.read(2)
-    return start == b"PK" or start[:1] == b"\x80"
-
-
-def read_checkpoint(path: str | Path, key: str) -> dict[str, Any]:
-    """The content of a ``torch.save`` file, loaded without executing code; one error naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}={path}: no such file")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(
-            f"{key}={path} is empty (0 bytes), not a checkpoint (an interrupted save leaves such a file). Use "
-            "another checkpoint of the run (e.g. best-*.ckpt)"
-        )
-    if not is_torch_file(path):
-        with path.open("rb") as file:
-            start = file.read(16)
-        raise CheckpointError(
-            f"{key}={path} is not a PyTorch checkpoint (a torch.save file starts with 'PK'; this one with "
-            f"{start!r}). Give a .ckpt written by train.py"
-        )
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(
-            f"{key}={path} is truncated or damaged ({size} bytes; {reason}). Use another checkpoint of the run "
-            "(e.g. best-*.ckpt), or copy the file again"
-        ) from None
-    if not isinstance(content, dict):
-        raise CheckpointError(f"{key}={path} holds a {type(content).__name__}, not a checkpoint or a state dict")
-    return content
 
 
 def describe(checkpoint: dict[str, Any]) -> str:

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from lightning_det.data.transforms import Sample
+
+
+class Labels(NamedTuple):
+    """The columns of label rows ``[..., 6]`` = ``(class, x1, y1, x2, y2, difficult)``, the batch contract's layout
+    written once: views of the rows (in-place changes reach them), for a padded batch ``[B, P, 6]`` or flat rows."""
+
+    classes: Tensor  # [...]: the class index as a float, -1 on padding rows
+    boxes: Tensor  # [..., 4]: xyxy in batch-image pixels
+    difficult: Tensor  # [...]: 1.0 for an object the metrics ignore, else 0.0
+
+    @classmethod
+    def of(cls, rows: Tensor) -> Labels:
+        return cls(rows[..., 0], rows[..., 1:5], rows[..., 5])
+
+    @property
+    def valid(self) -> Tensor:
+        """True on the rows that hold an object (not padding)."""
+        return self.classes >= 0
 
 
 def collate_detection(
@@ -38,7 +56,7 @@ def collate_detection(
         dim=1,
     )
     labels = torch.zeros(len(samples), width, 6)
-    labels[..., 0] = -1
+    Labels.of(labels).classes.fill_(-1)
     labels[torch.arange(width) < counts.unsqueeze(1)] = rows
     return {
         "images": pad_and_stack([s.image for s in samples], size_divisor, [s.colour for s in samples]),

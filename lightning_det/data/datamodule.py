@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, SequentialSampler
 
 from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers, usable_cores
-from lightning_det.data.cache import check_kind
+from lightning_det.data.cache import CACHE_KINDS, check_kind
 from lightning_det.data.collate import collate_detection
 from lightning_det.data.dataset import (
     AspectRatioBatchSampler,
@@ -25,6 +25,7 @@ from lightning_det.data.dataset import (
     MosaicSampler,
     SortedAspectRatioBatchSampler,
 )
+from lightning_det.data.image_checks import CHECK_LEVELS
 from lightning_det.data.records import AnnotationSource, RecordTable, read_annotations, train_without_val_images
 from lightning_det.data.repeat_factor import auto_threshold, class_image_shares, image_repeat_factors, pass_length
 from lightning_det.data.transforms import DetectionTransform, LetterboxTransform, YoloTrainTransform
@@ -77,6 +78,9 @@ class DetectionDataModule(L.LightningDataModule):
             this has its images repeated ``sqrt(repeat_threshold / share)`` times; ``"auto"``: one over the number
             of classes (:func:`~lightning_det.data.repeat_factor.auto_threshold`).
     """
+
+    #: The strings a parameter accepts (checked with the config, before anything is read).
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"check_images": CHECK_LEVELS, "cache": (*CACHE_KINDS, None)}
 
     def __init__(
         self,

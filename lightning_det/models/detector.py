@@ -29,8 +29,10 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 
+from lightning_det.data.collate import Labels
 from lightning_det.models.boxes import Detections, clip_to_images
-from lightning_det.models.postprocess import PaddedDetections
+from lightning_det.models.parts import Loss
+from lightning_det.models.postprocess import Decoder, PaddedDetections
 from lightning_det.models.transfer import ClassRows
 from lightning_det.optim import parameter_groups
 
@@ -63,14 +65,14 @@ def to_original_pixels(boxes: Tensor, image_index: Tensor, meta: dict[str, Any])
 def labels_to_targets(labels: Tensor, meta: dict[str, Any]) -> Detections:
     """Padded ``[B, P, 6]`` batch labels -> per-image metric targets in original-image pixels, with their image id
     (so a metric can count an image repeated by a distributed sampler once)."""
-    valid = labels[..., 0] >= 0
+    valid = Labels.of(labels).valid
     image_index = valid.nonzero()[:, 0]
-    rows = labels[valid]
-    boxes = to_original_pixels(rows[:, 1:5], image_index, meta)
+    rows = Labels.of(labels[valid])
+    boxes = to_original_pixels(rows.boxes, image_index, meta)
     counts = valid.sum(1).tolist()
     targets = [
         {"boxes": b, "labels": c.long(), "difficult": d > 0, "image_id": i}
-        for b, c, d, i in zip(boxes.split(counts), rows[:, 0].split(counts), rows[:, 5].split(counts),
+        for b, c, d, i in zip(boxes.split(counts), rows.classes.split(counts), rows.difficult.split(counts),
                               meta["image_id"])
     ]
     for target, area in zip(targets, meta.get("area", [])):  # COCO's own object areas, for its size ranges
@@ -106,6 +108,13 @@ class Detector(L.LightningModule):
     #: measured faster than float32 (``python bench/train_step.py --precision``; SSDLite's depthwise convolutions
     #: were 1.10x slower).
     cpu_bf16: ClassVar[bool] = False
+    #: The strings a constructor parameter accepts, ``parameter -> choices``: the config check refuses another
+    #: (``checks.config``) before anything is built. Parts and DataModules declare theirs the same way.
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    #: Two parts every family builds from its config (``model.loss``, ``model.decoder``): what ``loss`` and
+    #: ``decode`` call, and what TTA and export read (``decoder.max_detections``, ``decoder.class_agnostic``).
+    criterion: Loss
+    decoder: Decoder
 
     def __init__(
         self,
@@ -180,6 +189,11 @@ class Detector(L.LightningModule):
         names. The model was built for the source's classes, so every tensor keeps its shape; a tensor the source
         lacks raises ``KeyError`` with its torchvision name."""
         raise NotImplementedError(f"{type(self).__name__} loads no torchvision detector")
+
+    def training_matrices(self) -> dict[str, Tensor]:
+        """Matrices the family accumulates over a training epoch (``tag -> [N, N]`` counts, rows the truth), drawn
+        as heat maps by the image logger at the epoch's end: Faster R-CNN's RPN and RoI confusion. None here."""
+        return {}
 
     # --- the shared loop -------------------------------------------------------------------------------------
     def normalise(self, images: Tensor, image_size: Tensor | None = None) -> Tensor:

@@ -9,9 +9,10 @@ defaults live once, in the part's own signature; the configs repeat them only to
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from hydra.utils import get_object
+from torch import Tensor
 
 #: A part's config: ``None`` (the default part with its defaults) or a mapping of its settings.
 PartConfig = Mapping[str, Any] | None
@@ -24,3 +25,10 @@ def build_part(config: PartConfig, default: Callable[..., Any], **context: Any) 
     target = settings.pop("_target_", None)
     factory = get_object(target) if target else default
     return factory(**settings, **context)
+
+
+class Loss(Protocol):
+    """The ``loss`` part of every family: called once a step with the network's outputs and their targets, it
+    returns the named terms the base logs, the total under ``"loss"``."""
+
+    def __call__(self, *outputs_and_targets: Any) -> dict[str, Tensor]: ...

@@ -7,7 +7,7 @@ data), so that it traces into ONNX and TorchScript graphs unchanged.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -111,3 +111,32 @@ def suppress_and_pad(
         .view(batch, max_per_image),
         counts,
     )
+
+
+class Decoder:
+    """The ``decoder`` part of every family. A family writes ``candidates`` (its raw outputs -> the boxes, scores,
+    labels and images of the (box, class) pairs entering NMS, flat over the batch: where ``score_thresh`` and
+    ``pre_nms_topk`` act) and ``batch_and_classes``; the one batched NMS and both layouts are here, so evaluation
+    and an exported graph select the same detections."""
+
+    nms_thresh: float
+    max_detections: int
+    class_agnostic: bool
+
+    def candidates(self, *outputs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def batch_and_classes(self, *outputs: Any) -> tuple[int, int]:
+        """The batch size and the number of (foreground) classes of ``outputs``."""
+        raise NotImplementedError
+
+    def __call__(self, *outputs: Any) -> Detections:
+        """Per image ``{"boxes", "scores", "labels"}`` in batch pixels."""
+        return suppress_and_split(*self.candidates(*outputs), *self.suppression(*outputs))
+
+    def padded(self, *outputs: Any) -> PaddedDetections:
+        """The same detections in fixed-shape tensors of ``max_detections`` rows per image (what export traces)."""
+        return suppress_and_pad(*self.candidates(*outputs), *self.suppression(*outputs))
+
+    def suppression(self, *outputs: Any) -> tuple[int, int, float, int, bool]:
+        return (*self.batch_and_classes(*outputs), self.nms_thresh, self.max_detections, self.class_agnostic)

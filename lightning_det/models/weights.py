@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_det.checks.run import is_torch_file, read_checkpoint
+from lightning_det.io import is_torch_file, read_checkpoint
 from lightning_det.models.backbones.pretrained import cached_or_downloaded
 from lightning_det.models.detector import Detector
 from lightning_det.models.torchvision_zoo import TORCHVISION_CONFIGS, TORCHVISION_PREFIX, torchvision_weights

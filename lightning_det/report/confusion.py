@@ -65,3 +65,9 @@ def confusion_matrix(
     missed[-1] = False
     cells = torch.cat([det_labels[counted] * size + true_class[counted], background * size + gt_labels[missed]])
     return torch.bincount(cells, minlength=size * size).view(size, size)
+
+
+def heat_map(matrix: Tensor, cell: int = 16) -> Tensor:
+    """Row-normalised counts (rows: truth, columns: prediction) as a ``[1, N*cell, N*cell]`` image in 0..1."""
+    rows = matrix.float() / matrix.sum(1, keepdim=True).clamp(min=1)
+    return rows.repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(0)

@@ -7,14 +7,16 @@ from collections.abc import Sequence
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
+from lightning_det.data.collate import Labels
+
 
 def draw_labels(image: Tensor, rows: Tensor, class_names: Sequence[str], width: int = 1) -> Tensor:
     """Label rows ``(class, x1, y1, x2, y2, difficult)`` of the batch contract on a ``uint8 [3, H, W]`` image,
     named by class: padding rows skipped, difficult (ignored) objects in orange, the rest in green."""
-    rows = rows[rows[:, 0] >= 0].cpu()
-    captions = [class_names[int(c)] for c in rows[:, 0].tolist()]
-    colours = ["orange" if difficult else "lime" for difficult in rows[:, 5].tolist()]
-    return draw_bounding_boxes(image.cpu(), rows[:, 1:5], labels=captions, colors=colours, width=width)
+    objects = Labels.of(rows[Labels.of(rows).valid].cpu())
+    captions = [class_names[int(c)] for c in objects.classes.tolist()]
+    colours = ["orange" if difficult else "lime" for difficult in objects.difficult.tolist()]
+    return draw_bounding_boxes(image.cpu(), objects.boxes, labels=captions, colors=colours, width=width)
 
 
 def draw_detections(image: Tensor, boxes: Tensor, names: Sequence[str], scores: Sequence[float],

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torchvision.io import write_png
 from torchvision.utils import make_grid
 
+from lightning_det.data.collate import Labels
 from lightning_det.data.transforms.common import displayable
 from lightning_det.report.drawing import draw_labels
 from lightning_det.tools.errors import report_errors
@@ -29,15 +30,15 @@ log = logging.getLogger(__name__)
 
 def label_summary(labels: torch.Tensor, class_names: list[str]) -> str:
     """Objects per class and box-side quantiles of label rows ``[N, P, 6]`` (padding rows skipped)."""
-    rows = labels.reshape(-1, 6)
-    rows = rows[rows[:, 0] >= 0]
-    if len(rows) == 0:
+    rows = Labels.of(labels[Labels.of(labels).valid])
+    if len(rows.classes) == 0:
         return "no objects in the drawn batches"
-    counts = Counter(class_names[int(c)] for c in rows[:, 0].tolist())
-    sides = torch.minimum(rows[:, 3] - rows[:, 1], rows[:, 4] - rows[:, 2])
+    counts = Counter(class_names[int(c)] for c in rows.classes.tolist())
+    sizes = rows.boxes[:, 2:] - rows.boxes[:, :2]
+    sides = sizes.min(1).values
     low, mid, high = torch.quantile(sides, torch.tensor([0.05, 0.5, 0.95])).tolist()
     per_class = ", ".join(f"{name} {count}" for name, count in counts.most_common())
-    return (f"{len(rows)} objects ({int(rows[:, 5].sum())} difficult): {per_class}\n"
+    return (f"{len(rows.classes)} objects ({int(rows.difficult.sum())} difficult): {per_class}\n"
             f"shorter box side in input pixels: 5% {low:.1f}, median {mid:.1f}, 95% {high:.1f}")
 
 

@@ -42,11 +42,13 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from hydra.utils import get_class
 from lightning.pytorch.core.module import _jit_is_scripting
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from lightning_det.checks.config import check_config
+from lightning_det.data.transforms import DetectionTransform
 from lightning_det.models.detector import Detector
 from lightning_det.models.postprocess import PAD_LABEL
 from lightning_det.tools.errors import report_errors
@@ -80,23 +82,11 @@ class ExportableDetector(nn.Module):
 
 
 def export_pipeline(detector: Detector, img_size: int | None) -> dict[str, Any]:
-    """The checkpoint's evaluation pipeline config, at ``img_size`` when given and square (no ``rect``): what
-    makes the exported input.
-
-    A pipeline that keeps each image's aspect ratio (Faster R-CNN's shorter-side resize) gets a square
-    ``canvas`` of ``img_size`` (default ``max_size``, so every resized image fits; a smaller one lowers
-    ``max_size`` and ``min_size`` to it) filled with the model's mean pixel, which normalises to the zero
-    padding of a training batch."""
+    """The checkpoint's evaluation pipeline config as it makes the exported input: a fixed square, at ``img_size``
+    when given; each transform says how (``DetectionTransform.export_settings``)."""
     pipeline = dict(detector.inference_pipeline or {})
-    if "max_size" in pipeline:
-        side = img_size or pipeline["max_size"]
-        pipeline["max_size"] = min(pipeline["max_size"], side)
-        pipeline["min_size"] = min(pipeline["min_size"], side)
-        pipeline.update(canvas=side, fill=float32_values(detector.pixel_mean))
-    elif img_size is not None:
-        pipeline["img_size"] = img_size
-    if pipeline.get("rect"):  # rectangles of evaluation batches: the graph's input is square
-        pipeline["rect"] = False
+    transform = get_class(pipeline["_target_"]) if "_target_" in pipeline else DetectionTransform
+    pipeline = transform.export_settings(pipeline, img_size, float32_values(detector.pixel_mean))
     if not isinstance(input_side(pipeline), int):
         raise ValueError(
             f"the checkpoint's pipeline ({pipeline.get('_target_')}) has no fixed img_size: give img_size=<pixels>"

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from hydra.utils import get_class, instantiate
 
-from lightning_det.checks.run import CheckpointError, read_checkpoint
 from lightning_det.data import collate_detection
 from lightning_det.data.image_checks import decode_rgb
 from lightning_det.data.transforms.common import DetectionTransform, Sample
+from lightning_det.io import CheckpointError, read_checkpoint
 from lightning_det.models.detector import Detector
 
 

@@ -16,7 +16,7 @@ from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_det.callbacks.ranks import end_with_launcher, peer_failure
 from lightning_det.callbacks.run_end import RunEnd
@@ -71,6 +71,9 @@ def build_model(
         arguments = model_class.fit_to_weights(arguments, recorded_settings(cfg.init_from))
     if records is not None:
         arguments = model_class.fit_to_data(arguments, records, img_size, seed=cfg.seed)
+    configured = OmegaConf.to_container(cfg.model, resolve=True)
+    with open_dict(cfg.model):  # what was resolved ("auto" anchors ...) goes back, for config_resolved.yaml
+        cfg.model.update({key: value for key, value in arguments.items() if configured.get(key) != value})
     plain = {key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) else None
              for key in ("optimizer", "scheduler", "metric")}
     return model_class(**arguments, num_classes=num_classes, class_names=class_names, **plain)
@@ -260,11 +263,11 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     lock_run_folder(output_dir)  # before anything is written into it
     apply_nominal_batch_size(cfg)
     resolve_precision(cfg.trainer, cfg.model.get("_target_"))
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    write_atomically(output_dir / "config_resolved.yaml", lambda file: file.write(resolved.encode()))
+    write_resolved_config(cfg, output_dir)  # as composed: a run that fails reading its data still leaves it
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule, model, trainer = build(cfg)
+    write_resolved_config(cfg, output_dir)  # with what the data decided: the input size, the anchors
     if trainer.is_global_zero:  # the images decoded only as far as their files go, for the user to replace
         write_cut_short_list(output_dir, datamodule.records.values())
     if trainer.is_global_zero and (line := cluster_summary(trainer)):
@@ -307,6 +310,12 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
             log.info("best checkpoint: %s (epoch %d)", best_path or "(none saved; the last weights)", best_epoch)
             log.info("%s of the best checkpoint: %s", cfg.monitor, score)
     return {"best_score": best_score, "best_model_path": best_path, "metrics": metrics}
+
+
+def write_resolved_config(cfg: DictConfig, output_dir: Path) -> None:
+    """``config_resolved.yaml``: the run's config with every interpolation and every ``auto`` resolved so far."""
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    write_atomically(output_dir / "config_resolved.yaml", lambda file: file.write(resolved.encode()))
 
 
 def cluster_summary(trainer: L.Trainer) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -166,6 +166,14 @@ class DetectionTransform:
 
     def __call__(self, samples: list[Sample]) -> Sample:
         raise NotImplementedError
+
+    @staticmethod
+    def export_settings(settings: dict[str, Any], img_size: int | None, mean_pixel: list[float]) -> dict[str, Any]:
+        """This evaluation transform's config (``settings``) as it makes the fixed square input of an exported
+        model: at ``img_size`` when given, rectangles off. ``mean_pixel`` is the model's, for a transform that
+        pads."""
+        exported = {**settings, "rect": False} if settings.get("rect") else dict(settings)
+        return exported if img_size is None else {**exported, "img_size": img_size}
 
 
 def displayable(images: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ model takes one input size instead: ``canvas`` pastes each image top-left on a s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,6 +72,15 @@ class RCNNTransform(DetectionTransform):
         self.canvas = canvas
         self.fill = tuple(fill)
         self.resize = resize
+
+    @staticmethod
+    def export_settings(settings: dict[str, Any], img_size: int | None, mean_pixel: list[float]) -> dict[str, Any]:
+        """The aspect ratio is kept, so an exported model takes a square ``canvas`` of ``img_size`` (default
+        ``max_size``, so every resized image fits; a smaller one lowers ``max_size`` and ``min_size`` to it) filled
+        with the model's mean pixel, which normalises to the zero padding of a training batch."""
+        side = img_size or settings["max_size"]
+        return {**settings, "max_size": min(settings["max_size"], side), "min_size": min(settings["min_size"], side),
+                "canvas": side, "fill": mean_pixel}
 
     def __call__(self, samples: list[Sample]) -> Sample:
         (sample,) = samples

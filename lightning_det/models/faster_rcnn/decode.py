@@ -6,11 +6,11 @@ from __future__ import annotations
 from torch import Tensor
 from torchvision.ops import remove_small_boxes
 
-from lightning_det.models.boxes import Detections, clip_to_images
-from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split
+from lightning_det.models.boxes import clip_to_images
+from lightning_det.models.postprocess import Decoder
 
 
-class FasterRCNNDecoder:
+class FasterRCNNDecoder(Decoder):
     """Every (RoI, class) pair scoring above ``score_thresh`` with both sides at least ``min_size`` pixels, then
     NMS at ``nms_thresh`` per class (``class_agnostic``: across classes) and the ``max_detections`` best per
     image: torchvision's ``box_score_thresh`` / ``box_nms_thresh`` / ``box_detections_per_img``."""
@@ -30,7 +30,7 @@ class FasterRCNNDecoder:
         self.min_size = min_size
 
     def candidates(
-        self, logits: Tensor, boxes: Tensor, image: Tensor, image_sizes: Tensor
+        self, logits: Tensor, boxes: Tensor, image: Tensor, num_images: int, image_sizes: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """RoI logits ``[R, C+1]`` and per-class boxes ``[R, C+1, 4]`` of images ``image`` -> the (RoI, class)
         pairs entering NMS: boxes (clipped to their image's ``(h, w)`` of ``image_sizes [B, 2]``), scores, labels
@@ -42,21 +42,7 @@ class FasterRCNNDecoder:
         keep = remove_small_boxes(boxes, self.min_size)
         return boxes[keep], scores[keep], labels[keep], image[keep]
 
-    def __call__(
+    def batch_and_classes(
         self, logits: Tensor, boxes: Tensor, image: Tensor, num_images: int, image_sizes: Tensor
-    ) -> Detections:
-        """Per-image ``{"boxes", "scores", "labels"}`` in batch pixels."""
-        candidates = self.candidates(logits, boxes, image, image_sizes)
-        return suppress_and_split(*candidates, *self.suppression(logits, num_images))
-
-    def padded(
-        self, logits: Tensor, boxes: Tensor, image: Tensor, num_images: int, image_sizes: Tensor
-    ) -> PaddedDetections:
-        """The same detections as ``__call__`` in fixed-shape tensors of ``max_detections`` rows per image (for
-        export)."""
-        candidates = self.candidates(logits, boxes, image, image_sizes)
-        return suppress_and_pad(*candidates, *self.suppression(logits, num_images))
-
-    def suppression(self, logits: Tensor, num_images: int) -> tuple[int, int, float, int, bool]:
-        """The NMS arguments after the candidates: batch size, class count, IoU threshold, cap, class-agnostic."""
-        return num_images, logits.shape[1] - 1, self.nms_thresh, self.max_detections, self.class_agnostic
+    ) -> tuple[int, int]:
+        return num_images, logits.shape[1] - 1

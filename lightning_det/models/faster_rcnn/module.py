@@ -13,7 +13,7 @@ from lightning_det.models.backbones.pretrained import IMAGENET_MEAN, IMAGENET_ST
 from lightning_det.models.boxes import Detections
 from lightning_det.models.detector import Detector
 from lightning_det.models.faster_rcnn.decode import FasterRCNNDecoder
-from lightning_det.models.faster_rcnn.loss import FasterRCNNLoss
+from lightning_det.models.faster_rcnn.loss import FasterRCNNLoss, StageOutputs
 from lightning_det.models.faster_rcnn.network import build_network
 from lightning_det.models.faster_rcnn.roi_head import RoIHead
 from lightning_det.models.faster_rcnn.rpn import RegionProposalNetwork, RPNOutputs
@@ -21,7 +21,6 @@ from lightning_det.models.faster_rcnn.targets import FasterRCNNAssigner
 from lightning_det.models.parts import PartConfig, build_part
 from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.transfer import ClassRows, layer_rows
-from lightning_det.report.loggers import log_image
 
 #: Our tensor names -> torchvision's Faster R-CNN's, by prefix (the backbone and the RPN are named alike).
 TORCHVISION_NAMES = {"backbone.": "backbone.", "rpn.": "rpn.", "roi_head.box_head.": "roi_heads.box_head.",
@@ -192,20 +191,18 @@ class FasterRCNN(Detector):
         anchor_box_targets = self.rpn.box_coder.encode_single(
             anchor_targets.matched_boxes.flatten(0, 1), rpn.anchors.repeat(labels.shape[0], 1)
         ).view_as(rpn.deltas)
-        rpn_loc, rpn_cls = self.criterion.rpn(rpn.objectness, rpn.deltas, anchor_box_targets, anchor_targets)
 
         with torch.no_grad():
             rois = self.assigner.proposals(outputs.proposals, outputs.proposal_image, labels)
             roi_box_targets = self.roi_head.encode(rois.matched_boxes, rois.rois)
         logits, deltas = self.roi_head(outputs.features, rois.rois, rois.image, outputs.image_size)
-        roi_loc, roi_cls = self.criterion.roi(logits, deltas, rois.labels, roi_box_targets)
 
         if self.training:
             sampled = anchor_targets.labels >= 0
             self.rpn_confusion.update((rpn.objectness[sampled] > 0).long().detach(), anchor_targets.labels[sampled])
             self.roi_confusion.update(logits.detach().argmax(1), rois.labels)
-        total = rpn_loc + rpn_cls + roi_loc + roi_cls
-        return {"loss": total, "rpn_loc": rpn_loc, "rpn_cls": rpn_cls, "roi_loc": roi_loc, "roi_cls": roi_cls}
+        return self.criterion(StageOutputs(rpn.objectness, rpn.deltas, anchor_targets.labels, anchor_box_targets),
+                              StageOutputs(logits, deltas, rois.labels, roi_box_targets))
 
     def decode(self, outputs: FasterRCNNOutputs, batch: dict[str, Any]) -> Detections:
         return self.decoder(*self.second_stage(outputs), batch["images"].shape[0], outputs.image_sizes)
@@ -223,19 +220,11 @@ class FasterRCNN(Detector):
         logits, deltas = self.roi_head(outputs.features, proposals, image, outputs.image_size)
         return logits, self.roi_head.decode(deltas, proposals), image
 
-    def on_train_epoch_end(self) -> None:
-        """Log the epoch's RPN (background, object) and RoI (background, classes) confusion matrices as images."""
-        for name, metric in (("rpn", self.rpn_confusion), ("roi", self.roi_confusion)):
-            if metric.update_count:
-                log_matrix_image(self, f"confusion/{name}", metric.compute())
+    def on_train_epoch_start(self) -> None:
+        for metric in (self.rpn_confusion, self.roi_confusion):
             metric.reset()
 
-
-def confusion_image(matrix: Tensor, cell: int = 16) -> Tensor:
-    """Row-normalised confusion matrix (rows: truth, columns: prediction) as a ``[1, N*cell, N*cell]`` heat map."""
-    rows = matrix.float() / matrix.sum(1, keepdim=True).clamp(min=1)
-    return rows.repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(0)
-
-
-def log_matrix_image(module: Detector, tag: str, matrix: Tensor) -> None:
-    log_image(module.trainer, tag, confusion_image(matrix))
+    def training_matrices(self) -> dict[str, Tensor]:
+        """The epoch's RPN (background, object) and RoI (background, classes) confusion matrices, rows the truth."""
+        return {f"confusion/{name}": metric.compute()
+                for name, metric in (("rpn", self.rpn_confusion), ("roi", self.roi_confusion)) if metric.update_count}

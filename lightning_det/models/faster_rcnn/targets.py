@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from lightning_det.data.collate import Labels
 from lightning_det.models.boxes import group_sizes, rank_within_groups
 
 IGNORE = -1
@@ -29,9 +30,9 @@ class GroundTruth(NamedTuple):
 
 def ground_truth(labels: Tensor) -> GroundTruth:
     """Padded batch labels ``[B, P, 6]`` -> the valid rows, flattened."""
-    valid = labels[..., 0] >= 0
-    rows = labels[valid]
-    return GroundTruth(rows[:, 1:5], rows[:, 0].long(), valid.nonzero()[:, 0])
+    valid = Labels.of(labels).valid
+    rows = Labels.of(labels[valid])
+    return GroundTruth(rows.boxes, rows.classes.long(), valid.nonzero()[:, 0])
 
 
 def random_rank_within_groups(group: Tensor, eligible: Tensor, num_groups: int) -> Tensor:
@@ -120,8 +121,9 @@ class FasterRCNNAssigner:
     def anchors(self, anchors: Tensor, labels: Tensor) -> AnchorTargets:
         """RPN targets for anchors ``[A, 4]`` shared by the padded batch, from batch labels ``[B, P, 6]``."""
         batch, pad = labels.shape[:2]
-        valid = labels[..., 0] >= 0  # [B, P]
-        iou = box_iou(anchors, labels[..., 1:5].reshape(-1, 4)).view(len(anchors), batch, pad).permute(1, 0, 2)
+        objects = Labels.of(labels)
+        valid = objects.valid  # [B, P]
+        iou = box_iou(anchors, objects.boxes.reshape(-1, 4)).view(len(anchors), batch, pad).permute(1, 0, 2)
         iou = torch.where(valid.unsqueeze(1), iou, -1.0)  # [B, A, P]; padding rows never match
         best_iou, best_object = iou.max(2)
         best_for_object = iou.amax(1, keepdim=True)  # [B, 1, P]
@@ -135,7 +137,7 @@ class FasterRCNNAssigner:
         target = torch.full_like(image, IGNORE)
         target[sampled_negative] = 0
         target[sampled_positive] = 1
-        matched = labels[..., 1:5].gather(1, best_object.unsqueeze(-1).expand(-1, -1, 4))
+        matched = objects.boxes.gather(1, best_object.unsqueeze(-1).expand(-1, -1, 4))
         return AnchorTargets(target.view(batch, -1), matched)
 
     def proposals(self, proposals: Tensor, proposal_image: Tensor, labels: Tensor) -> ProposalTargets:

@@ -13,13 +13,12 @@ import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
-from lightning_det.models.boxes import Detections
-from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split, top_candidates
+from lightning_det.models.postprocess import Decoder, top_candidates
 from lightning_det.models.ssd.targets import VARIANCES
 from lightning_det.models.ssd.targets import decode as decode_offsets
 
 
-class SSDDecoder:
+class SSDDecoder(Decoder):
     """The decoder part: scores, thresholds and one ``batched_nms`` call for a whole batch.
 
     Args:
@@ -51,19 +50,11 @@ class SSDDecoder:
         self.class_agnostic = class_agnostic
         self.variances = variances
 
-    def __call__(self, loc: Tensor, conf: Tensor, priors: Tensor, image_size: tuple[int, int]) -> Detections:
-        """``loc [B, N, 4]``, ``conf [B, N, C + 1]`` raw -> per image ``{"boxes", "scores", "labels"}``, batch pixels."""
-        return suppress_and_split(*self.candidates(loc, conf, priors, image_size), *self.suppression(conf))
-
-    def padded(self, loc: Tensor, conf: Tensor, priors: Tensor, image_size: tuple[int, int]) -> PaddedDetections:
-        """The same detections as ``__call__`` in fixed-shape tensors of ``max_detections`` rows per image (for
-        export)."""
-        return suppress_and_pad(*self.candidates(loc, conf, priors, image_size), *self.suppression(conf))
-
     def candidates(
         self, loc: Tensor, conf: Tensor, priors: Tensor, image_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The batch's (box, score, label, image) candidates entering NMS, flat over images."""
+        """``loc [B, N, 4]``, ``conf [B, N, C + 1]`` raw -> the batch's (box, score, label, image) candidates
+        entering NMS."""
         num_classes = conf.shape[-1] - 1
         boxes = clip_boxes_to_image(decode_offsets(loc, priors, self.variances), image_size)
         scores = conf.softmax(-1)[..., 1:]  # [B, N, C]: every (box, foreground class) pair
@@ -74,9 +65,9 @@ class SSDDecoder:
                                                               num_classes)
         return boxes[image, box_index], scores, labels, image
 
-    def suppression(self, conf: Tensor) -> tuple[int, int, float, int, bool]:
-        """The NMS arguments after the candidates: batch size, class count, IoU threshold, cap, class-agnostic."""
-        return conf.shape[0], conf.shape[-1] - 1, self.nms_thresh, self.max_detections, self.class_agnostic
+    def batch_and_classes(self, loc: Tensor, conf: Tensor, priors: Tensor, image_size: tuple[int, int]
+                          ) -> tuple[int, int]:
+        return conf.shape[0], conf.shape[-1] - 1
 
 
 def top_candidates_per_class(

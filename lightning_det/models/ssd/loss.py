@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 
-class MultiBoxLoss(nn.Module):
+class MultiBoxLoss:
     """The loss part: ``(loc, conf, classes, loc_targets) -> {"loss", "loc", "conf", "ce"}``.
 
     Args: neg_pos_ratio: background boxes scored per positive; loc_weight: weight of the box term (alpha).
     """
 
     def __init__(self, neg_pos_ratio: float = 3.0, loc_weight: float = 1.0) -> None:
-        super().__init__()
         self.neg_pos_ratio = neg_pos_ratio
         self.loc_weight = loc_weight
 
-    def forward(self, loc: Tensor, conf: Tensor, classes: Tensor, loc_targets: Tensor) -> dict[str, Tensor]:
+    def __call__(self, loc: Tensor, conf: Tensor, classes: Tensor, loc_targets: Tensor) -> dict[str, Tensor]:
         """``loc [B, N, 4]``, ``conf [B, N, C + 1]`` raw; ``classes [B, N]`` (0 background, -1 ignored)."""
         positive = classes > 0
         num_positive = positive.sum(1)  # [B]

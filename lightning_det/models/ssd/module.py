@@ -16,7 +16,7 @@ from lightning_det.models.parts import PartConfig, build_part
 from lightning_det.models.postprocess import PaddedDetections
 from lightning_det.models.ssd.decode import SSDDecoder
 from lightning_det.models.ssd.loss import MultiBoxLoss
-from lightning_det.models.ssd.network import SSDNetwork, SSDOutputs
+from lightning_det.models.ssd.network import VARIANTS, SSDNetwork, SSDOutputs
 from lightning_det.models.ssd.prior_fit import fit_scales, square_resized_boxes
 from lightning_det.models.ssd.priors import DefaultBoxes
 from lightning_det.models.ssd.targets import VARIANCES, DefaultBoxMatcher, encode
@@ -61,6 +61,7 @@ class SSD(Detector):
     #: The reference's input normalisation: its mean pixel (R, G, B) subtracted, no scaling.
     default_pixel_mean: ClassVar[tuple[float, float, float]] = (123.0, 117.0, 104.0)
     default_pixel_std: ClassVar[tuple[float, float, float]] = (1.0, 1.0, 1.0)
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"variant": tuple(VARIANTS)}
     renamed: ClassVar[dict[str, str]] = {
         "aspect_ratios": "prior.aspect_ratios",
         "min_sizes": "prior.min_sizes",

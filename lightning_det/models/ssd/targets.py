@@ -20,6 +20,7 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_convert
 
+from lightning_det.data.collate import Labels
 from lightning_det.models.boxes import MAX_LOG_SCALE, pairwise_iou
 
 BACKGROUND = 0
@@ -51,8 +52,9 @@ class DefaultBoxMatcher:
         ``labels`` is the padded batch ``[B, P, 6]`` = (class, x1, y1, x2, y2, difficult) with class -1 on padding.
         Default boxes matched to a difficult object are ignored by the loss (neither positive nor negative).
         """
-        valid = labels[..., 0] >= 0  # [B, P]
-        iou = pairwise_iou(labels[..., 1:5], priors_xyxy).masked_fill(~valid[..., None], -1.0)  # [B, P, N]
+        objects = Labels.of(labels)
+        valid = objects.valid  # [B, P]
+        iou = pairwise_iou(objects.boxes, priors_xyxy).masked_fill(~valid[..., None], -1.0)  # [B, P, N]
         best_overlap, best_object = iou.max(1)  # per default box: [B, N]
         best_prior = iou.argmax(2)  # per object: [B, P]
 
@@ -63,10 +65,10 @@ class DefaultBoxMatcher:
         matched_object = torch.where(claimed, claimant, best_object)
         positive = claimed | (best_overlap >= self.overlap_threshold)
 
-        rows = torch.gather(labels, 1, matched_object[..., None].expand(-1, -1, 6))  # [B, N, 6]
-        classes = torch.where(positive, rows[..., 0].long() + 1, BACKGROUND)
-        classes = classes.masked_fill(positive & (rows[..., 5] > 0), IGNORE)
-        boxes = rows[..., 1:5] * positive[..., None]
+        rows = Labels.of(torch.gather(labels, 1, matched_object[..., None].expand(-1, -1, 6)))  # [B, N, 6]
+        classes = torch.where(positive, rows.classes.long() + 1, BACKGROUND)
+        classes = classes.masked_fill(positive & (rows.difficult > 0), IGNORE)
+        boxes = rows.boxes * positive[..., None]
         return Matches(classes, boxes)
 
 

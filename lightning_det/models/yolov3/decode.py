@@ -14,7 +14,7 @@ from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
 from lightning_det.models.boxes import MAX_LOG_SCALE
-from lightning_det.models.postprocess import PaddedDetections, suppress_and_pad, suppress_and_split, top_candidates
+from lightning_det.models.postprocess import Decoder, top_candidates
 from lightning_det.models.yolov3.grid import PredictionGrid
 
 
@@ -26,7 +26,7 @@ def decode_boxes(raw: Tensor, cell_xy: Tensor, anchor_wh: Tensor, stride: Tensor
 
 
 @dataclass
-class YOLOv3Decoder:
+class YOLOv3Decoder(Decoder):
     """The ``decoder`` part: scores, thresholds and non-maximum suppression for a whole batch in one
     ``batched_nms`` call.
 
@@ -47,19 +47,10 @@ class YOLOv3Decoder:
     multi_label: bool = True
     class_agnostic: bool = False
 
-    def __call__(self, preds: Tensor, grid: PredictionGrid, image_size: tuple[int, int]) -> list[dict[str, Tensor]]:
-        """``preds [B, N, 5 + C]`` raw -> per image ``{"boxes", "scores", "labels"}`` in batch pixels."""
-        return suppress_and_split(*self.candidates(preds, grid, image_size), *self.suppression(preds))
-
-    def padded(self, preds: Tensor, grid: PredictionGrid, image_size: tuple[int, int]) -> PaddedDetections:
-        """The same detections as ``__call__`` in fixed-shape tensors of ``max_detections`` rows per image (for
-        export)."""
-        return suppress_and_pad(*self.candidates(preds, grid, image_size), *self.suppression(preds))
-
     def candidates(
         self, preds: Tensor, grid: PredictionGrid, image_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The batch's (box, score, label, image) candidates entering NMS, flat over images."""
+        """``preds [B, N, 5 + C]`` raw -> the batch's (box, score, label, image) candidates entering NMS."""
         num_classes = preds.shape[-1] - 5
         boxes = clip_boxes_to_image(decode_boxes(preds[..., :4], grid.cell_xy, grid.anchor_wh, grid.stride), image_size)
         class_scores = preds[..., 4:5].sigmoid() * preds[..., 5:].sigmoid()
@@ -73,6 +64,5 @@ class YOLOv3Decoder:
             labels = best_class[image, box_index]
         return boxes[image, box_index], scores, labels, image
 
-    def suppression(self, preds: Tensor) -> tuple[int, int, float, int, bool]:
-        """The NMS arguments after the candidates: batch size, class count, IoU threshold, cap, class-agnostic."""
-        return preds.shape[0], preds.shape[-1] - 5, self.nms_thresh, self.max_detections, self.class_agnostic
+    def batch_and_classes(self, preds: Tensor, grid: PredictionGrid, image_size: tuple[int, int]) -> tuple[int, int]:
+        return preds.shape[0], preds.shape[-1] - 5

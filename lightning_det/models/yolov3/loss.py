@@ -25,11 +25,14 @@ to ``box`` and ``cls``.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
+from lightning_det.data.collate import Labels
 from lightning_det.models.yolov3.decode import decode_boxes
 from lightning_det.models.yolov3.grid import PredictionGrid
 from lightning_det.models.yolov3.targets import Targets
@@ -66,6 +69,8 @@ class YOLOv3Loss:
 
     ``num_classes`` is the data's class count, given by the module; it scales the ``cls`` gain (80: as given).
     """
+
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"box_loss": tuple(BOX_LOSSES)}
 
     def __init__(
         self,
@@ -136,4 +141,5 @@ class YOLOv3Loss:
     def _overlaps_an_object(self, preds: Tensor, grid: PredictionGrid, labels: Tensor) -> Tensor:
         """``[B, N]``: the prediction's decoded box has IoU above ``ignore_thresh`` with an object of its image."""
         boxes = decode_boxes(preds[..., :4], grid.cell_xy, grid.anchor_wh, grid.stride)
-        return max_iou_with_objects(boxes, labels[..., 1:5], labels[..., 0] >= 0) > self.ignore_thresh
+        objects = Labels.of(labels)
+        return max_iou_with_objects(boxes, objects.boxes, objects.valid) > self.ignore_thresh

@@ -60,6 +60,7 @@ class YOLOv3(Detector):
 
     input_multiple: ClassVar[int] = 32  # the coarsest grid's stride, in both variants
     cpu_bf16: ClassVar[bool] = True  # bf16 steps at 0.56-0.62x of float32's (yolov3_tiny w0.5, 256-512 px)
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"variant": tuple(sorted(DEFAULT_ANCHORS))}
     renamed: ClassVar[dict[str, str]] = {
         "iou_t": "assigner.iou_t",
         "best_anchor_only": "assigner.best_anchor_only",

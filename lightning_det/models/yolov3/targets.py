@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_det.data.collate import Labels
 from lightning_det.models.yolov3.grid import PredictionGrid
 
 
@@ -58,9 +59,9 @@ class YOLOv3Assigner:
 
     def __call__(self, labels: Tensor, grid: PredictionGrid) -> Targets:
         """Assign the objects of padded batch labels ``[B, P, 6]`` to the predictions laid out by ``grid``."""
-        image, row = (labels[..., 0] >= 0).nonzero(as_tuple=True)
+        image, row = Labels.of(labels).valid.nonzero(as_tuple=True)
         objects = labels[image, row]
-        boxes = objects[:, 1:5]
+        boxes = Labels.of(objects).boxes
         iou = shape_iou((boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-6), grid.anchors)
         matched = torch.zeros_like(iou, dtype=torch.bool)
         matched[torch.arange(len(iou), device=iou.device), iou.argmax(1)] = True
