@@ -11,12 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from mlflow.tracking import MlflowClient
 from runs import REPO, REPORT_IMAGES, scalars, small_sample, train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_detector import TinyDetector
 from wandb.proto import wandb_internal_pb2
 
+from lightning_det.callbacks import ValidationImageLogger
 from lightning_det.report.loggers import pixels
 
 EPOCH_IMAGES = ["val/images", "train/first_batch"]
@@ -130,3 +135,18 @@ trainer.loggers[0].experiment.flush()
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_the_image_logger_draws_the_matrices_a_model_accumulates_in_training(tmp_path):
+    """Faster R-CNN's RPN and RoI confusion reach TensorBoard through the callback, row-normalised."""
+    class Confused(TinyDetector):
+        def training_matrices(self):
+            return {"confusion/rpn": torch.tensor([[3, 1], [0, 4]])}
+
+    trainer = L.Trainer(logger=TensorBoardLogger(tmp_path, name="tb", version=0), enable_progress_bar=False)
+    ValidationImageLogger().on_train_epoch_end(trainer, Confused())
+    trainer.loggers[0].experiment.flush()
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0}).Reload()
+    assert events.Tags()["images"] == ["confusion/rpn"]
+    (image,) = events.Images("confusion/rpn")
+    assert (image.width, image.height) == (32, 32)  # 2 x 2 cells of 16 px
