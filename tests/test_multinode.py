@@ -205,11 +205,11 @@ def test_a_process_of_a_group_asking_for_one_process_is_refused(monkeypatch, lau
     check_launch(OmegaConf.create({"devices": 1, "num_nodes": 2}))
 
 
-def test_the_readme_slurm_recipe_composes():
-    """The submitit command of the README: a SLURM launcher whose tasks and nodes match the trainer's."""
+def test_the_documented_slurm_recipe_composes():
+    """The submitit command of docs/scaling.md: a SLURM launcher whose tasks and nodes match the trainer's."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     command = re.search(r"python train\.py -m hydra/launcher=submitit_slurm(.|\\\n)*?[^\\]\n",
-                        (REPO / "README.md").read_text()).group(0)
+                        (REPO / "docs" / "scaling.md").read_text()).group(0)
     overrides = shlex.split(command.replace("\\\n", " "))[3:]
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)

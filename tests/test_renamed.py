@@ -6,6 +6,7 @@ import sys
 
 from runs import REPO
 
+from lightning_det.checks.config import renamed_settings
 from lightning_det.models import SSD, FasterRCNN, YOLOv3
 
 FAMILIES = (YOLOv3, SSD, FasterRCNN)
@@ -27,3 +28,12 @@ def test_an_old_key_on_the_command_line_stops_before_hydra_with_status_2():
     lines = done.stderr.strip().splitlines()
     assert lines == ["error: model.nms_topk=5: model.nms_topk was renamed: YOLOv3 uses model.decoder.max_detections; "
                      "SSD uses model.decoder.pre_nms_topk"], done.stderr
+
+
+def test_the_changelog_lists_every_renamed_setting_and_no_other():
+    """CHANGELOG.md's table, read back: a key renamed in the code and not in the changelog (or the reverse) fails."""
+    rows = [line.split("|")[1:4] for line in (REPO / "CHANGELOG.md").read_text().splitlines()
+            if line.startswith("| `")]
+    listed = {(old.strip(" `"), family.strip(), new.strip(" `")) for old, family, new in rows}
+    in_code = {(old, family or "all", new) for old, moves in renamed_settings().items() for family, new in moves}
+    assert listed == in_code
