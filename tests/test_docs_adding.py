@@ -64,7 +64,7 @@ def test_the_csv_source_reads_the_boxes_it_was_given(tmp_path):
         from my_project.csv_source import CSVSource
 
         from lightning_det.data.records import read_annotations
-        annotations = read_annotations(tmp_path / "data", [CSVSource("train.csv")])
+        annotations = read_annotations(tmp_path / "data", [CSVSource(["train.csv"])])
     finally:
         sys.path.remove(str(tmp_path))
         for module in [m for m in sys.modules if m.startswith("my_project")]:
