@@ -12,7 +12,8 @@ from torchvision.models._api import WeightsEnum
 
 #: ``init_from=torchvision:<weights name>`` names a torchvision detector's weights, read from torch.hub's cache.
 TORCHVISION_PREFIX = "torchvision:"
-#: The model config that builds each torchvision COCO detector exactly (README, "Pretrained detectors").
+#: The model config that builds each torchvision COCO detector exactly (docs/recipes.md, "Start from pretrained
+#: detectors").
 TORCHVISION_CONFIGS = {
     "fasterrcnn_mobilenet_v3_large_fpn": "faster_rcnn_mobilenet_coco",
     "fasterrcnn_mobilenet_v3_large_320_fpn": "faster_rcnn_mobilenet_320_coco",

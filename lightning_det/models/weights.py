@@ -45,7 +45,9 @@ class Pretrained:
     class_names: list[str] | None  # the source's classes (None: a file that does not name them)
     description: str  # where they came from, for messages
     whole: bool = False  # a reference model's weights: every tensor but the class head must fit
-    fits: str = "the model config built for these weights (README, 'Pretrained detectors')"  # what to use instead
+    fits: str = (  # what to use instead
+        "the model config built for these weights (docs/recipes.md, 'Start from pretrained detectors')"
+    )
 
 
 def initialise_from(
