@@ -69,3 +69,29 @@ def test_only_the_frameworks_own_errors_lose_their_traceback(tmp_path, monkeypat
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(ValueError, match="asks for 64 CPU processes"):
         report_errors(task)(OmegaConf.create({"devices": 64, "accelerator": "cpu"}))
+
+
+@pytest.mark.parametrize("entry, override, suggestion", [
+    (["train.py"], "model=yolo3", "model=yolov3"),
+    (["train.py"], "model=yolov3,ssdlit", "model=ssdlite"),  # a multirun sweep: each option checked
+    (["-m", "lightning_det.tools.evaluate"], "data=vocc", "data=voc"),
+])
+def test_a_config_option_that_does_not_exist_names_the_closest_and_stops_with_status_2(entry, override, suggestion):
+    done = subprocess.run([sys.executable, *entry, override], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    group, _, option = override.partition("=")
+    assert line.startswith(f"error: {override}: there is no {group} '{option.split(',')[-1]}'")
+    assert f"did you mean {suggestion}?" in line and "The options: " in line
+
+
+def test_help_is_a_page_of_commands_and_config_groups_not_the_whole_config():
+    done = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert len(lines) < 50  # Hydra's generic help printed the whole config: ~300 lines
+    for tool in ("evaluate", "predict", "export"):
+        assert any(line.strip().startswith(f"python -m lightning_det.tools.{tool} ckpt_path=") for line in lines)
+    groups = dict(line.split(": ", 1) for line in lines if line.startswith(("model: ", "data: ")))
+    assert "yolov3_tiny_cpu" in groups["model"].split(", ") and "voc" in groups["data"].split(", ")

@@ -8,12 +8,14 @@ allowed.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import sys
 import types
 import typing
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -89,11 +91,33 @@ def check_renamed_overrides(overrides: list[str]) -> None:
             raise ConfigValueError(f"{override}: {renamed_message(key, table[key])}")
 
 
+#: The Hydra config folder of the entry points (train.py, the tools).
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def check_group_options(overrides: list[str], conf: Path = CONF) -> None:
+    """Refuse a config group option that does not exist (``model=yolo3``), suggesting the closest by name. Hydra
+    would refuse it too, but inside a traceback listing every option."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        folder = conf / key.lstrip("+~")
+        if not value or not folder.is_dir() or value.startswith(("[", "{", "null")):
+            continue
+        options = sorted(path.stem for path in folder.glob("*.yaml"))
+        for option in value.split(","):  # a multirun sweep names several
+            if option not in options:
+                closest = difflib.get_close_matches(option, options, n=1, cutoff=0.5)
+                hint = f"did you mean {key.lstrip('+~')}={closest[0]}? " if closest else ""
+                raise ConfigValueError(f"{override}: there is no {folder.name} '{option}' ({folder.name}/{option}.yaml "
+                                       f"under {conf}); {hint}The options: {', '.join(options)}")
+
+
 def refuse_renamed_overrides(argv: list[str]) -> None:
-    """``check_renamed_overrides`` for an entry point's ``sys.argv``: one line and exit status 2 (a usage error,
-    as Hydra's own), no traceback."""
+    """``check_renamed_overrides`` and ``check_group_options`` for an entry point's ``sys.argv``: one line and exit
+    status 2 (a usage error, as Hydra's own), no traceback."""
     try:
         check_renamed_overrides(argv)
+        check_group_options(argv)
     except ConfigValueError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
