@@ -41,6 +41,9 @@ def test_sample_run_writes_config_checkpoints_and_tensorboard(tmp_path):
     assert "val/images" in tags and "train/first_batch" in tags
     assert "best/val/mAP" in tags  # the hparams tab's metric
     assert "val/mAP of the best checkpoint" in done.stdout + done.stderr
+    for noise in ("litlogger", "LeafSpec", "not supported by the model summary", "doesn't contain any box",
+                  "WeightAveraging"):  # the libraries' messages that are not the user's business (tools/quiet.py)
+        assert noise not in done.stdout + done.stderr
 
 
 def test_resume_continues_epochs_optimizer_and_best_score(tmp_path):

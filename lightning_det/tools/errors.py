@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from lightning_det.data.cache import ImageCacheError
 from lightning_det.data.records import ImageLoadError
 from lightning_det.models.detector import NonFiniteLossError
+from lightning_det.tools.quiet import silence_library_noise
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -55,10 +56,12 @@ def framework_error(error: BaseException) -> BaseException | None:
 
 
 def report_errors(task: Callable[[DictConfig], Result]) -> Callable[[DictConfig], Result]:
-    """Wrap a Hydra task (under ``@hydra.main``) so that the framework's own errors print as ``Error: <message>``."""
+    """Wrap a Hydra task (under ``@hydra.main``) so that the framework's own errors print as ``Error: <message>``;
+    every entry point goes through it, so it also silences the libraries' noise (``tools/quiet.py``)."""
 
     @functools.wraps(task)
     def run(cfg: DictConfig) -> Result:
+        silence_library_noise()
         try:
             return task(cfg)
         except Exception as error:
