@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+import tomllib
 import torch
 from hydra.utils import instantiate
 from PIL import Image
@@ -254,3 +255,12 @@ def test_unknown_format_is_refused(cases):
     with pytest.raises(ValueError, match="format"):
         export(case.checkpoint, "tflite")
     assert not list(case.checkpoint.parent.glob("*.tflite"))
+
+
+def test_onnx_export_works_after_the_default_install():
+    """The README's export command right after its first command: what ONNX export imports is a dependency of
+    the package, not an extra (a newcomer met a 20-line ImportError)."""
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    required = {re.split(r"[<>=\[ ]", requirement)[0] for requirement in project["dependencies"]}
+    assert {"onnx", "onnxruntime"} <= required
+    assert "export" not in project.get("optional-dependencies", {})

@@ -154,10 +154,7 @@ def export_onnx(
 ) -> None:
     """ONNX through the TorchScript-based exporter: torchvision registers NMS (NonMaxSuppression) and RoIAlign
     for it, while the newer torch.export-based exporter would need onnxscript and custom translations."""
-    try:
-        import onnx  # the optional [export] extra
-    except ImportError as error:
-        raise ImportError("ONNX export needs onnx: pip install 'lightning_det[export]'") from error
+    import onnx  # a dependency; imported here, as only ONNX export needs it
 
     dynamic_axes = {name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES} if dynamic_batch else None
     with tracer_notes_silenced():
