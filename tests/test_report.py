@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_det.metrics import VOCMeanAP
 from lightning_det.report.confusion import confusion_matrix
 from lightning_det.report.curves import best_f1_threshold, f1_by_threshold
+from lightning_det.report.drawing import class_colour, draw_predictions
 from lightning_det.report.results_csv import append_row, read_rows
 
 
@@ -149,3 +150,21 @@ def test_training_run_writes_the_report_and_results_csv_matches_tensorboard(tmp_
         assert [float(row[column]) for row in rows] == pytest.approx(logged[: len(rows)], rel=1e-5, abs=1e-6), column
     for name in REPORT_IMAGES:
         assert f"report/{name}" in events
+
+
+def test_predict_draws_each_class_in_its_own_colour_with_captions_sized_to_the_image():
+    """Boxes of two classes: each outline in its class's colour; the caption of a 2000 px image is drawn with a
+    font four times larger than a 500 px one's, so it has about 16 times the pixels."""
+    def caption_pixels(side: int) -> int:
+        image = torch.zeros(3, side, side, dtype=torch.uint8)
+        box = torch.tensor([[0.1, 0.1, 0.9, 0.9]]) * side
+        drawn = draw_predictions(image, box, ["cat"], [0.9])
+        inner = drawn[:, int(0.1 * side) + side // 100 + 2 : int(0.5 * side), int(0.1 * side) + side // 100 + 2 :]
+        return int(inner.any(0).sum())
+
+    boxes = torch.tensor([[10.0, 10.0, 200.0, 120.0], [250.0, 30.0, 480.0, 300.0]])
+    drawn = draw_predictions(torch.zeros(3, 400, 500, dtype=torch.uint8), boxes, ["cat", "dog"], [0.9, 0.6])
+    assert class_colour("cat") != class_colour("dog")
+    assert tuple(drawn[:, 60, 10].tolist()) == class_colour("cat")  # on the left edge of each box
+    assert tuple(drawn[:, 150, 250].tolist()) == class_colour("dog")
+    assert caption_pixels(2000) > 8 * caption_pixels(500) > 0

@@ -21,7 +21,7 @@ from torchvision.io import write_png
 from lightning_det.checks.config import check_config
 from lightning_det.data.image_checks import decode_rgb
 from lightning_det.models.tta import TestTimeAugmentation, from_config
-from lightning_det.report.drawing import draw_detections
+from lightning_det.report.drawing import draw_predictions
 from lightning_det.tools.errors import report_errors
 from lightning_det.tools.inference import image_batch, load_detector
 
@@ -87,7 +87,7 @@ def main(cfg: DictConfig) -> None:
     results = predict(cfg.ckpt_path, paths, cfg.score_thresh, cfg.batch_size, cfg.device, from_config(cfg))
     output = Path(cfg.paths.output_dir)
     for path, det in results.items():
-        drawn = draw_detections(decode_rgb(path), torch.tensor(det["boxes"]), det["labels"], det["scores"], width=2)
+        drawn = draw_predictions(decode_rgb(path), torch.tensor(det["boxes"]), det["labels"], det["scores"])
         write_png(drawn, str(output / f"{Path(path).stem}.png"))
     (output / "detections.json").write_text(json.dumps(results, indent=1))
     log.info("%d images, %d detections -> %s", len(results), sum(len(d["scores"]) for d in results.values()), output)
