@@ -1,11 +1,19 @@
 """Fixtures shared by the test modules (the support code they import lives beside them: helpers.py, runs.py,
-tiny_detector.py, darknet_sections.py)."""
+tiny_detector.py, darknet_sections.py, darknet_reference.py, devkit_reference.py)."""
+
+from __future__ import annotations
 
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_voc
+from omegaconf import DictConfig
+from runs import compose_config
+
+ComposeRun = Callable[..., DictConfig]  # (*overrides, run="run") -> the config as that run sees it
 
 
 @pytest.fixture(scope="module")
@@ -27,3 +35,27 @@ def offline(monkeypatch, tmp_path) -> Path:
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture
+def cfg_train(tmp_path) -> ComposeRun:
+    """``cfg_train("model=ssdlite", ...)``: the config ``python train.py model=ssdlite ...`` runs with, in
+    ``tmp_path / run`` (``run="run"`` unless given)."""
+    return lambda *overrides, run="run": compose_config("train", *overrides, run_dir=tmp_path / run)
+
+
+@pytest.fixture
+def cfg_eval(tmp_path) -> ComposeRun:
+    """``cfg_eval("ckpt_path=...", ...)``: the config ``python -m lightning_det.tools.evaluate ...`` runs with, in
+    ``tmp_path / run``."""
+    return lambda *overrides, run="run": compose_config("evaluate", *overrides, run_dir=tmp_path / run)
+
+
+@pytest.fixture
+def tiny_voc(tmp_path) -> tuple[Path, list[str]]:
+    """A VOC folder of two classes (cat, dog), the same four 64 x 64 images of one object each in ``train`` and
+    ``val``, and the overrides that read it with the classes found in it."""
+    images = {f"{k:03d}": (64, 64, [(("cat", "dog")[k % 2], (8, 8, 40, 40), False)]) for k in range(4)}
+    root = make_voc(tmp_path / "voc", {"train": images, "val": images})
+    return root, ["data=voc", f"data.root={root}", "data.classes=null", "data.train.splits=[train]",
+                  "data.val.splits=[val]"]

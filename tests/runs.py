@@ -1,13 +1,17 @@
 """Short trainings through the real command line (``python train.py ...``) and what they leave behind, shared by
-the end-to-end tests."""
+the end-to-end tests; and the configs of ``conf/`` composed in the test's process, as those commands compose them."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict, read_write
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +42,49 @@ def train(tmp_path: Path, *overrides: str, run: str = "run", expect_ok: bool = T
     if expect_ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
+
+
+#: About a second per epoch on 16 sample images, without image logging: the runs a test breaks on purpose.
+QUICK_RUN = ["model=yolov3_tiny", "model.width=0.25", "data.img_size=64", "data.batch_size=4", "data.num_workers=0",
+             "data.min_steps_per_epoch=0", "data.persistent_workers=false", "data.prepare.num_train=16",
+             "data.prepare.num_val=4", "trainer.log_every_n_steps=1", "callbacks.progress_bar.refresh_rate=0",
+             "~callbacks.image_logger", "logger=csv"]
+
+
+def with_test_modules() -> dict[str, str]:
+    """The environment with ``tests/`` importable, so a run can take a test module's callback
+    (``+callbacks.x._target_=test_module.Callback``)."""
+    return {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+
+
+def quick_run_command(tmp_path: Path, *overrides: str) -> list[str]:
+    """``python train.py`` on ``QUICK_RUN``, with the sample data and the logs under ``tmp_path``."""
+    return [sys.executable, "train.py", *QUICK_RUN, f"data.root={tmp_path / 'sample'}",
+            f"paths.log_dir={tmp_path / 'logs'}", *overrides]
+
+
+def quick_run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``quick_run_command`` to its end, with the test modules importable; success or failure is the test's to
+    check."""
+    return subprocess.run(quick_run_command(tmp_path, *overrides), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=with_test_modules())
+
+
+def compose_config(name: str, *overrides: str, run_dir: Path | None = None) -> DictConfig:
+    """The primary config ``name`` of ``conf/`` (train, evaluate, browse, predict, export) with ``overrides``. With
+    ``run_dir``, as a run in that folder sees it: ``${hydra:...}`` resolves (``paths.output_dir`` is ``run_dir``)
+    and the ``hydra`` node is gone; without, the composed settings alone (to build a model or check a value): its
+    ``paths`` need a run."""
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        if run_dir is None:
+            return compose(name, overrides=list(overrides))
+        cfg = compose(name, overrides=[*overrides, f"hydra.run.dir={run_dir}"], return_hydra_config=True)
+    with read_write(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = str(run_dir)  # set by Hydra when it starts the job, as here
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:

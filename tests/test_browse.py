@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import make_voc
-from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from runs import compose_config
 from torchvision.io import read_image
 
 from lightning_det.tools.browse import browse, label_summary
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 LIME = torch.tensor([0, 255, 0], dtype=torch.uint8)
 
 
@@ -23,14 +23,14 @@ def voc_root(tmp_path) -> Path:
     return make_voc(tmp_path / "voc", {"2007/trainval": images, "2007/test": images})
 
 
-def config(tmp_path: Path, root: Path, *overrides: str):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("browse", [
-            "data=voc", f"data.root={root}", "data.classes=[cat,dog]", "data.train.splits=[2007/trainval]",
-            "data.num_workers=0", "data.min_steps_per_epoch=0", "data.persistent_workers=false", "data.img_size=64",
-            "data.batch_size=1",
-            f"paths.output_dir={tmp_path / 'out'}", "images_per_row=1", *overrides,
-        ])
+def config(tmp_path: Path, root: Path, *overrides: str) -> DictConfig:
+    """``python -m lightning_det.tools.browse`` on ``root`` (one 64 px image per batch and row), run in
+    ``tmp_path / "out"``."""
+    return compose_config(
+        "browse", "data=voc", f"data.root={root}", "data.classes=[cat,dog]", "data.train.splits=[2007/trainval]",
+        "data.num_workers=0", "data.min_steps_per_epoch=0", "data.persistent_workers=false", "data.img_size=64",
+        "data.batch_size=1", "images_per_row=1", *overrides, run_dir=tmp_path / "out",
+    )
 
 
 def test_val_batches_show_each_box_on_its_letterboxed_position(tmp_path, voc_root):

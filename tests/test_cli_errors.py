@@ -26,13 +26,13 @@ def test_a_data_error_prints_its_message_alone_and_hydra_full_error_the_tracebac
     missing = [f"data.root={tmp_path / 'nowhere'}", "data=voc"]
     done = train(tmp_path, *missing, expect_ok=False)
     assert done.returncode == 1
-    assert f"Error: VOC split list {tmp_path / 'nowhere'}/VOC2007/ImageSets/Main/trainval.txt not found" in done.stderr
+    assert f"Error: data.root={tmp_path / 'nowhere'}: no such folder. Point data.root at the dataset" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout, done.stderr
 
     done = train(tmp_path, *missing, expect_ok=False, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     assert done.returncode == 1
     assert "Traceback (most recent call last)" in done.stderr
-    assert f"FileNotFoundError: VOC split list {tmp_path / 'nowhere'}" in done.stderr
+    assert f"FileNotFoundError: data.root={tmp_path / 'nowhere'}: no such folder" in done.stderr
 
 
 def test_an_error_raised_while_hydra_builds_an_object_prints_its_own_message(tmp_path):

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from lightning_det.tools.train import apply_nominal_batch_size, build_callbacks, build_loggers, build_model
 
@@ -20,18 +18,9 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def composed(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-    return cfg
-
-
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_experiments_compose(tmp_path, experiment):
-    cfg = composed(tmp_path, f"experiment={experiment}")
+def test_experiments_compose(cfg_train, experiment):
+    cfg = cfg_train(f"experiment={experiment}")
     OmegaConf.resolve(cfg)
     # square pipelines give the input size (or auto: chosen from the data, a multiple of 32); shorter-side resizing
     # (Faster R-CNN) pads batches to a multiple of 32 (SSD excepted: its 300 / 512 inputs are fixed by its default
@@ -45,9 +34,9 @@ def test_experiments_compose(tmp_path, experiment):
 
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("metric", options("metric"))
-def test_models_build_with_every_metric(tmp_path, model, metric):
-    narrow = ["model.width=0.125"] if "width" in composed(tmp_path, f"model={model}").model else []
-    cfg = composed(tmp_path, f"model={model}", f"metric={metric}", *narrow)
+def test_models_build_with_every_metric(cfg_train, model, metric):
+    narrow = ["model.width=0.125"] if "width" in cfg_train(f"model={model}").model else []
+    cfg = cfg_train(f"model={model}", f"metric={metric}", *narrow)
     detector = build_model(cfg, num_classes=3, class_names=["a", "b", "c"])
     size = (2, 3, 320, 320) if model.startswith("ssd") else (1, 3, 64, 64)  # SSD's extra layers need ~300 px
     outputs = detector(torch.zeros(size))
@@ -56,8 +45,8 @@ def test_models_build_with_every_metric(tmp_path, model, metric):
 
 @pytest.mark.parametrize("optimizer", options("optimizer"))
 @pytest.mark.parametrize("scheduler", options("scheduler"))
-def test_optimizers_and_schedulers_build(tmp_path, optimizer, scheduler):
-    cfg = composed(tmp_path, f"optimizer={optimizer}", f"scheduler={scheduler}")
+def test_optimizers_and_schedulers_build(cfg_train, optimizer, scheduler):
+    cfg = cfg_train(f"optimizer={optimizer}", f"scheduler={scheduler}")
     params = [torch.nn.Parameter(torch.zeros(2, 2))]
     built = instantiate(cfg.optimizer)([{"params": params}])
     schedule = instantiate(cfg.scheduler)(built, total_steps=100, steps_per_epoch=10)
@@ -71,8 +60,8 @@ def test_optimizers_and_schedulers_build(tmp_path, optimizer, scheduler):
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))
-def test_trainers_callbacks_and_loggers_build(tmp_path, trainer):
-    cfg = composed(tmp_path, f"trainer={trainer}", "trainer.accelerator=cpu", "logger=many", f"paths.output_dir={tmp_path}")
+def test_trainers_callbacks_and_loggers_build(tmp_path, cfg_train, trainer):
+    cfg = cfg_train(f"trainer={trainer}", "trainer.accelerator=cpu", "logger=many", f"paths.output_dir={tmp_path}")
     callbacks, loggers = build_callbacks(cfg), build_loggers(cfg)
     assert {type(c).__name__ for c in callbacks} >= {"RunCheckpoint", "InterruptCheckpoint", "BudgetedEarlyStopping",
                                                       "ModelEMA", "LearningRateMonitor"}
@@ -80,28 +69,28 @@ def test_trainers_callbacks_and_loggers_build(tmp_path, trainer):
     assert str(tmp_path) in cfg.paths.output_dir
 
 
-def test_sample_tuning_applies_only_to_the_sample_pair(tmp_path):
-    tuned = composed(tmp_path)
+def test_sample_tuning_applies_only_to_the_sample_pair(cfg_train):
+    tuned = cfg_train()
     assert tuned.trainer.max_time == "00:00:09:00"
-    plain = composed(tmp_path, "data=voc")
+    plain = cfg_train("data=voc")
     assert plain.trainer.max_epochs == 100 and "max_time" not in plain.trainer
     assert plain.data.img_size == "auto" and plain.model.width == 0.5  # the general rules, as on the sample
-    darknet = composed(tmp_path, "data=voc", "model=yolov3_tiny")
+    darknet = cfg_train("data=voc", "model=yolov3_tiny")
     assert darknet.model.width == 1.0 and darknet.data.img_size == "auto"
-    overridden = composed(tmp_path, "model.width=0.25", "data.img_size=128")
+    overridden = cfg_train("model.width=0.25", "data.img_size=128")
     assert overridden.model.width == 0.25 and overridden.data.img_size == 128
 
 
-def test_the_defaults_average_the_weights_and_stop_early_only_without_a_budget(tmp_path):
-    cfg = composed(tmp_path, f"paths.output_dir={tmp_path}")
+def test_the_defaults_average_the_weights_and_stop_early_only_without_a_budget(cfg_train):
+    cfg = cfg_train()
     names = {type(c).__name__ for c in build_callbacks(cfg)}
     assert {"ModelEMA", "RunCheckpoint", "BudgetedEarlyStopping"} <= names
-    off = composed(tmp_path, f"paths.output_dir={tmp_path}", "~callbacks.ema")
+    off = cfg_train("~callbacks.ema")
     assert "ModelEMA" not in {type(c).__name__ for c in build_callbacks(off)}
 
 
-def test_freeze_callback_composes_and_freezes_the_backbone(tmp_path):
-    cfg = composed(tmp_path, "callbacks=[default,freeze]", f"paths.output_dir={tmp_path}", "model.width=0.125")
+def test_freeze_callback_composes_and_freezes_the_backbone(cfg_train):
+    cfg = cfg_train("callbacks=[default,freeze]", "model.width=0.125")
     freeze = next(c for c in build_callbacks(cfg) if type(c).__name__ == "Freeze")
     detector = build_model(cfg, num_classes=2, class_names=["a", "b"])
     frozen = {id(p) for m in freeze.frozen_modules(detector) for p in m.parameters(recurse=False)}
@@ -111,10 +100,9 @@ def test_freeze_callback_composes_and_freezes_the_backbone(tmp_path):
 
 @pytest.mark.parametrize("batch, devices, accumulate, decay_factor", [(16, 1, 4, 1.0), (24, 1, 3, 24 * 3 / 64),
                                                                       (8, 2, 4, 1.0), (100, 1, 1, 100 / 64)])
-def test_nominal_batch_size_sets_accumulation_and_scales_weight_decay(tmp_path, batch, devices, accumulate,
+def test_nominal_batch_size_sets_accumulation_and_scales_weight_decay(cfg_train, batch, devices, accumulate,
                                                                       decay_factor):
-    cfg = composed(tmp_path, "optimizer=sgd", "nominal_batch_size=64", f"data.batch_size={batch}",
-                   f"trainer.devices={devices}")
+    cfg = cfg_train("optimizer=sgd", "nominal_batch_size=64", f"data.batch_size={batch}", f"trainer.devices={devices}")
     apply_nominal_batch_size(cfg)
     assert cfg.trainer.accumulate_grad_batches == accumulate
     assert cfg.optimizer.weight_decay == pytest.approx(5e-4 * decay_factor)

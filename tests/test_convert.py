@@ -14,10 +14,8 @@ import pytest
 import torch
 import yaml
 from helpers import make_voc, make_yolo
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from runs import compose_config
 
 from lightning_det.data import COCOSource, VOCSource, YOLOSource, read_annotations
 from lightning_det.tools.convert import main as convert
@@ -143,13 +141,10 @@ def test_images_with_the_same_name_get_distinct_ids(tmp_path):
 
 def test_voc_and_yolo_configs_serve_identical_batches(voc_root, tmp_path):
     convert([str(voc_root), "--to", "yolo", "--out", str(tmp_path / "yolo"), "--keep-difficult"])
-    pipeline = OmegaConf.load(CONF / "pipeline/yolo.yaml")
-    common = {"num_workers": 0, "batch_size": 2, "img_size": 64, "min_steps_per_epoch": 0}
-    voc = OmegaConf.merge(OmegaConf.load(CONF / "data/voc.yaml"), pipeline, common,
-                          {"root": str(voc_root), "classes": None, "train": {"splits": ["train"]},
-                           "val": {"splits": ["val"]}})
-    yolo = OmegaConf.merge(OmegaConf.load(CONF / "data/yolo.yaml"), pipeline, common,
-                           {"yaml": str(tmp_path / "yolo/data.yaml")})
+    common = ["data.num_workers=0", "data.batch_size=2", "data.img_size=64", "data.min_steps_per_epoch=0"]
+    voc = compose_config("train", "data=voc", f"data.root={voc_root}", "data.classes=null",
+                         "data.train.splits=[train]", "data.val.splits=[val]", *common).data
+    yolo = compose_config("train", "data=yolo", f"data.yaml={tmp_path / 'yolo/data.yaml'}", *common).data
     batches = []
     for config in (voc, yolo):
         datamodule = instantiate(config)
@@ -176,27 +171,16 @@ def test_refusals_are_one_clear_line(voc_root, tmp_path, capsys):
 
 
 def test_help_is_short_and_names_the_formats():
-    done = subprocess.run([sys.executable, "-m", "lightning_det.tools.convert", "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "lightning_det.tools.convert", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "{voc,coco,yolo}" in done.stdout and len(done.stdout.splitlines()) <= 45
 
 
 # --- BCCD: a real VOC folder, converted to YOLO and COCO, scored from one checkpoint ----------------------------
-def evaluate_with(tmp_path: Path, name: str, checkpoint: Path, data: list[str]) -> dict:
+@pytest.mark.skipif(not BCCD.is_dir(), reason=f"the BCCD dataset is not at {BCCD} (../shared/datasets/bccd)")
+def test_bccd_in_three_formats_gives_the_same_boxes_and_the_same_map(tmp_path, cfg_eval):
     from lightning_det.tools.evaluate import evaluate
 
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"ckpt_path={checkpoint}", *data, "data.num_workers=0",
-                                             f"hydra.run.dir={tmp_path / name}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-        cfg.paths.output_dir = str(tmp_path / name)
-    return evaluate(cfg)
-
-
-@pytest.mark.skipif(not BCCD.is_dir(), reason=f"the BCCD dataset is not at {BCCD} (../shared/datasets/bccd)")
-def test_bccd_in_three_formats_gives_the_same_boxes_and_the_same_map(tmp_path):
     for target in ("yolo", "coco"):
         done = subprocess.run([sys.executable, "-m", "lightning_det.tools.convert", str(BCCD), "--to", target, "--out",
                                str(tmp_path / target)], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -226,7 +210,8 @@ def test_bccd_in_three_formats_gives_the_same_boxes_and_the_same_map(tmp_path):
     ], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert trained.returncode == 0, trained.stderr[-5000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    results = {name: evaluate_with(tmp_path, name, checkpoint, overrides) for name, overrides in data.items()}
+    results = {name: evaluate(cfg_eval(f"ckpt_path={checkpoint}", *overrides, "data.num_workers=0", run=name))
+               for name, overrides in data.items()}
     assert results["voc"]["voc"]["mAP"] > 0.01  # the comparison is between real, non-zero scores (0.036 measured)
     for name in ("yolo", "coco"):
         for metric in ("voc07", "voc", "coco"):

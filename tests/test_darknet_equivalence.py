@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 from darknet_reference import TINY_ANCHORS, TINY_MASKS, DarknetNetwork, Yolo, darknet_cfg, darknet_detections, randomise
-from hydra import compose, initialize_config_dir
+from runs import compose_config
 from torch import Tensor
 
 from lightning_det.data.sample import render_image
@@ -36,7 +36,6 @@ from lightning_det.data.transforms.common import letterbox
 from lightning_det.models.weights import initialise_from
 from lightning_det.tools.train import build_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 NUM_CLASSES = 80
 INPUT_SIZE = 320  # a multiple of 32 below Darknet's 416: 40 x 40, 20 x 20 and 10 x 10 cells
 CONFIGS = {"yolov3": "yolov3", "tiny": "yolov3_tiny"}
@@ -80,9 +79,7 @@ def letterboxed_image(size: int) -> Tensor:
 
 def our_model(config_name: str, width: float = 1.0) -> torch.nn.Module:
     """The model ``python train.py model=<config_name> model.anchors=darknet`` builds for 80 classes."""
-    overrides = [f"model={config_name}", "model.anchors=darknet", f"model.width={width}"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config("train", f"model={config_name}", "model.anchors=darknet", f"model.width={width}")
     return build_model(cfg, num_classes=NUM_CLASSES, class_names=[f"class{i}" for i in range(NUM_CLASSES)])
 
 

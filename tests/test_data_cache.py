@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import make_voc, write_image
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
@@ -237,11 +236,9 @@ def test_the_data_module_passes_the_cache_to_every_split(root):
         DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), cache="gpu")
 
 
-def test_the_command_line_option_reaches_the_datasets(root):
-    overrides = ["data=voc", f"data.root={root}", "data.classes=null", "data.train.splits=[train]",
-                 "data.val.splits=[train]", "data.num_workers=0", "data.img_size=160", "data.cache=disk"]
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+def test_the_command_line_option_reaches_the_datasets(root, cfg_train):
+    cfg = cfg_train("data=voc", f"data.root={root}", "data.classes=null", "data.train.splits=[train]",
+                    "data.val.splits=[train]", "data.num_workers=0", "data.img_size=160", "data.cache=disk")
     check_config(cfg)
     data = instantiate(cfg.data)
     assert data.dataset("train").shared_cache.path.parent == cache_module.cache_folder("disk")

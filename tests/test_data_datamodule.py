@@ -5,7 +5,8 @@ import pytest
 import torch
 from helpers import make_coco, make_voc
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import open_dict
+from runs import compose_config
 from torch.utils.data import DistributedSampler
 
 from lightning_det.data import COCOSource, DetectionDataModule, SortedAspectRatioBatchSampler, VOCSource, read_voc
@@ -206,11 +207,12 @@ def test_wrong_settings_fail_at_construction(voc_root):
 
 
 def compose_data(name, data_dir, **overrides):
-    """``conf/data/<name>.yaml`` with ``conf/pipeline/yolo.yaml`` merged in, as the model config does."""
-    data = OmegaConf.merge(OmegaConf.load(CONF / "data" / f"{name}.yaml"), OmegaConf.load(CONF / "pipeline/yolo.yaml"))
-    config = OmegaConf.create({"paths": {"data_dir": str(data_dir)}, "data": data})
-    config.data.merge_with(overrides)
-    return config.data
+    """``data=<name>`` as ``train.py`` composes it (the default model brings ``conf/pipeline/yolo.yaml``), with the
+    data folder under ``data_dir`` and ``overrides`` merged into the node."""
+    data = compose_config("train", f"data={name}", f"paths.data_dir={data_dir}").data
+    with open_dict(data):
+        data.merge_with(overrides)
+    return data
 
 
 @pytest.mark.parametrize("name", ["sample", "sample_coco"])

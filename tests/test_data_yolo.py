@@ -8,7 +8,7 @@ import pytest
 import yaml
 from helpers import make_yolo, write_image
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from runs import compose_config
 
 from lightning_det.data import InvalidAnnotationError, YOLOSource, read_annotations
 from lightning_det.data.yolo_format import label_path
@@ -167,9 +167,8 @@ def test_data_config_serves_contract_batches_from_the_yaml(tmp_path):
         "train": {"a.jpg": (64, 64, ["1 0.5 0.5 0.5 0.25"]), "b.jpg": (64, 64, [])},
         "val": {"c.jpg": (64, 128, ["0 0.25 0.5 0.25 0.5"])},
     }, NAMES)
-    data = OmegaConf.merge(OmegaConf.load(CONF / "data/yolo.yaml"), OmegaConf.load(CONF / "pipeline/yolo.yaml"))
-    data.merge_with({"yaml": str(data_yaml), "num_workers": 0, "batch_size": 2, "min_steps_per_epoch": 0,
-                     "img_size": 64})
+    data = compose_config("train", "data=yolo", f"data.yaml={data_yaml}", "data.num_workers=0", "data.batch_size=2",
+                          "data.min_steps_per_epoch=0", "data.img_size=64").data
     datamodule = instantiate(data)
     datamodule.setup("fit")
     assert datamodule.classes == ["cat", "dog"] and datamodule.sources["test"] is None  # evaluate: val
@@ -183,11 +182,11 @@ def test_data_config_serves_contract_batches_from_the_yaml(tmp_path):
 def test_config_checks_reach_the_forwarded_settings(tmp_path):
     from lightning_det.checks.config import ConfigValueError, check_config
 
-    data = OmegaConf.merge(OmegaConf.load(CONF / "data/yolo.yaml"), {"yaml": str(tmp_path / "data.yaml")})
-    check_config(OmegaConf.create({"data": data}))
-    data.skip_invalid = "flase"  # a typo Hydra passes through as a (truthy) string
+    cfg = compose_config("train", "data=yolo", f"data.yaml={tmp_path / 'data.yaml'}")
+    check_config(cfg)
+    cfg.data.skip_invalid = "flase"  # a typo Hydra passes through as a (truthy) string
     with pytest.raises(ConfigValueError, match="data.skip_invalid='flase' must be true/false"):
-        check_config(OmegaConf.create({"data": data}))
+        check_config(cfg)
 
 
 def test_test_key_is_what_evaluate_scores_when_asked(tmp_path):

@@ -8,11 +8,8 @@ import re
 import shlex
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
-from runs import REPO
+from runs import REPO, compose_config
 
 from lightning_det.checks.config import check_config, check_renamed_overrides
 
@@ -63,14 +60,10 @@ def test_the_pages_document_commands_of_every_entry_point():
 
 
 @pytest.mark.parametrize("page, entry, arguments", COMMANDS, ids=[f"{p}:{a[:60]}" for p, _, a in COMMANDS])
-def test_documented_command_composes_and_passes_the_checks(page, entry, arguments):
+def test_documented_command_composes_and_passes_the_checks(tmp_path, page, entry, arguments):
     words = [word for word in shlex.split(arguments) if word not in ("-m", "--multirun")]
     overrides = first_of_each_sweep([word for word in words if "=" in word])
     check_renamed_overrides(overrides)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(CONFIGS[entry], overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # as a run has it: paths resolve through ${hydra:...}
-    OmegaConf.set_struct(cfg, False)
-    cfg.pop("hydra")
+    cfg = compose_config(CONFIGS[entry], *overrides, run_dir=tmp_path)  # as the run has it
     if entry in ("train.py", "lightning_det.tools.anchors"):
         check_config(cfg)

@@ -3,11 +3,8 @@ moved into a part is refused under its old name with the new one."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from lightning_det.checks.config import ConfigValueError, check_config, check_renamed_overrides
 from lightning_det.models.faster_rcnn import FasterRCNN
@@ -16,7 +13,7 @@ from lightning_det.models.faster_rcnn.targets import FasterRCNNAssigner
 from lightning_det.tools.inference import upgraded
 from lightning_det.tools.train import build_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+MODEL = "model=faster_rcnn_mobilenet"
 
 
 class RecordingDecoder(FasterRCNNDecoder):
@@ -31,13 +28,8 @@ class RecordingDecoder(FasterRCNNDecoder):
         return super().__call__(*args, **kwargs)
 
 
-def compose_train(*overrides: str):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=["model=faster_rcnn_mobilenet", *overrides])
-
-
-def test_a_decoder_swapped_on_the_command_line_is_the_one_that_decodes():
-    cfg = compose_train(f"model.decoder._target_={__name__}.RecordingDecoder", "model.decoder.max_detections=7")
+def test_a_decoder_swapped_on_the_command_line_is_the_one_that_decodes(cfg_train):
+    cfg = cfg_train(MODEL, f"model.decoder._target_={__name__}.RecordingDecoder", "model.decoder.max_detections=7")
     check_config(cfg)
     detector = build_model(cfg, num_classes=2, class_names=["a", "b"]).eval()
     assert type(detector.decoder) is RecordingDecoder
@@ -50,12 +42,12 @@ def test_a_decoder_swapped_on_the_command_line_is_the_one_that_decodes():
     assert 0 < len(detections[0]["boxes"]) <= 7
 
 
-def test_the_sample_tuning_changes_only_its_own_keys_of_a_part():
-    detector = build_model(compose_train(), num_classes=2, class_names=["a", "b"])  # the sample data: tuned
+def test_the_sample_tuning_changes_only_its_own_keys_of_a_part(cfg_train):
+    detector = build_model(cfg_train(MODEL), num_classes=2, class_names=["a", "b"])  # the sample data: tuned
     assert type(detector.decoder) is FasterRCNNDecoder and type(detector.assigner) is FasterRCNNAssigner
     assert detector.rpn.max_detections == (300, 100)  # conf/tuned/sample_faster_rcnn_mobilenet.yaml
     assert detector.rpn.nms_thresh == 0.7 and detector.assigner.rpn_batch_size == 256  # the model config's
-    assert compose_train("data=voc").model.rpn.max_detections == [2000, 150]
+    assert cfg_train(MODEL, "data=voc").model.rpn.max_detections == [2000, 150]
 
 
 @pytest.mark.parametrize("old, value, new", [
@@ -63,11 +55,11 @@ def test_the_sample_tuning_changes_only_its_own_keys_of_a_part():
     ("detections_per_image", "50", "decoder.max_detections"),
     ("roi_pooling", "pool", "roi_head.pooling"),
 ])
-def test_an_old_key_is_refused_with_its_new_name(old, value, new):
+def test_an_old_key_is_refused_with_its_new_name(cfg_train, old, value, new):
     message = f"model.{old} was renamed: use model.{new}"
     with pytest.raises(ConfigValueError, match=message):
         check_renamed_overrides([f"model.{old}={value}"])
-    cfg = compose_train(f"+model.{old}={value}")  # the old key in a model config of one's own
+    cfg = cfg_train(MODEL, f"+model.{old}={value}")  # the old key in a model config of one's own
     with pytest.raises(ConfigValueError, match=message):
         check_config(cfg)
 

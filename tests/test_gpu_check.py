@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from torchvision.models.detection import SSD300_VGG16_Weights
 
@@ -113,14 +112,9 @@ def test_pinned_memory_and_auto_workers_follow_the_trainers_accelerator(tmp_path
     assert loader(tmp_path, cpu, num_workers="auto").num_workers == loader_workers(True, cores, threads)
 
 
-def composed(name: str, *overrides: str):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
-
-
 @pytest.mark.parametrize("data", sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml")))
-def test_trainer_gpu_sets_the_gpu_defaults_and_a_cpu_run_keeps_its_own(data):
-    plain, gpu = composed("train", f"data={data}"), composed("train", f"data={data}", "trainer=gpu")
+def test_trainer_gpu_sets_the_gpu_defaults_and_a_cpu_run_keeps_its_own(cfg_train, data):
+    plain, gpu = cfg_train(f"data={data}"), cfg_train(f"data={data}", "trainer=gpu")
     assert plain.data.num_workers == gpu.data.num_workers == "auto"  # workers by the machine (data/adapt.py)
     assert plain.data.pin_memory == gpu.data.pin_memory == "auto" and plain.trainer.precision == "auto"
     assert gpu.trainer.precision == "bf16-mixed" and gpu.trainer.benchmark and gpu.trainer.accelerator == "gpu"
@@ -128,10 +122,10 @@ def test_trainer_gpu_sets_the_gpu_defaults_and_a_cpu_run_keeps_its_own(data):
     assert set(gpu) == set(plain)  # the global package adds no top-level keys
 
 
-def test_the_command_line_wins_over_trainer_gpu_and_evaluate_gets_it_too():
-    assert composed("train", "trainer=gpu", "data.num_workers=3").data.num_workers == 3
-    assert composed("train", "trainer=gpu", "trainer.precision=16-mixed").trainer.precision == "16-mixed"
-    evaluate = composed("evaluate", "trainer=gpu")
+def test_the_command_line_wins_over_trainer_gpu_and_evaluate_gets_it_too(cfg_train, cfg_eval):
+    assert cfg_train("trainer=gpu", "data.num_workers=3").data.num_workers == 3
+    assert cfg_train("trainer=gpu", "trainer.precision=16-mixed").trainer.precision == "16-mixed"
+    evaluate = cfg_eval("trainer=gpu")
     assert evaluate.data.num_workers == "auto" and evaluate.trainer.precision == "bf16-mixed"
 
 

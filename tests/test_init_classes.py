@@ -2,13 +2,12 @@
 pretrained model a user evaluates without training."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-from runs import REPO, TINY, small_sample, train
+from omegaconf import DictConfig
+from runs import TINY, small_sample, train
 
 from lightning_det.models.transfer import COCO_80, TORCHVISION_COCO, ClassRows, match_classes, transfer_rows
 from lightning_det.models.weights import initialise_from
@@ -123,21 +122,15 @@ def test_faster_rcnn_rows_follow_the_class_names():
     assert torch.equal(state[boxes][12:], fresh[boxes][12:])
 
 
-def evaluate_with(tmp_path, name: str, *overrides: str) -> list[dict]:
-    """``python -m lightning_det.tools.evaluate <overrides>`` in this process; its ``coco_results.json``."""
+def evaluated(cfg: DictConfig) -> list[dict]:
+    """``python -m lightning_det.tools.evaluate`` on ``cfg`` in this process; its ``coco_results.json``."""
     from lightning_det.tools.evaluate import evaluate
 
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[*overrides, f"hydra.run.dir={tmp_path / name}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
-        cfg.paths.output_dir = str(tmp_path / name)
     evaluate(cfg)
-    return json.loads((tmp_path / name / "coco_results.json").read_text())
+    return json.loads((Path(cfg.paths.output_dir) / "coco_results.json").read_text())
 
 
-def test_evaluate_scores_init_from_weights_as_it_scores_their_checkpoint(tmp_path):
+def test_evaluate_scores_init_from_weights_as_it_scores_their_checkpoint(tmp_path, cfg_eval):
     """``evaluate init_from=<weights> model=<config>`` (pretrained weights, not trained here) gives the detections
     ``evaluate ckpt_path=`` gives for a checkpoint holding the same weights: as a checkpoint and as Darknet's file."""
     sample = small_sample(tmp_path)
@@ -146,10 +139,10 @@ def test_evaluate_scores_init_from_weights_as_it_scores_their_checkpoint(tmp_pat
     darknet = tmp_path / "trained.weights"
     save_darknet_weights(YOLOv3.load_from_checkpoint(checkpoint, map_location="cpu").network, darknet)
     data = [*TINY, *sample]
-    expected = evaluate_with(tmp_path, "checkpoint", f"ckpt_path={checkpoint}", *data)
+    expected = evaluated(cfg_eval(f"ckpt_path={checkpoint}", *data, run="checkpoint"))
     assert expected
     for name, weights in (("init_from_checkpoint", checkpoint), ("init_from_darknet", darknet)):
-        results = evaluate_with(tmp_path, name, f"init_from={weights}", *data)
+        results = evaluated(cfg_eval(f"init_from={weights}", *data, run=name))
         assert len(results) == len(expected), name
         for one, two in zip(expected, results):
             assert (one["image_id"], one["category_id"]) == (two["image_id"], two["category_id"])

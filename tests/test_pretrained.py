@@ -16,9 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -27,8 +24,6 @@ from lightning_det.models.faster_rcnn import FasterRCNN
 from lightning_det.models.faster_rcnn.network import build_network
 from lightning_det.models.ssd import SSD
 from lightning_det.tools.train import build_model
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def randomised_norms(model: nn.Module) -> nn.Module:
@@ -260,15 +255,10 @@ def test_a_width_multiplier_cannot_take_imagenet_weights(files, variant):
         SSD(variant=variant, width=0.5, num_classes=2, backbone_weights=str(source))
 
 
-def test_model_config_with_backbone_weights_composes_and_builds(files, states, tmp_path):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True, overrides=[
-            "model=faster_rcnn_mobilenet", "model.width=1.0", f"model.backbone_weights={files['mobilenet_v3_large']}",
-            "model.fpn_channels=16", "model.representation=32", f"hydra.run.dir={tmp_path}",
-        ])
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra
+def test_model_config_with_backbone_weights_composes_and_builds(files, states, cfg_train):
+    cfg = cfg_train("model=faster_rcnn_mobilenet", "model.width=1.0",
+                    f"model.backbone_weights={files['mobilenet_v3_large']}", "model.fpn_channels=16",
+                    "model.representation=32")
     detector = build_model(cfg, num_classes=3, class_names=["a", "b", "c"])
     state = states["mobilenet_v3_large"]
     assert torch.equal(detector.backbone.body.state_dict()["4.block.1.0.weight"], state["features.4.block.1.0.weight"])

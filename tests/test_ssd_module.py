@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from runs import compose_config
 
 from lightning_det.checks.config import ConfigValueError, check_config, check_renamed, check_renamed_overrides
 from lightning_det.models.ssd import SSD
@@ -16,7 +15,7 @@ from lightning_det.models.ssd.decode import SSDDecoder
 from lightning_det.models.ssd.targets import encode
 
 SSD300_RATIOS = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
-CONF = Path(__file__).resolve().parents[1] / "conf"
+NARROW_SSDLITE = ["model=ssdlite", "model.width=0.25"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -112,17 +111,12 @@ class ConstantLoss:
         return {"loss": zero + 7.0, "loc": zero + 3.0, "conf": zero + 4.0}
 
 
-def compose_train(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=["model=ssdlite", "model.width=0.25", *overrides])
-
-
-def test_a_part_is_swapped_from_the_command_line():
+def test_a_part_is_swapped_from_the_command_line(cfg_train):
     """``model.loss._target_=...`` builds that class through train.py's path with the rest of the loss node; the
     swapped part gets the assigner's matches, and the checkpoint keeps the part as plain data."""
     from lightning_det.tools.train import build_model
 
-    cfg = compose_train(f"model.loss._target_={__name__}.ConstantLoss", "model.loss.neg_pos_ratio=5.0")
+    cfg = cfg_train(*NARROW_SSDLITE, f"model.loss._target_={__name__}.ConstantLoss", "model.loss.neg_pos_ratio=5.0")
     check_config(cfg)
     model = build_model(cfg, num_classes=3, class_names=["a", "b", "c"])
     assert isinstance(model.criterion, ConstantLoss)
@@ -133,10 +127,11 @@ def test_a_part_is_swapped_from_the_command_line():
     assert model.hparams.loss["_target_"] == f"{__name__}.ConstantLoss" and isinstance(model.hparams.loss, dict)
 
 
-def test_the_decoder_settings_of_the_config_reach_the_decoder():
+def test_the_decoder_settings_of_the_config_reach_the_decoder(cfg_train):
     from lightning_det.tools.train import build_model
 
-    cfg = compose_train("model.decoder.max_detections=7", "model.decoder.class_agnostic=true", "model.variances=[0.2,0.1]")
+    cfg = cfg_train(*NARROW_SSDLITE, "model.decoder.max_detections=7", "model.decoder.class_agnostic=true",
+                    "model.variances=[0.2,0.1]")
     model = build_model(cfg, num_classes=3, class_names=["a", "b", "c"])
     assert model.decoder.max_detections == 7 and model.decoder.class_agnostic
     assert model.decoder.variances == (0.2, 0.1) == model.variances
@@ -144,7 +139,7 @@ def test_the_decoder_settings_of_the_config_reach_the_decoder():
 
 @pytest.fixture(scope="module")
 def composed_model():
-    return compose_train().model
+    return compose_config("train", *NARROW_SSDLITE).model
 
 
 @pytest.mark.parametrize("old, new", sorted(SSD.renamed.items()))

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,9 +41,9 @@ import pytest
 import torch
 import torchvision
 from helpers import spread_weights
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
+from runs import compose_config
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchvision.models.detection.image_list import ImageList
@@ -56,7 +55,6 @@ from lightning_det.data.transforms import RCNNTransform, Sample
 from lightning_det.models.faster_rcnn import FasterRCNN
 from lightning_det.tools.train import build_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 NUM_CLASSES = 90  # COCO's 91 torchvision labels less the background, which our FasterRCNN adds inside
 #: torchvision builder -> our config
 CONFIGS = {
@@ -174,8 +172,8 @@ def perturb(model: nn.Module, builder: str, image: Tensor) -> None:
 
 
 def our_config(config_name: str, *overrides: str) -> Any:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=[f"model={config_name}", *overrides])
+    """The config of ``python train.py model=<config_name> <overrides>``."""
+    return compose_config("train", f"model={config_name}", *overrides)
 
 
 def our_model(cfg: Any) -> FasterRCNN:

@@ -7,8 +7,7 @@ tests drive the entry point a user types."""
 import pytest
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
-from runs import REPO
+from runs import compose_config
 
 from lightning_det.checks.run import check_run
 from lightning_det.models.backbones.pretrained import cached_file
@@ -32,8 +31,7 @@ def cache_random_weights(name: str, builder: str) -> dict[str, torch.Tensor]:
 
 
 def model_from(config: str, classes: list[str], *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={config}", *overrides])
+    cfg = compose_config("train", f"model={config}", *overrides)
     return build_model(cfg, num_classes=len(classes), class_names=classes)
 
 
@@ -96,9 +94,8 @@ def test_a_missing_or_truncated_cached_file_says_where_it_belongs(offline):
         initialise_from(model, f"torchvision:{FRCNN_320}")
 
 
-def test_an_unknown_weights_name_is_refused_before_anything_is_built():
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["init_from=torchvision:ResNet50_Weights.IMAGENET1K_V2"])
+def test_an_unknown_weights_name_is_refused_before_anything_is_built(cfg_train):
+    cfg = cfg_train("init_from=torchvision:ResNet50_Weights.IMAGENET1K_V2")
     with pytest.raises(ValueError, match="not the weights of a torchvision COCO detector .* use one of .*"
                                          f"torchvision:{SSDLITE}"):
         check_run(cfg)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,9 +36,9 @@ import pytest
 import torch
 import torchvision
 from helpers import spread_weights
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image, ImageDraw
+from runs import compose_config
 from torch import Tensor, nn
 
 from lightning_det.data.collate import collate_detection
@@ -49,7 +48,6 @@ from lightning_det.models.ssd import SSD
 from lightning_det.models.ssd.decode import SSDDecoder
 from lightning_det.tools.train import build_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 NUM_CLASSES = 90  # COCO's 91 torchvision labels less the background, which our SSD adds inside
 #: torchvision builder -> our config
 CONFIGS = {"ssd300_vgg16": "ssd300_vgg16_coco", "ssdlite320_mobilenet_v3_large": "ssdlite320_coco"}
@@ -136,8 +134,7 @@ def perturbed_torchvision_model(builder: str, image: Tensor) -> nn.Module:
 
 def our_model(config_name: str) -> tuple[SSD, Any]:
     """The model ``python train.py model=<config_name>`` builds for COCO's classes, and its config."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={config_name}"])
+    cfg = compose_config("train", f"model={config_name}")
     model = build_model(cfg, num_classes=NUM_CLASSES, class_names=[f"class{i}" for i in range(NUM_CLASSES)])
     return model.eval(), cfg
 

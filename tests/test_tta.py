@@ -12,9 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
-from runs import assert_same_results, small_sample, train
+from runs import assert_same_results, compose_config, small_sample, train
 
 from lightning_det.models.detector import Detector
 from lightning_det.models.tta import TestTimeAugmentation, View, mirror_within, weighted_box_fusion
@@ -141,8 +140,7 @@ FAMILIES = {
 
 def family(name: str, *overrides: str) -> Detector:
     """The model config ``name``, built as train.py builds it, with random weights."""
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}", *overrides])
+    cfg = compose_config("train", f"model={name}", *overrides)
     torch.manual_seed(0)
     return build_model(cfg, num_classes=3, class_names=["a", "b", "c"]).eval()
 

@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
+from runs import compose_config
 
 from lightning_det.models import YOLOv3
 from lightning_det.models.yolov3.grid import DEFAULT_ANCHORS
@@ -17,6 +18,7 @@ from lightning_det.models.yolov3.loss import YOLOv3Loss
 from lightning_det.models.yolov3.module import flatten
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+NARROW_TINY = ["model=yolov3_tiny", "model.width=0.125"]
 
 
 def synthetic_batch(size=64):
@@ -44,7 +46,7 @@ def synthetic_batch(size=64):
 
 @pytest.mark.parametrize(("name", "variant", "levels"), [("yolov3", "yolov3", 3), ("yolov3_tiny", "tiny", 2)])
 def test_config_builds_the_model(name, variant, levels):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg = compose_config("train", f"model={name}")
     assert "num_classes" not in cfg.model
     assert cfg.data.img_size == "auto"  # a multiple of 32 chosen from the training boxes
     model = instantiate(cfg.model, num_classes=3, width=0.125, depth=1.0, _recursive_=False)
@@ -178,18 +180,13 @@ class ConstantLoss:
         return {"loss": zero + 7.0, "box": zero + 1.0, "obj": zero + 2.0, "cls": zero + 4.0}
 
 
-def compose_train(*overrides):
-    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
-        return compose("train", overrides=["model=yolov3_tiny", "model.width=0.125", *overrides])
-
-
-def test_a_part_is_swapped_from_the_command_line():
+def test_a_part_is_swapped_from_the_command_line(cfg_train):
     """``model.loss._target_=...`` builds that class through train.py's path, with the config's other loss settings
     and the class count; the checkpoint keeps the part as plain data."""
     from lightning_det.checks.config import check_config
     from lightning_det.tools.train import build_model
 
-    cfg = compose_train(f"model.loss._target_={__name__}.ConstantLoss", "model.loss.obj=5.0")
+    cfg = cfg_train(*NARROW_TINY, f"model.loss._target_={__name__}.ConstantLoss", "model.loss.obj=5.0")
     check_config(cfg)
     model = build_model(cfg, num_classes=3, class_names=["a", "b", "c"])
     assert isinstance(model.criterion, ConstantLoss)
@@ -201,8 +198,8 @@ def test_a_part_is_swapped_from_the_command_line():
 
 
 @pytest.mark.parametrize("old, new", sorted(YOLOv3.renamed.items()))
-def test_every_renamed_key_names_a_key_of_the_config(old, new):
-    model = compose_train().model
+def test_every_renamed_key_names_a_key_of_the_config(cfg_train, old, new):
+    model = cfg_train(*NARROW_TINY).model
     assert old not in model
     assert OmegaConf.select(model, new, default="missing") != "missing"
 
@@ -211,13 +208,13 @@ def test_every_renamed_key_names_a_key_of_the_config(old, new):
                                                 ("model.nms_topk=100", "model.decoder.max_detections"),
                                                 ("model.iou_t=0.3", "model.assigner.iou_t"),
                                                 ("model.giou=2.0", "model.loss.giou")])
-def test_an_old_key_is_refused_with_its_new_name(override, new):
+def test_an_old_key_is_refused_with_its_new_name(cfg_train, override, new):
     from lightning_det.checks.config import ConfigValueError, check_renamed, check_renamed_overrides
 
     with pytest.raises(ConfigValueError, match=rf"{override}: .*{new}\b"):
         check_renamed_overrides([override])
     old_key, value = override.removeprefix("model.").split("=")
-    cfg = compose_train()
+    cfg = cfg_train(*NARROW_TINY)
     with open_dict(cfg):
         cfg.model[old_key] = value  # a user's own model yaml still holding the old key
     with pytest.raises(ConfigValueError, match=rf"{new}\b"):

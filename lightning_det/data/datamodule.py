@@ -198,6 +198,11 @@ class DetectionDataModule(L.LightningDataModule):
         """Parse the sources the roles need (each once, against one class list), derive each role's records and
         keep the validation images out of training."""
         unread = sorted({self._source_role(role) for role in roles} - self._source_records.keys())
+        if unread and not self.root.is_dir():  # before a source names a file inside it
+            raise FileNotFoundError(
+                f"data.root={self.root}: no such folder. Point data.root at the dataset (VOC: the folder holding "
+                "VOC2007/ or Annotations/ and JPEGImages/; COCO: the folder holding annotations/)"
+            )
         if unread:
             result = read_annotations(self.root, [self.sources[r] for r in unread], self.classes, self.skip_invalid,
                                       self.check_images, self.exif_orientation)
