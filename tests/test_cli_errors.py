@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 from runs import REPO, train
 
+from lightning_det.checks.config import ConfigValueError, check_group_options
 from lightning_det.tools.errors import FrameworkError, framework_error, report_errors
 from lightning_det.tools.train import check_devices, saved_epoch
 
@@ -95,3 +96,14 @@ def test_help_is_a_page_of_commands_and_config_groups_not_the_whole_config():
         assert any(line.strip().startswith(f"python -m lightning_det.tools.{tool} ckpt_path=") for line in lines)
     groups = dict(line.split(": ", 1) for line in lines if line.startswith(("model: ", "data: ")))
     assert "yolov3_tiny_cpu" in groups["model"].split(", ") and "voc" in groups["data"].split(", ")
+
+
+def test_an_option_on_the_search_path_is_found_and_a_misspelt_one_suggested(tmp_path):
+    """A user's own config folder (``hydra.searchpath``, docs/adding.md) holds options of its own."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "grid.yaml").write_text("# @package _global_\n")
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    check_group_options([search, "model=grid"])
+    with pytest.raises(ConfigValueError, match=r"did you mean model=grid\?.*grid, ssd300"):
+        check_group_options([search, "model=gird"])
+    check_group_options(["hydra.searchpath=[pkg://my_project.conf]", "model=grid"])  # a package: Hydra decides

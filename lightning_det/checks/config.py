@@ -95,21 +95,40 @@ def check_renamed_overrides(overrides: list[str]) -> None:
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
+def search_path(overrides: list[str], conf: Path = CONF) -> list[Path] | None:
+    """The config folders Hydra reads: ``conf`` and the ``file://`` folders of a ``hydra.searchpath`` override; None
+    when that override names a package (``pkg://``), whose options a folder listing cannot see."""
+    folders = [conf]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") == "hydra.searchpath":
+            entries = [entry.strip() for entry in value.strip("[]").split(",") if entry.strip()]
+            if any(not entry.startswith("file://") for entry in entries):
+                return None
+            folders += [Path(entry.removeprefix("file://")) for entry in entries]
+    return folders
+
+
 def check_group_options(overrides: list[str], conf: Path = CONF) -> None:
     """Refuse a config group option that does not exist (``model=yolo3``), suggesting the closest by name. Hydra
     would refuse it too, but inside a traceback listing every option."""
+    folders = search_path(overrides, conf)
+    if folders is None:
+        return
     for override in overrides:
         key, _, value = override.partition("=")
-        folder = conf / key.lstrip("+~")
-        if not value or not folder.is_dir() or value.startswith(("[", "{", "null")):
+        group = key.lstrip("+~")
+        places = [folder / group for folder in folders if (folder / group).is_dir()]
+        if not value or not places or value.startswith(("[", "{", "null")):
             continue
-        options = sorted(path.stem for path in folder.glob("*.yaml"))
+        options = sorted({path.stem for place in places for path in place.glob("*.yaml")})
         for option in value.split(","):  # a multirun sweep names several
             if option not in options:
                 closest = difflib.get_close_matches(option, options, n=1, cutoff=0.5)
-                hint = f"did you mean {key.lstrip('+~')}={closest[0]}? " if closest else ""
-                raise ConfigValueError(f"{override}: there is no {folder.name} '{option}' ({folder.name}/{option}.yaml "
-                                       f"under {conf}); {hint}The options: {', '.join(options)}")
+                hint = f"did you mean {group}={closest[0]}? " if closest else ""
+                where = ", ".join(str(folder) for folder in folders)
+                raise ConfigValueError(f"{override}: there is no {group} '{option}' ({group}/{option}.yaml under "
+                                       f"{where}); {hint}The options: {', '.join(options)}")
 
 
 def refuse_renamed_overrides(argv: list[str]) -> None:
