@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Sequence
 
@@ -11,7 +12,12 @@ from torchvision.utils import draw_bounding_boxes
 
 from lightning_det.data.collate import Labels
 
-CAPTION_FONT = font_manager.findfont("DejaVu Sans")  # a scalable font that matplotlib (a dependency) ships
+
+@functools.cache
+def caption_font() -> str:
+    """A scalable font that matplotlib (a dependency) ships; looked up once, when predict first draws, not when a
+    training run imports the image logger (a first lookup builds matplotlib's font cache)."""
+    return font_manager.findfont("DejaVu Sans")
 
 
 def draw_labels(image: Tensor, rows: Tensor, class_names: Sequence[str], width: int = 1) -> Tensor:
@@ -54,4 +60,4 @@ def draw_predictions(image: Tensor, boxes: Tensor, names: Sequence[str], scores:
     captions = [f"{name} {score:.2f}" for name, score in zip(names, scores)]
     return draw_bounding_boxes(image.cpu(), boxes.reshape(-1, 4).cpu(), labels=captions,
                                colors=[class_colour(name) for name in names], width=max(2, round(side / 300)),
-                               font=CAPTION_FONT, font_size=max(12, round(side / 40)))
+                               font=caption_font(), font_size=max(12, round(side / 40)))
