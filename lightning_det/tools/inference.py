@@ -52,13 +52,19 @@ def upgraded(detector_class: type[Detector], arguments: dict[str, Any], pipeline
 
 
 def image_batch(paths: list[Path], pipeline: DetectionTransform, size_divisor: int = 1) -> dict[str, Any]:
-    """Raw image files -> a batch in the contract (no labels), for prediction; images of different sizes are
-    padded bottom/right to the largest, rounded up to ``size_divisor``."""
+    """Raw image files -> a batch in the contract (no labels), for prediction; see ``tensor_batch``."""
+    return tensor_batch([decode_rgb(path) for path in paths], [str(path) for path in paths], pipeline, size_divisor)
+
+
+def tensor_batch(images: list[torch.Tensor], names: list[str], pipeline: DetectionTransform, size_divisor: int = 1
+                 ) -> dict[str, Any]:
+    """RGB ``uint8`` CHW images (decoded files, video frames, arrays) -> a batch in the contract (no labels), each
+    named for the detections it gets; images of different sizes are padded bottom/right to the largest, rounded up
+    to ``size_divisor``."""
     samples = []
-    for index, path in enumerate(paths):
-        image = decode_rgb(path)
+    for index, (image, name) in enumerate(zip(images, names, strict=True)):
         empty = torch.zeros(0, 4)
         sample = Sample(image, empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool), index,
-                        str(path), tuple(image.shape[-2:]))
+                        name, tuple(image.shape[-2:]))
         samples.append(pipeline([sample]))
     return collate_detection(samples, size_divisor=size_divisor)
