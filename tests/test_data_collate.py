@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lightning_det.data import collate_detection
+from lightning_det.data.collate import Labels
 from lightning_det.data.transforms import Sample
 
 
@@ -76,3 +77,11 @@ def test_uint8_images_with_colour_matrices_are_converted_and_coloured_as_one_bat
     assert batch[1, :, :4, :6].flatten(1).tolist() == [[10.0] * 24, [200.0] * 24, [50.0] * 24]
     assert batch[2, :, :3, :5].flatten(1).tolist() == [[50.0] * 15, [200.0] * 15, [10.0] * 15]
     assert batch[0, :, 4:].eq(0).all() and batch[0, :, :, 6:].eq(0).all() and batch[2, :, 3:].eq(0).all()
+
+
+def test_present_labels_are_the_objects_without_the_padding_rows():
+    rows = torch.tensor([[[2.0, 1, 2, 3, 4, 0], [-1, 0, 0, 0, 0, 0]], [[0.0, 5, 6, 7, 8, 1], [1, 9, 9, 10, 10, 0]]])
+    present = Labels.present(rows)
+    assert present.classes.tolist() == [2.0, 0.0, 1.0]
+    assert present.boxes.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 10, 10]]
+    assert present.difficult.tolist() == [0.0, 1.0, 0.0]

@@ -22,6 +22,11 @@ class Labels(NamedTuple):
     def of(cls, rows: Tensor) -> Labels:
         return cls(rows[..., 0], rows[..., 1:5], rows[..., 5])
 
+    @classmethod
+    def present(cls, rows: Tensor) -> Labels:
+        """The objects of label rows without their padding, flattened to ``[N]`` (a copy: boolean indexing)."""
+        return cls.of(rows[cls.of(rows).valid])
+
     @property
     def valid(self) -> Tensor:
         """True on the rows that hold an object (not padding)."""

@@ -67,7 +67,7 @@ def labels_to_targets(labels: Tensor, meta: dict[str, Any]) -> Detections:
     (so a metric can count an image repeated by a distributed sampler once)."""
     valid = Labels.of(labels).valid
     image_index = valid.nonzero()[:, 0]
-    rows = Labels.of(labels[valid])
+    rows = Labels.present(labels)
     boxes = to_original_pixels(rows.boxes, image_index, meta)
     counts = valid.sum(1).tolist()
     targets = [

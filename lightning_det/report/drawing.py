@@ -23,7 +23,7 @@ def caption_font() -> str:
 def draw_labels(image: Tensor, rows: Tensor, class_names: Sequence[str], width: int = 1) -> Tensor:
     """Label rows ``(class, x1, y1, x2, y2, difficult)`` of the batch contract on a ``uint8 [3, H, W]`` image,
     named by class: padding rows skipped, difficult (ignored) objects in orange, the rest in green."""
-    objects = Labels.of(rows[Labels.of(rows).valid].cpu())
+    objects = Labels.present(rows.cpu())
     if len(objects.classes) == 0:  # torchvision would warn that there is nothing to draw
         return image.cpu()
     captions = [class_names[int(c)] for c in objects.classes.tolist()]

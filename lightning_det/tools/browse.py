@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def label_summary(labels: torch.Tensor, class_names: list[str]) -> str:
     """Objects per class and box-side quantiles of label rows ``[N, P, 6]`` (padding rows skipped)."""
-    rows = Labels.of(labels[Labels.of(labels).valid])
+    rows = Labels.present(labels)
     if len(rows.classes) == 0:
         return "no objects in the drawn batches"
     counts = Counter(class_names[int(c)] for c in rows.classes.tolist())

@@ -31,7 +31,7 @@ class GroundTruth(NamedTuple):
 def ground_truth(labels: Tensor) -> GroundTruth:
     """Padded batch labels ``[B, P, 6]`` -> the valid rows, flattened."""
     valid = Labels.of(labels).valid
-    rows = Labels.of(labels[valid])
+    rows = Labels.present(labels)
     return GroundTruth(rows.boxes, rows.classes.long(), valid.nonzero()[:, 0])
 
 
