@@ -1,4 +1,4 @@
-"""Epoch time and peak memory of the training loader with each ``data.cache``, in 1 and 2 (DDP) processes.
+"""Epoch time and peak memory of the training loader with each ``data.loader.cache``, in 1 and 2 (DDP) processes.
 
     python bench/cache.py                                   # BCCD, every cache, 0 and 2 workers, 1 and 2 processes
     python bench/cache.py --caches off ram --workers 2 --devices 2 --epochs 4
@@ -85,8 +85,9 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     overrides = [
         "data=voc", f"data.root={args.root}", "data.classes=null", "data.train.splits=[train]",
-        "data.val.splits=[val]", f"data.num_workers={args.workers}", "data.min_steps_per_epoch=0",
-        f"data.cache={'null' if args.cache in ('off', 'null') else args.cache}", f"data.img_size={args.img_size}",
+        "data.val.splits=[val]", f"data.loader.num_workers={args.workers}", "data.sampler.min_steps_per_epoch=0",
+        f"data.loader.cache={'null' if args.cache in ('off', 'null') else args.cache}",
+        f"data.img_size={args.img_size}",
     ]
     with initialize_config_dir(str(CONF), version_base=None):
         cfg = compose("train", overrides=overrides)

@@ -193,7 +193,7 @@ def measure(folder: Path, workers: int) -> dict:
 
     overrides = ["data=coco", f"data.root={folder}", "data.train.annotation_file=annotations/instances_train.json",
                  "data.train.image_dir=train", "data.val.annotation_file=annotations/instances_val.json",
-                 "data.val.image_dir=val", f"data.num_workers={workers}", f"data.img_size={img_size}"]
+                 "data.val.image_dir=val", f"data.loader.num_workers={workers}", f"data.img_size={img_size}"]
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         cfg = compose("train", overrides=overrides)
     datamodule = instantiate(cfg.data)

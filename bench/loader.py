@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_det.data import SAMPLE_CLASSES, DetectionDataModule, VOCSource, generate_sample_data
+from lightning_det.data import SAMPLE_CLASSES, DetectionDataModule, LoaderOptions, VOCSource, generate_sample_data
 
 
 def measure(datamodule: DetectionDataModule, pipeline: str, batches: int) -> tuple[float, float]:
@@ -58,7 +58,8 @@ def main() -> None:
         for workers in args.workers:
             datamodule = DetectionDataModule(
                 args.root, VOCSource(["sample/train"]), VOCSource(["sample/val"]), classes=list(SAMPLE_CLASSES),
-                batch_size=args.batch_size, num_workers=workers, persistent_workers=True, img_size=args.img_size,
+                batch_size=args.batch_size, img_size=args.img_size,
+                loader=LoaderOptions(num_workers=workers, persistent_workers=True),
             )
             datamodule.setup("fit")
             first, rate = measure(datamodule, pipeline, args.batches)

@@ -36,3 +36,12 @@ def test_an_old_checkpoint_loads_into_the_new_layout_with_the_same_detections(tm
     assert sum(len(d["scores"]) for d in expected) > 0
     for a, b in zip(expected, got):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_with_the_old_assigner_threshold_loads_it_as_positive_iou(tmp_path):
+    model = YOLOv3(variant="tiny", width=0.25, num_classes=2, assigner={"positive_iou": 0.35}).eval()
+    old_arguments = {**model.hparams, "assigner": {"iou_t": 0.35, "best_anchor_only": True}}
+    old = save(tmp_path / "old.ckpt", old_arguments, PIPELINE, model.state_dict())
+    loaded, _ = load_detector(old)
+    assert loaded.assigner.positive_iou == 0.35 and loaded.assigner.best_anchor_only
+    assert old_arguments["assigner"] == {"iou_t": 0.35, "best_anchor_only": True}  # the checkpoint's dict untouched

@@ -37,9 +37,9 @@ def test_a_data_error_prints_its_message_alone_and_hydra_full_error_the_tracebac
 
 
 def test_an_error_raised_while_hydra_builds_an_object_prints_its_own_message(tmp_path):
-    done = train(tmp_path, "data.repeat_threshold=5", expect_ok=False)
+    done = train(tmp_path, "data.sampler.repeat_threshold=5", expect_ok=False)
     assert done.returncode == 1
-    assert "Error: data.repeat_threshold must be a share of images in (0, 1], got 5" in done.stderr
+    assert "Error: data.sampler.repeat_threshold must be a share of images in (0, 1], got 5" in done.stderr
     assert "Traceback" not in done.stderr and "Error in call to target" not in done.stderr, done.stderr
 
 

@@ -27,7 +27,7 @@ CHOSEN = {
        for part in ("rpn", "decoder", "roi_head", "prior", "assigner")
        for key in ("pre_nms_topk", "max_detections", "score_thresh", "nms_thresh", "anchor_sizes", "aspect_ratios",
                    "min_size", "pre_nms_topk_per_class", "sampling_ratio", "output_size", "pooling", "s_min",
-                   "s_max", "steps", "clip", "min_sizes", "max_sizes", "fit_scales", "overlap_threshold")},
+                   "s_max", "steps", "clip", "min_sizes", "max_sizes", "fit_scales", "positive_iou")},
     # Faster R-CNN's parts default to the VGG16 reference; the FPN members take torchvision's recipe
     **{(model, part, key): "torchvision's FPN recipe" for model in FASTER_RCNN if model != "faster_rcnn_vgg16"
        for part, key in (("rpn", "pre_nms_topk"), ("rpn", "max_detections"), ("roi_head", "sampling_ratio"),

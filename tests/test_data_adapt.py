@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import make_voc
 
-from lightning_det.data import DetectionDataModule, VOCSource
+from lightning_det.data import DetectionDataModule, LoaderOptions, SamplerOptions, VOCSource
 from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers
 from lightning_det.data.records import AnnotationRecord
 
@@ -57,7 +57,8 @@ def test_datamodule_repeats_the_set_and_resolves_auto_size(tmp_path):
     images = {f"{k:02d}": (480, 640, [("cell", (1, 1, 40, 30), False)]) for k in range(6)}
     root = make_voc(tmp_path, {"train": images})
     datamodule = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), classes=None, batch_size=2,
-                                     num_workers=0, img_size="auto", min_steps_per_epoch=7)
+                                     loader=LoaderOptions(num_workers=0), img_size="auto",
+                                     sampler=SamplerOptions(min_steps_per_epoch=7))
     datamodule.setup("fit")
     # every box's shorter side is 30 px of 640: 8 / (30 / 640) = 170.7 px -> the floor, 256
     assert datamodule.img_size == 256 and datamodule.train_transform.img_size == 256
@@ -93,7 +94,7 @@ def test_auto_workers_follow_the_trainer(tmp_path):
     images = {f"{k:02d}": (48, 64, [("cell", (1, 1, 40, 30), False)]) for k in range(4)}
     root = make_voc(tmp_path, {"train": images})
     datamodule = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), classes=None, batch_size=2,
-                                     img_size=64, num_workers="auto", persistent_workers=True)
+                                     img_size=64, loader=LoaderOptions(num_workers="auto", persistent_workers=True))
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     datamodule.trainer = trainer
     threads = torch.get_num_threads()
@@ -103,5 +104,5 @@ def test_auto_workers_follow_the_trainer(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert loader.num_workers == 0 and not loader.persistent_workers
-    with pytest.raises(ValueError, match="data.num_workers.*auto"):
-        DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), num_workers="many")
+    with pytest.raises(ValueError, match="data.loader.num_workers.*auto"):
+        LoaderOptions(num_workers="many")

@@ -1,4 +1,4 @@
-"""The shared image cache (``data.cache=ram|disk``): the same samples as decoding, one file per machine that
+"""The shared image cache (``data.loader.cache=ram|disk``): the same samples as decoding, one file per machine that
 every process maps, rebuilt when an image changes, never used half-written, refused when it would not fit."""
 
 import os
@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_det.checks.config import check_config
-from lightning_det.data import DetectionDataModule, VOCSource
+from lightning_det.data import DetectionDataModule, LoaderOptions, VOCSource
 from lightning_det.data import cache as cache_module
 from lightning_det.data import dataset as dataset_module
 from lightning_det.data.cache import ImageCacheError
@@ -56,7 +56,7 @@ def decodings(monkeypatch):
 
 
 def records_of(root):
-    data = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), num_workers=0)
+    data = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), loader=LoaderOptions(num_workers=0))
     data.setup("fit")
     return data.records["train"]
 
@@ -145,13 +145,13 @@ def test_loader_workers_read_the_one_file(root, monkeypatch):
 
 CHILD = textwrap.dedent("""
     import os, sys, time
-    from lightning_det.data import DetectionDataModule, VOCSource
+    from lightning_det.data import DetectionDataModule, LoaderOptions, VOCSource
     from lightning_det.data import cache
     from lightning_det.data.dataset import DetectionDataset
     from lightning_det.data.transforms import YoloTrainTransform
 
     root, log, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    data = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), num_workers=0)
+    data = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), loader=LoaderOptions(num_workers=0))
     data.setup("fit")
     build = cache.build
 
@@ -212,12 +212,12 @@ def test_a_cache_that_would_not_fit_is_refused(root, monkeypatch):
     records = records_of(root)
     transform = YoloTrainTransform(img_size=160)
     monkeypatch.setattr(cache_module, "available_memory", lambda: 2 * REDUCED_BYTES - 2)
-    with pytest.raises(ImageCacheError, match=r"data.cache=ram would hold 3 decoded images in 0.00 GB.*"
-                                              r"memory available.*use data.cache=disk .* or data.cache=null"):
+    with pytest.raises(ImageCacheError, match=r"data.loader.cache=ram would hold 3 decoded images in 0.00 GB.*"
+                                              r"memory available.*use data.loader.cache=disk .* or data.loader.cache=null"):
         DetectionDataset(records, transform, cache="ram")
     monkeypatch.setattr(cache_module, "DISK_RESERVE_BYTES", shutil.disk_usage(root).free)
-    with pytest.raises(ImageCacheError, match=r"data.cache=disk would hold 3 decoded images.*free in .*use "
-                                              r"data.cache=null"):
+    with pytest.raises(ImageCacheError, match=r"data.loader.cache=disk would hold 3 decoded images.*free in .*use "
+                                              r"data.loader.cache=null"):
         DetectionDataset(records, transform, cache="disk")
     assert not cache_files("ram") and not cache_files("disk")
     monkeypatch.setattr(cache_module, "available_memory", lambda: 2 * REDUCED_BYTES)
@@ -226,19 +226,19 @@ def test_a_cache_that_would_not_fit_is_refused(root, monkeypatch):
 
 
 def test_the_data_module_passes_the_cache_to_every_split(root):
-    data = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), num_workers=0, img_size=160,
-                               cache="ram")
+    data = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), img_size=160,
+                               loader=LoaderOptions(num_workers=0, cache="ram"))
     data.setup("fit")
     train, val = data.dataset("train"), data.dataset("val")
     assert train.shared_cache.path != val.shared_cache.path  # reduced for training, full size for evaluation
     assert len(cache_files("ram")) == 2
-    with pytest.raises(ValueError, match=r"data.cache must be one of \['ram', 'disk'\] or null, got 'gpu'"):
-        DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), cache="gpu")
+    with pytest.raises(ValueError, match=r"data.loader.cache must be one of \['ram', 'disk'\] or null, got 'gpu'"):
+        LoaderOptions(cache="gpu")
 
 
 def test_the_command_line_option_reaches_the_datasets(root, cfg_train):
     cfg = cfg_train("data=voc", f"data.root={root}", "data.classes=null", "data.train.splits=[train]",
-                    "data.val.splits=[train]", "data.num_workers=0", "data.img_size=160", "data.cache=disk")
+                    "data.val.splits=[train]", "data.loader.num_workers=0", "data.img_size=160", "data.loader.cache=disk")
     check_config(cfg)
     data = instantiate(cfg.data)
     assert data.dataset("train").shared_cache.path.parent == cache_module.cache_folder("disk")

@@ -9,7 +9,16 @@ from omegaconf import open_dict
 from runs import compose_config
 from torch.utils.data import DistributedSampler
 
-from lightning_det.data import COCOSource, DetectionDataModule, SortedAspectRatioBatchSampler, VOCSource, read_voc
+from lightning_det.data import (
+    COCOSource,
+    DetectionDataModule,
+    LoaderOptions,
+    ReadingOptions,
+    SamplerOptions,
+    SortedAspectRatioBatchSampler,
+    VOCSource,
+    read_voc,
+)
 from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,7 +44,7 @@ def voc_root(tmp_path_factory):
 def data_module(root, **kwargs):
     options = dict(
         root=root, train=VOCSource(["2007/train"]), val=VOCSource(["2007/val"]), classes=CLASSES, batch_size=3,
-        num_workers=0, img_size=SIZE,
+        loader=LoaderOptions(num_workers=0), img_size=SIZE,
     )
     return DetectionDataModule(**{**options, **kwargs})
 
@@ -111,7 +120,7 @@ def test_sorted_batches_cover_each_process_share_once():
 
 def test_difficult_objects_leave_training_unless_kept(voc_root):
     dropped = data_module(voc_root).dataset("train").records
-    kept = data_module(voc_root, keep_difficult_in_training=True).dataset("train").records
+    kept = data_module(voc_root, reading=ReadingOptions(keep_difficult_in_training=True)).dataset("train").records
     assert not any(r.difficult.any() for r in dropped)
     assert sum(len(r.labels) for r in dropped) == 6 + 3
     assert sum(int(r.difficult.sum()) for r in kept) == 3 and sum(len(r.labels) for r in kept) == 12
@@ -119,7 +128,7 @@ def test_difficult_objects_leave_training_unless_kept(voc_root):
 
 def test_val_split_is_a_seeded_disjoint_hold_out(voc_root):
     def split(seed):
-        datamodule = data_module(voc_root, val=None, val_split=0.34, seed=seed)
+        datamodule = data_module(voc_root, val=None, val_split=0.34, sampler=SamplerOptions(seed=seed))
         datamodule.setup("fit")
         return [r.path for r in datamodule.records["train"]], [r.path for r in datamodule.records["val"]]
 
@@ -143,7 +152,7 @@ def test_coco_sources_give_category_ids(tmp_path):
     make_coco(tmp_path, [(5, "b"), (2, "a")], images, [(2, 2, [3.0, 1.0, 9.0, 9.0], 1)], name="val.json")
     datamodule = DetectionDataModule(
         tmp_path, COCOSource("annotations/train.json", "images"), COCOSource("annotations/val.json", "images"),
-        num_workers=0, img_size=SIZE,
+        loader=LoaderOptions(num_workers=0), img_size=SIZE,
     )
     datamodule.setup("fit")
     assert datamodule.classes == ["a", "b"] and datamodule.label_to_category_id == [2, 5]
@@ -186,7 +195,8 @@ class MosaicRecorder(L.LightningModule):
 
 
 def test_close_mosaic_turns_mosaic_off_for_the_last_epochs_with_persistent_workers(voc_root):
-    datamodule = data_module(voc_root, num_workers=1, persistent_workers=True, close_mosaic=2, batch_size=2)
+    datamodule = data_module(voc_root, loader=LoaderOptions(num_workers=1, persistent_workers=True), close_mosaic=2,
+                             batch_size=2)
     model = MosaicRecorder()
     trainer = L.Trainer(
         max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -217,9 +227,8 @@ def compose_data(name, data_dir, **overrides):
 
 @pytest.mark.parametrize("name", ["sample", "sample_coco"])
 def test_sample_configs_generate_and_serve_data(tmp_path, name):
-    config = compose_data(name, tmp_path, prepare={"num_train": 4, "num_val": 2}, num_workers=0, batch_size=2,
-                          min_steps_per_epoch=0,
-                          img_size=SIZE)
+    config = compose_data(name, tmp_path, prepare={"num_train": 4, "num_val": 2}, loader={"num_workers": 0},
+                          batch_size=2, sampler={"min_steps_per_epoch": 0}, img_size=SIZE)
     datamodule = instantiate(config)
     assert isinstance(datamodule.train_transform, YoloTrainTransform) and datamodule.close_mosaic == 0.1
     assert datamodule.train_transform.img_size == SIZE == datamodule.val_transform.img_size
@@ -234,8 +243,8 @@ def test_sample_configs_generate_and_serve_data(tmp_path, name):
 def test_dataset_configs_build_their_sources(tmp_path, name):
     datamodule = instantiate(compose_data(name, tmp_path))
     assert datamodule.root == tmp_path / ("VOCdevkit" if name == "voc" else "coco")
-    assert datamodule.batch_size == 8 and datamodule.num_workers == "auto" and datamodule.img_size == "auto"
-    assert datamodule.min_steps_per_epoch == 50
+    assert datamodule.batch_size == 8 and datamodule.loader.num_workers == "auto" and datamodule.img_size == "auto"
+    assert datamodule.sampler.min_steps_per_epoch == 50 and datamodule.sampler.kind == "repeat_factor"
     if name == "voc":
         assert datamodule.sources["train"].splits == ["2007/trainval", "2012/trainval"]
         assert datamodule.sources["val"].splits == ["2007/test"] and len(datamodule.classes) == 20

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import make_voc
 
-from lightning_det.data import DetectionDataModule, VOCSource
+from lightning_det.data import DetectionDataModule, LoaderOptions, VOCSource
 from lightning_det.data import dataset as dataset_module
 from lightning_det.data.dataset import DetectionDataset
 from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
@@ -16,7 +16,7 @@ IMAGES = {"wide": (300, 400, [("a", (41, 31, 200, 150), False)]), "tall": (350, 
 @pytest.fixture()
 def records(tmp_path):
     root = make_voc(tmp_path, {"2007/train": IMAGES})
-    data = DetectionDataModule(root, VOCSource(["2007/train"]), VOCSource(["2007/train"]), num_workers=0)
+    data = DetectionDataModule(root, VOCSource(["2007/train"]), VOCSource(["2007/train"]), loader=LoaderOptions(num_workers=0))
     data.setup("fit")
     return data.records["train"]
 

@@ -9,6 +9,8 @@ from lightning_det.data import (
     COCOSource,
     DetectionDataModule,
     InvalidAnnotationError,
+    LoaderOptions,
+    ReadingOptions,
     VOCSource,
     YOLOSource,
     read_annotations,
@@ -21,8 +23,8 @@ CAT = (40, 60, [("cat", (1, 1, 20, 20), False)])
 
 
 def voc_module(root, train, val, **kwargs):
-    return DetectionDataModule(root, VOCSource(train), val and VOCSource(val), classes=["cat"], num_workers=0,
-                               img_size=64, **kwargs)
+    return DetectionDataModule(root, VOCSource(train), val and VOCSource(val), classes=["cat"], img_size=64,
+                               loader=LoaderOptions(num_workers=0), **kwargs)
 
 
 def train_ids(datamodule):
@@ -44,11 +46,11 @@ def test_images_in_train_and_val_are_refused_with_count_ids_splits_and_fix(leaki
     assert "3 of the 4 val images are also train images" in message
     assert "VOC2007/JPEGImages/e.jpg, VOC2007/JPEGImages/f.jpg, VOC2007/JPEGImages/g.jpg" in message
     assert "2007/trainval" in message and "2007/val" in message
-    assert "remove them from one split" in message and "data.skip_invalid=true" in message
+    assert "remove them from one split" in message and "data.reading.skip_invalid=true" in message
 
 
 def test_skip_invalid_drops_shared_images_from_training_only(leaking_voc, caplog):
-    datamodule = voc_module(leaking_voc, ["2007/trainval"], ["2007/val"], skip_invalid=True)
+    datamodule = voc_module(leaking_voc, ["2007/trainval"], ["2007/val"], reading=ReadingOptions(skip_invalid=True))
     with caplog.at_level(logging.WARNING):
         datamodule.setup("fit")
     assert train_ids(datamodule) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
@@ -58,14 +60,14 @@ def test_skip_invalid_drops_shared_images_from_training_only(leaking_voc, caplog
 
 def test_skip_invalid_refuses_to_leave_no_training_image(tmp_path):
     root = make_voc(tmp_path, {"train": {"a": CAT, "b": CAT}, "val": {"a": CAT, "b": CAT, "c": CAT}})
-    datamodule = voc_module(root, ["train"], ["val"], skip_invalid=True)
+    datamodule = voc_module(root, ["train"], ["val"], reading=ReadingOptions(skip_invalid=True))
     with pytest.raises(InvalidAnnotationError, match="2 of the 3 val images .* would leave no training image"):
         datamodule.setup("fit")
 
 
 def test_validating_on_the_training_images_themselves_is_a_warning(tmp_path, caplog):
     root = make_voc(tmp_path, {"train": {"a": CAT, "b": CAT}})
-    datamodule = voc_module(root, ["train"], ["train"], skip_invalid=True)
+    datamodule = voc_module(root, ["train"], ["train"], reading=ReadingOptions(skip_invalid=True))
     with caplog.at_level(logging.WARNING):
         datamodule.setup("fit")
     assert len(datamodule.records["train"]) == len(datamodule.records["val"]) == 2
@@ -78,7 +80,7 @@ def test_a_folder_reached_through_a_link_is_the_same_folder(tmp_path):
     make_coco(tmp_path, [(1, "cat")], images[1:], [], name="val.json")
     (tmp_path / "linked").symlink_to(tmp_path / "images")
     datamodule = DetectionDataModule(tmp_path, COCOSource("annotations/train.json", "images"),
-                                     COCOSource("annotations/val.json", "./linked/"), num_workers=0, img_size=64)
+                                     COCOSource("annotations/val.json", "./linked/"), loader=LoaderOptions(num_workers=0), img_size=64)
     with pytest.raises(InvalidAnnotationError, match="1 of the 1 val images are also train images: linked/b.jpg"):
         datamodule.setup("fit")
 
@@ -88,7 +90,7 @@ def test_linked_image_files_are_compared_by_their_target(tmp_path):
     (tmp_path / "VOC2012/JPEGImages").mkdir(parents=True)
     (tmp_path / "VOC2012/JPEGImages/v.jpg").symlink_to(tmp_path / "VOC2007/JPEGImages/b.jpg")
     make_voc(tmp_path, {"2012/val": {"v": CAT, "w": CAT}})
-    datamodule = voc_module(tmp_path, ["2007/train"], ["2012/val"], skip_invalid=True)
+    datamodule = voc_module(tmp_path, ["2007/train"], ["2012/val"], reading=ReadingOptions(skip_invalid=True))
     datamodule.setup("fit")
     assert train_ids(datamodule) == ["a.jpg"]
 
@@ -106,7 +108,7 @@ def test_same_names_in_other_folders_hold_out_and_default_test_are_not_leaks(tmp
         voc_module(tmp_path / "voc", ["2007/trainval"], ["2012/trainval"]),
         voc_module(tmp_path / "voc", ["2007/trainval", "2012/trainval"], None, val_split=0.5),
         DetectionDataModule(tmp_path / "coco", COCOSource("annotations/train.json", "train"),
-                            COCOSource("annotations/val.json", "val"), num_workers=0, img_size=64),
+                            COCOSource("annotations/val.json", "val"), loader=LoaderOptions(num_workers=0), img_size=64),
     ]
     with caplog.at_level(logging.WARNING):
         for datamodule in modules:
@@ -163,7 +165,7 @@ def test_a_coco_image_id_given_twice_is_refused_naming_json_id_and_files(tmp_pat
         read_coco(tmp_path, "annotations/instances_train.json", "images")
     message = str(error.value)
     assert str(twice_given_id) in message
-    assert "image b.jpg shares its id 2 with c.jpg" in message and "data.skip_invalid=true" in message
+    assert "image b.jpg shares its id 2 with c.jpg" in message and "data.reading.skip_invalid=true" in message
 
 
 def test_skip_invalid_drops_every_image_of_a_repeated_id_with_its_annotations(tmp_path, twice_given_id, caplog):

@@ -135,7 +135,7 @@ def test_every_image_that_cannot_be_decoded_is_named_in_one_error_or_skipped(tmp
     assert message.startswith("2 image files cannot be used")
     assert f"image {voc_image(tmp_path, 'text')} is not a readable image" in message
     assert f"image {voc_image(tmp_path, 'huffman')} cannot be decoded" in message
-    assert "cut.jpg" not in message and "data.skip_invalid=true" in message
+    assert "cut.jpg" not in message and "data.reading.skip_invalid=true" in message
 
     records = read(tmp_path, skip_invalid=True)
     assert [Path(r.path).stem for r in records] == ["good", "cut"]

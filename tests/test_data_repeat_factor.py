@@ -1,4 +1,4 @@
-"""Repeat-factor sampling (data.sampler=repeat_factor): the LVIS rule, fixed-length passes with the expected
+"""Repeat-factor sampling (data.sampler.kind=repeat_factor): the LVIS rule, fixed-length passes with the expected
 counts, and the same epoch cut into equal shares when Lightning slips its distributed sampler underneath."""
 
 import logging
@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import make_voc
 
-from lightning_det.data import DetectionDataModule, MosaicSampler, VOCSource
+from lightning_det.data import DetectionDataModule, LoaderOptions, MosaicSampler, SamplerOptions, VOCSource
 from lightning_det.data.records import AnnotationRecord
 from lightning_det.data.repeat_factor import image_repeat_factors, pass_length, repeated_indices
 
@@ -75,11 +75,11 @@ def rare_class_root(tmp_path_factory):
 
 def data_module(root, **kwargs) -> DetectionDataModule:
     return DetectionDataModule(root, VOCSource(["train"]), VOCSource(["val"]), classes=["common", "rare"],
-                               batch_size=2, num_workers=0, img_size=32, **kwargs)
+                               batch_size=2, loader=LoaderOptions(num_workers=0), img_size=32, **kwargs)
 
 
 def test_data_module_repeats_the_rare_class_image_and_reports_it(rare_class_root, caplog):
-    datamodule = data_module(rare_class_root, sampler="repeat_factor", repeat_threshold=0.5)
+    datamodule = data_module(rare_class_root, sampler=SamplerOptions("repeat_factor", repeat_threshold=0.5))
     datamodule.setup("fit")
     with caplog.at_level(logging.INFO):
         sampler = datamodule.train_dataloader().sampler
@@ -92,19 +92,19 @@ def test_data_module_repeats_the_rare_class_image_and_reports_it(rare_class_root
 def test_auto_threshold_is_one_over_the_class_count(rare_class_root, caplog):
     """Two classes: auto is 0.5, so the image of 'rare' (1 / 8 of the images) repeats sqrt(0.5 / 0.125) = 2 times;
     a class in at least half of the images would repeat nothing."""
-    datamodule = data_module(rare_class_root, sampler="repeat_factor", repeat_threshold="auto")
+    datamodule = data_module(rare_class_root, sampler=SamplerOptions("repeat_factor", repeat_threshold="auto"))
     datamodule.setup("fit")
     with caplog.at_level(logging.INFO):
         sampler = datamodule.train_dataloader().sampler
     np.testing.assert_allclose(sampler.repeat_factors.numpy(), [1, 1, 1, 2, 1, 1, 1, 1])
-    assert "(data.repeat_threshold=0.5)" in caplog.text
+    assert "(data.sampler.repeat_threshold=0.5)" in caplog.text
 
 
 def test_unknown_sampler_and_bad_threshold_are_refused(rare_class_root):
-    with pytest.raises(ValueError, match="data.sampler must be one of"):
-        data_module(rare_class_root, sampler="weighted")
-    with pytest.raises(ValueError, match=r"data.repeat_threshold must be a share of images in \(0, 1\]"):
-        data_module(rare_class_root, sampler="repeat_factor", repeat_threshold=0)
+    with pytest.raises(ValueError, match="data.sampler.kind must be one of"):
+        SamplerOptions("weighted")
+    with pytest.raises(ValueError, match=r"data.sampler.repeat_threshold must be a share of images in \(0, 1\]"):
+        SamplerOptions("repeat_factor", repeat_threshold=0)
 
 
 @pytest.mark.parametrize("group_aspect_ratio", [False, True])
@@ -117,7 +117,7 @@ def test_under_ddp_each_rank_takes_an_equal_share_of_the_same_epoch(rare_class_r
     from lightning.pytorch.utilities.data import _update_dataloader
     from torch.utils.data import BatchSampler, DataLoader
 
-    datamodule = data_module(rare_class_root, sampler="repeat_factor", repeat_threshold=0.9,
+    datamodule = data_module(rare_class_root, sampler=SamplerOptions("repeat_factor", repeat_threshold=0.9),
                              group_aspect_ratio=group_aspect_ratio)
     datamodule.setup("fit")
     with _replace_dunder_methods(BatchSampler), _replace_dunder_methods(DataLoader, "dataset"):  # as the Trainer
@@ -149,9 +149,9 @@ def test_a_two_process_ddp_run_trains_on_equal_shares(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([
         sys.executable, "train.py", "model=yolov3_tiny", "model.width=0.125", "data.img_size=64", "data.batch_size=2",
-        f"data.root={tmp_path / 'sample'}", "data.prepare.num_train=12", "data.prepare.num_val=4", "data.num_workers=0",
-        "data.min_steps_per_epoch=0", "data.persistent_workers=false", "data.sampler=repeat_factor",
-        "data.repeat_threshold=0.9", "data.train_transform.rect=false", "trainer=ddp", "trainer.accelerator=cpu",
+        f"data.root={tmp_path / 'sample'}", "data.prepare.num_train=12", "data.prepare.num_val=4", "data.loader.num_workers=0",
+        "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false", "data.sampler.kind=repeat_factor",
+        "data.sampler.repeat_threshold=0.9", "data.train_transform.rect=false", "trainer=ddp", "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0", f"paths.log_dir={tmp_path / 'logs'}",
         f"hydra.run.dir={tmp_path / 'run'}",

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from helpers import make_voc, write_image
 
-from lightning_det.data import DetectionDataModule, VOCSource
+from lightning_det.data import DetectionDataModule, SamplerOptions, VOCSource
 
 IMAGES = {
     "a 1": (40, 60, [("cell", (5, 6, 20, 30), False)]),  # an id with a space
@@ -42,7 +42,8 @@ def test_folder_without_year_reads_like_the_devkit(tmp_path):
 def test_folder_without_image_sets_holds_out_a_seeded_share(tmp_path):
     root = make_voc(tmp_path / "bare", {"all": IMAGES})
     shutil.rmtree(root / "ImageSets")
-    datamodule = DetectionDataModule(root, VOCSource(None), None, classes=None, val_split=0.4, seed=3)
+    datamodule = DetectionDataModule(root, VOCSource(None), None, classes=None, val_split=0.4,
+                                     sampler=SamplerOptions(seed=3))
     datamodule.setup("fit")
     train, val = boxes_by_path(datamodule, "train"), boxes_by_path(datamodule, "val")
     assert len(train) == 3 and len(val) == 2 and not set(train) & set(val)

@@ -10,7 +10,7 @@ from helpers import make_yolo, write_image
 from hydra.utils import instantiate
 from runs import compose_config
 
-from lightning_det.data import InvalidAnnotationError, YOLOSource, read_annotations
+from lightning_det.data import InvalidAnnotationError, LoaderOptions, YOLOSource, read_annotations
 from lightning_det.data.yolo_format import label_path
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -167,8 +167,8 @@ def test_data_config_serves_contract_batches_from_the_yaml(tmp_path):
         "train": {"a.jpg": (64, 64, ["1 0.5 0.5 0.5 0.25"]), "b.jpg": (64, 64, [])},
         "val": {"c.jpg": (64, 128, ["0 0.25 0.5 0.25 0.5"])},
     }, NAMES)
-    data = compose_config("train", "data=yolo", f"data.yaml={data_yaml}", "data.num_workers=0", "data.batch_size=2",
-                          "data.min_steps_per_epoch=0", "data.img_size=64").data
+    data = compose_config("train", "data=yolo", f"data.yaml={data_yaml}", "data.loader.num_workers=0", "data.batch_size=2",
+                          "data.sampler.min_steps_per_epoch=0", "data.img_size=64").data
     datamodule = instantiate(data)
     datamodule.setup("fit")
     assert datamodule.classes == ["cat", "dog"] and datamodule.sources["test"] is None  # evaluate: val
@@ -184,8 +184,8 @@ def test_config_checks_reach_the_forwarded_settings(tmp_path):
 
     cfg = compose_config("train", "data=yolo", f"data.yaml={tmp_path / 'data.yaml'}")
     check_config(cfg)
-    cfg.data.skip_invalid = "flase"  # a typo Hydra passes through as a (truthy) string
-    with pytest.raises(ConfigValueError, match="data.skip_invalid='flase' must be true/false"):
+    cfg.data.reading.skip_invalid = "flase"  # a typo Hydra passes through as a (truthy) string
+    with pytest.raises(ConfigValueError, match="data.reading.skip_invalid='flase' must be true/false"):
         check_config(cfg)
 
 
@@ -195,6 +195,6 @@ def test_test_key_is_what_evaluate_scores_when_asked(tmp_path):
     data_yaml = make_yolo(tmp_path, {"train": {"a.jpg": (32, 32, ["0 0.5 0.5 0.5 0.5"])},
                                      "val": {"b.jpg": (32, 32, [])}, "test": {"c.jpg": (32, 32, [])}}, NAMES)
     for test, expected in ((None, "b.jpg"), ("test", "c.jpg")):
-        datamodule = YOLODataModule(str(data_yaml), test=test, num_workers=0, img_size=32)
+        datamodule = YOLODataModule(str(data_yaml), test=test, loader=LoaderOptions(num_workers=0), img_size=32)
         datamodule.setup("test")
         assert [Path(r.path).name for r in datamodule.records["test"]] == [expected]

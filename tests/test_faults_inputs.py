@@ -25,14 +25,14 @@ from lightning_det.tools.train import build
 # ===================================================================================================================
 
 @pytest.mark.parametrize("override, message", [
-    ("data.skip_invalid=flase", "data.skip_invalid='flase' must be true/false"),
+    ("data.reading.skip_invalid=flase", "data.reading.skip_invalid='flase' must be true/false"),
     ("model.loss.box_loss=iou", "model.loss.box_loss='iou' is not one of ['giou', 'xywh']"),
     ("model.variant=big", "model.variant='big' is not one of ['tiny', 'yolov3']"),
     ("optimizer.lr=fast", "optimizer.lr='fast' must be a number"),
     ("data.batch_size=2.5", "data.batch_size=2.5 must be an integer"),
     ("optimizer._target_=torch.optim.SGDD", "optimizer._target_='torch.optim.SGDD' cannot be imported"),
     ("init_partial=maybe", "init_partial='maybe' must be true/false"),
-    ("data.check_images=full", "data.check_images='full' is not one of ['header', 'decode']"),
+    ("data.reading.check_images=full", "data.reading.check_images='full' is not one of ['header', 'decode']"),
 ])
 def test_a_mistyped_config_value_is_refused_with_its_key_and_choices(cfg_train, override, message):
     from lightning_det.checks.config import ConfigValueError
@@ -197,8 +197,8 @@ def test_init_from_that_fills_a_small_share_is_an_error_unless_allowed(tmp_path)
 
 
 #: The network ``checkpoint_of`` saves, built in a moment on ``tiny_voc`` (no loader workers, no image logging).
-TINY_BUILD = ["model=yolov3_tiny", "model.width=0.25", "data.img_size=64", "data.num_workers=0",
-              "data.persistent_workers=false", "logger=csv", "~callbacks.image_logger"]
+TINY_BUILD = ["model=yolov3_tiny", "model.width=0.25", "data.img_size=64", "data.loader.num_workers=0",
+              "data.loader.persistent_workers=false", "logger=csv", "~callbacks.image_logger"]
 
 
 def checkpoint_of(path: Path, classes: list[str]) -> Path:
@@ -357,7 +357,7 @@ def test_a_data_root_with_spaces_and_accents_works_with_the_readme_quoting(tmp_p
     root = tmp_path / "my datasets" / "vélos"
     image = (48, 64, [("cat", (5, 5, 30, 30), False)])
     make_voc(root, {"2007/trainval": {"a b": image}, "2012/trainval": {"c": image}, "2007/test": {"d e": image}})
-    cfg = cfg_train("data=voc", f'data.root="{root}"', "data.classes=[cat]", "data.num_workers=0")
+    cfg = cfg_train("data=voc", f'data.root="{root}"', "data.classes=[cat]", "data.loader.num_workers=0")
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     assert [Path(r.path).name for r in datamodule.records["val"]] == ["d e.jpg"]

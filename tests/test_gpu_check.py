@@ -18,7 +18,7 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from torchvision.models.detection import SSD300_VGG16_Weights
 
 from lightning_det.callbacks import ChannelsLast
-from lightning_det.data import DetectionDataModule, VOCSource
+from lightning_det.data import DetectionDataModule, LoaderOptions, VOCSource
 from lightning_det.data.adapt import loader_workers, usable_cores
 from lightning_det.tools.train import build_model
 
@@ -94,7 +94,7 @@ def test_peak_table_takes_the_specific_name_first():
 
 
 def loader(root: Path, trainer: SimpleNamespace | None, **settings):
-    data = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), **settings)
+    data = DetectionDataModule(root, VOCSource(["train"]), VOCSource(["train"]), loader=LoaderOptions(**settings))
     data.trainer = trainer
     return data._loader(list(range(4)))
 
@@ -105,7 +105,7 @@ def test_pinned_memory_and_auto_workers_follow_the_trainers_accelerator(tmp_path
     assert loader(tmp_path, cuda).pin_memory
     assert not loader(tmp_path, cpu).pin_memory and not loader(tmp_path, None).pin_memory
     assert not loader(tmp_path, cuda, pin_memory=False).pin_memory and loader(tmp_path, cpu, pin_memory=True).pin_memory
-    with pytest.raises(ValueError, match="data.pin_memory must be true, false or auto, got 'yes'"):
+    with pytest.raises(ValueError, match="data.loader.pin_memory must be true, false or auto, got 'yes'"):
         loader(tmp_path, cpu, pin_memory="yes")
     cores, threads = usable_cores(), torch.get_num_threads()
     assert loader(tmp_path, cuda, num_workers="auto").num_workers == loader_workers(False, cores, threads) >= 1
@@ -115,18 +115,18 @@ def test_pinned_memory_and_auto_workers_follow_the_trainers_accelerator(tmp_path
 @pytest.mark.parametrize("data", sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml")))
 def test_trainer_gpu_sets_the_gpu_defaults_and_a_cpu_run_keeps_its_own(cfg_train, data):
     plain, gpu = cfg_train(f"data={data}"), cfg_train(f"data={data}", "trainer=gpu")
-    assert plain.data.num_workers == gpu.data.num_workers == "auto"  # workers by the machine (data/adapt.py)
-    assert plain.data.pin_memory == gpu.data.pin_memory == "auto" and plain.trainer.precision == "auto"
+    assert plain.data.loader.num_workers == gpu.data.loader.num_workers == "auto"  # workers by the machine (data/adapt.py)
+    assert plain.data.loader.pin_memory == gpu.data.loader.pin_memory == "auto" and plain.trainer.precision == "auto"
     assert gpu.trainer.precision == "bf16-mixed" and gpu.trainer.benchmark and gpu.trainer.accelerator == "gpu"
     assert gpu.trainer._target_ == plain.trainer._target_ and gpu.trainer.plugins == plain.trainer.plugins
     assert set(gpu) == set(plain)  # the global package adds no top-level keys
 
 
 def test_the_command_line_wins_over_trainer_gpu_and_evaluate_gets_it_too(cfg_train, cfg_eval):
-    assert cfg_train("trainer=gpu", "data.num_workers=3").data.num_workers == 3
+    assert cfg_train("trainer=gpu", "data.loader.num_workers=3").data.loader.num_workers == 3
     assert cfg_train("trainer=gpu", "trainer.precision=16-mixed").trainer.precision == "16-mixed"
     evaluate = cfg_eval("trainer=gpu")
-    assert evaluate.data.num_workers == "auto" and evaluate.trainer.precision == "bf16-mixed"
+    assert evaluate.data.loader.num_workers == "auto" and evaluate.trainer.precision == "bf16-mixed"
 
 
 def test_channels_last_weights_keep_their_layout_when_moved_to_the_device():

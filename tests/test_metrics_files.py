@@ -22,7 +22,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from runs import REPO
 
-from lightning_det.data import COCOSource, DetectionDataModule, read_coco, read_voc
+from lightning_det.data import COCOSource, DetectionDataModule, LoaderOptions, read_coco, read_voc
 from lightning_det.metrics import COCOMeanAP, VOCMeanAP
 from lightning_det.models.detector import labels_to_targets
 from lightning_det.tools.evaluate import record_targets, write_voc_results
@@ -165,7 +165,7 @@ def test_validation_during_training_scores_with_the_annotation_area(tmp_path):
     ``area`` too, so metric=coco during training bins objects as pycocotools does, as evaluate does above."""
     ours, _ = coco_with_mask_areas(tmp_path)
     source = COCOSource(ours.name, "images")
-    datamodule = DetectionDataModule(tmp_path, source, source, classes=None, batch_size=5, num_workers=0,
+    datamodule = DetectionDataModule(tmp_path, source, source, classes=None, batch_size=5, loader=LoaderOptions(num_workers=0),
                                      img_size=128)
     datamodule.setup("validate")
     annotations = json.loads(ours.read_text())["annotations"]

@@ -4,9 +4,11 @@ import inspect
 import subprocess
 import sys
 
+import pytest
+from omegaconf import OmegaConf
 from runs import REPO
 
-from lightning_det.checks.config import renamed_settings
+from lightning_det.checks.config import ConfigValueError, check_renamed, renamed_settings
 from lightning_det.models import SSD, FasterRCNN, YOLOv3
 
 FAMILIES = (YOLOv3, SSD, FasterRCNN)
@@ -37,3 +39,19 @@ def test_the_changelog_lists_every_renamed_setting_and_no_other():
     listed = {(old.strip(" `"), family.strip(), new.strip(" `")) for old, family, new in rows}
     in_code = {(old, family or "all", new) for old, moves in renamed_settings().items() for family, new in moves}
     assert listed == in_code
+
+
+def test_a_moved_data_key_on_the_command_line_names_its_node():
+    done = subprocess.run([sys.executable, "train.py", "data.num_workers=4"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: data.num_workers=4: data.num_workers was renamed: use data.loader.num_workers"], done.stderr
+
+
+def test_a_data_config_with_an_old_key_is_refused_and_its_new_node_is_not():
+    with pytest.raises(ConfigValueError, match=r"data.sampler was renamed: use data.sampler.kind"):
+        check_renamed(OmegaConf.create({"data": {"sampler": "repeat_factor"}}))
+    with pytest.raises(ConfigValueError, match=r"data.skip_invalid was renamed: use data.reading.skip_invalid"):
+        check_renamed(OmegaConf.create({"data": {"skip_invalid": True}}))
+    check_renamed(OmegaConf.create({"data": {"sampler": {"kind": "repeat_factor"}, "reading": {"skip_invalid": True}}}))

@@ -222,8 +222,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     1e-7 (another batch split) keeps a view's box in one run and not in the other."""
     tmp = tmp_path_factory.mktemp("tta")
     train(tmp, *small_sample(tmp), "~callbacks.ema", "trainer.precision=32-true", "data.train_transform.rect=false",
-          "data.sampler=null")
-    data = [*small_sample(tmp), "data.num_workers=0", "data.persistent_workers=false"]
+          "data.sampler.kind=null")
+    data = [*small_sample(tmp), "data.loader.num_workers=0", "data.loader.persistent_workers=false"]
     return tmp, next((tmp / "run" / "checkpoints").glob("best-*.ckpt")), data
 
 

@@ -20,14 +20,14 @@ def test_three_shape_clusters_are_recovered():
     wh = torch.cat([c * (1 + 0.05 * torch.randn(50, 2, generator=generator)) for c in centres])
     anchors = kmeans_anchors(wh, 3)
     assert torch.allclose(anchors, centres, rtol=0.05)
-    assert anchor_fitness(wh, anchors, iou_t=0.5)["best_possible_recall"] == 1.0
+    assert anchor_fitness(wh, anchors, positive_iou=0.5)["best_possible_recall"] == 1.0
 
 
 def test_fitness_by_hand():
     wh = torch.tensor([[10.0, 10.0], [20.0, 10.0]])
     anchors = torch.tensor([[10.0, 10.0]])
     # IoUs: 1.0 and 100 / 200 = 0.5
-    fit = anchor_fitness(wh, anchors, iou_t=0.6)
+    fit = anchor_fitness(wh, anchors, positive_iou=0.6)
     assert abs(fit["mean_iou"] - 0.75) < 1e-6 and fit["best_possible_recall"] == 0.5
 
 
@@ -56,10 +56,11 @@ def flat_records(sizes: list[tuple[float, float]], height: int = 416, width: int
 
 def test_auto_anchors_are_refitted_when_darknets_miss_the_boxes(caplog):
     # 300 x 12 boxes: the best Darknet tiny anchor (135, 169) overlaps one by 135*12 / (135*169 + 300*12 - 135*12)
-    # = 0.065 < iou_t 0.2, so the best possible recall is 0 and k-means takes over.
+    # = 0.065 < positive_iou 0.2, so the best possible recall is 0 and k-means takes over.
     records = flat_records([(300, 12)] * 40 + [(30, 30)] * 40 + [(100, 60)] * 40)
     with caplog.at_level(logging.INFO):
-        arguments = YOLOv3.fit_to_data({"variant": "tiny", "anchors": "auto", "assigner": {"iou_t": 0.2}}, records, 416)
+        arguments = YOLOv3.fit_to_data({"variant": "tiny", "anchors": "auto", "assigner": {"positive_iou": 0.2}},
+                                       records, 416)
     anchors = torch.tensor(arguments["anchors"]).view(-1, 2)
     assert anchors.shape == (6, 2) and torch.isclose(anchors, torch.tensor([300.0, 12.0])).all(1).any()
     assert "best possible recall 0.667" in caplog.text and "refitted by k-means to recall 1.000" in caplog.text

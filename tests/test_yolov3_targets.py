@@ -46,20 +46,20 @@ def test_best_anchor_only_takes_the_single_best_anchor_across_levels():
 
 
 def test_iou_threshold_gives_every_anchor_above_it():
-    targets = YOLOv3Assigner(iou_t=0.2)(labels_of([[3, *BOX, 0]]), GRID)
+    targets = YOLOv3Assigner(positive_iou=0.2)(labels_of([[3, *BOX, 0]]), GRID)
     # (62,45) and (59,119) on level 1 (cell floor(150/16)=9), (116,90) and (156,198) on level 2 (cell 4)
     expected = [flat(1, 1, 9, 9), flat(1, 2, 9, 9), flat(2, 0, 4, 4), flat(2, 1, 4, 4)]
     assert assigned(targets) == [(0, i) for i in sorted(expected)]
     assert targets.classes.tolist() == [3] * 4
 
-    stricter = YOLOv3Assigner(iou_t=0.5)(labels_of([[3, *BOX, 0]]), GRID)
+    stricter = YOLOv3Assigner(positive_iou=0.5)(labels_of([[3, *BOX, 0]]), GRID)
     assert assigned(stricter) == [(0, flat(1, 2, 9, 9)), (0, flat(2, 0, 4, 4))]
 
 
 def test_an_object_below_the_threshold_still_gets_its_best_anchor():
     # A 2 x 100 sliver: its best anchor is (16, 30) with shape IoU 60 / (200 + 480 - 60) = 0.097 < 0.2
     # (next: (10, 13) 26 / 304 = 0.086, (30, 61) 122 / 1908 = 0.064).
-    targets = YOLOv3Assigner(iou_t=0.2)(labels_of([[0, 10, 100, 12, 200, 0]]), GRID)
+    targets = YOLOv3Assigner(positive_iou=0.2)(labels_of([[0, 10, 100, 12, 200, 0]]), GRID)
     assert assigned(targets) == [(0, flat(0, 1, 1, 18))]  # centre (11, 150) at stride 8
 
 
@@ -88,7 +88,7 @@ def test_a_shared_prediction_goes_to_the_better_shaped_object():
 
 
 def test_an_exact_tie_goes_to_the_object_listed_first():
-    targets = YOLOv3Assigner(iou_t=0.2)(labels_of([[3, *BOX, 0], [4, *BOX, 0]]), GRID)
+    targets = YOLOv3Assigner(positive_iou=0.2)(labels_of([[3, *BOX, 0], [4, *BOX, 0]]), GRID)
     assert len(targets.index) == 4 and set(targets.classes.tolist()) == {3}
 
 

@@ -1,6 +1,6 @@
 """Type checks of a composed config, before anything is built.
 
-Hydra passes a mistyped override through as a string (``data.skip_invalid=flase`` arrives as ``"flase"``, which
+Hydra passes a mistyped override through as a string (``data.reading.skip_invalid=flase`` arrives as ``"flase"``, which
 Python reads as true), so every value of a ``_target_`` node is checked against the type hint of the parameter it
 fills, and strings against the ``choices`` its class declares. The message names the key, the value and what is
 allowed.
@@ -23,6 +23,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_det.data import DetectionDataModule
 from lightning_det.models import SSD, FasterRCNN, YOLOv3
 
 SCALARS = (bool, int, float, str)
@@ -59,10 +60,12 @@ class ConfigValueError(ValueError):
     """A config value of the wrong type, outside its choices or outside its range."""
 
 
-#: Settings that left the data pipeline: the model normalises its own input.
+#: Settings that left the data config: the model normalises its own input, and the DataModule's settings are
+#: grouped by subject (``DetectionDataModule.renamed``).
 MOVED_FROM_DATA = {
-    f"data.{transform}.{statistic}": f"model.pixel_{statistic}"
-    for transform in ("train_transform", "val_transform") for statistic in ("mean", "std")
+    **{f"data.{transform}.{statistic}": f"model.pixel_{statistic}"
+       for transform in ("train_transform", "val_transform") for statistic in ("mean", "std")},
+    **{f"data.{old}": f"data.{new}" for old, new in DetectionDataModule.renamed.items()},
 }
 
 
@@ -143,9 +146,9 @@ def refuse_renamed_overrides(argv: list[str]) -> None:
 
 
 def check_renamed(cfg: DictConfig) -> None:
-    """Refuse a composed model config (a user's own yaml, an experiment file) holding a renamed setting."""
+    """Refuse a composed config (a user's own yaml, an experiment file) holding a renamed setting."""
     for old, new in MOVED_FROM_DATA.items():
-        if OmegaConf.select(cfg, old, default=None) is not None:
+        if _holds_value(cfg, old):
             raise ConfigValueError(f"{renamed_message(old, [('', new)])} (in the composed config)")
     model = cfg.get("model")
     if not OmegaConf.is_dict(model) or "_target_" not in model:
@@ -154,10 +157,18 @@ def check_renamed(cfg: DictConfig) -> None:
         renamed = getattr(get_object(model._target_), "renamed", {})
     except Exception:  # noqa: BLE001 - an unimportable target is reported by check_config
         return
-    for key in model:
-        if key in renamed:
-            raise ConfigValueError(f"{renamed_message(f'model.{key}', [('', f'model.{renamed[key]}')])} "
+    for old, new in renamed.items():
+        if _holds_value(model, old):
+            raise ConfigValueError(f"{renamed_message(f'model.{old}', [('', f'model.{new}')])} "
                                    "(in the composed config)")
+
+
+def _holds_value(cfg: DictConfig, path: str) -> bool:
+    """Whether the dotted ``path`` is set in ``cfg`` to a value, not to a node of its own: an old ``sampler:
+    repeat_factor`` in a data config is refused, today's ``sampler`` node is not."""
+    *parents, key = path.split(".")
+    node = OmegaConf.select(cfg, ".".join(parents), default=None) if parents else cfg
+    return OmegaConf.is_dict(node) and key in node and not OmegaConf.is_dict(node._get_node(key))
 
 
 # Values of a library's argument that the framework turns into one the library takes before it builds the object.

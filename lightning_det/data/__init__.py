@@ -9,6 +9,7 @@ from lightning_det.data.dataset import (
     MosaicSampler,
     SortedAspectRatioBatchSampler,
 )
+from lightning_det.data.options import LoaderOptions, ReadingOptions, SamplerOptions
 from lightning_det.data.records import (
     AnnotationRecord,
     Annotations,
@@ -30,8 +31,11 @@ __all__ = [
     "DetectionDataset",
     "ImageLoadError",
     "InvalidAnnotationError",
+    "LoaderOptions",
     "MosaicSampler",
+    "ReadingOptions",
     "SAMPLE_CLASSES",
+    "SamplerOptions",
     "VOCSource",
     "VOC_CLASSES",
     "YOLODataModule",

@@ -1,4 +1,4 @@
-"""One copy per machine of a dataset's decoded images (``data.cache=ram|disk``), mapped by every DDP rank and
+"""One copy per machine of a dataset's decoded images (``data.loader.cache=ram|disk``), mapped by every DDP rank and
 loader worker.
 
 A per-process cache (Ultralytics' ``cache=ram``) holds a copy in each rank and worker and runs out of memory on
@@ -33,7 +33,7 @@ from lightning_det.io import write_atomically
 
 log = logging.getLogger(__name__)
 
-CACHE_KINDS = ("ram", "disk")  # data.cache values besides null
+CACHE_KINDS = ("ram", "disk")  # data.loader.cache values besides null
 RAM_FOLDER = Path("/dev/shm/lightning_det")
 RAM_SHARE = 0.5  # of the memory available when it is built, a ram cache may take: training needs the rest
 DISK_RESERVE_BYTES = 2**30  # free space a disk cache leaves on its file system
@@ -41,7 +41,7 @@ DISK_RESERVE_BYTES = 2**30  # free space a disk cache leaves on its file system
 
 def check_kind(kind: str | None) -> None:
     if kind not in (None, *CACHE_KINDS):
-        raise ValueError(f"data.cache must be one of {list(CACHE_KINDS)} or null, got {kind!r}")
+        raise ValueError(f"data.loader.cache must be one of {list(CACHE_KINDS)} or null, got {kind!r}")
 
 
 def cache_folder(kind: str) -> Path:
@@ -100,7 +100,8 @@ def shared_image_cache(
     check_kind(kind)
     folder = cache_folder(kind)
     if kind == "ram" and not folder.parent.is_dir():
-        raise ImageCacheError(f"data.cache=ram needs {folder.parent} (Linux shared memory); use data.cache=disk")
+        raise ImageCacheError(f"data.loader.cache=ram needs {folder.parent} (Linux shared memory); use "
+                              "data.loader.cache=disk")
     folder.mkdir(parents=True, exist_ok=True)
     which = digest([(record.path, (height, width), record.exif_orientation)
                     for record, (height, width) in zip(records, np.asarray(shapes).tolist())])
@@ -150,13 +151,13 @@ def check_fits(kind: str, folder: Path, size: int, count: int) -> None:
         allowed = min(int(RAM_SHARE * memory), free)
         where = (f"{gb(memory)} of memory available (the cache may take {RAM_SHARE:.0%}), {gb(free)} free in "
                  f"{folder.parent}")
-        fix = f"data.cache=disk (a memory-mapped file in {cache_folder('disk')}) or data.cache=null"
+        fix = f"data.loader.cache=disk (a memory-mapped file in {cache_folder('disk')}) or data.loader.cache=null"
     else:
         allowed = free - DISK_RESERVE_BYTES
         where = f"{gb(free)} free in {folder} (keeping {gb(DISK_RESERVE_BYTES)})"
-        fix = "data.cache=null, or free space there (or set LIGHTNING_DET_CACHE to a larger disk)"
+        fix = "data.loader.cache=null, or free space there (or set LIGHTNING_DET_CACHE to a larger disk)"
     if size > allowed:
-        raise ImageCacheError(f"data.cache={kind} would hold {count} decoded images in {gb(size)}, but there is "
+        raise ImageCacheError(f"data.loader.cache={kind} would hold {count} decoded images in {gb(size)}, but there is "
                               f"{where}; use {fix}")
 
 

@@ -49,8 +49,8 @@ def collate_detection(
     if int(counts.max()) > width:
         crowded = samples[int(counts.argmax())]
         raise ValueError(
-            f"image {crowded.path} has {int(counts.max())} objects after augmentation but data.label_pad_width="
-            f"{width}. Raise data.label_pad_width, or set it to null to pad to each batch's maximum."
+            f"image {crowded.path} has {int(counts.max())} objects after augmentation but data.loader.label_pad_width="
+            f"{width}. Raise data.loader.label_pad_width, or set it to null to pad to each batch's maximum."
         )
     rows = torch.cat(
         (

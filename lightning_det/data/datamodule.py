@@ -17,7 +17,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, SequentialSampler
 
 from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers, usable_cores
-from lightning_det.data.cache import CACHE_KINDS, check_kind
 from lightning_det.data.collate import collate_detection
 from lightning_det.data.dataset import (
     AspectRatioBatchSampler,
@@ -25,14 +24,13 @@ from lightning_det.data.dataset import (
     MosaicSampler,
     SortedAspectRatioBatchSampler,
 )
-from lightning_det.data.image_checks import CHECK_LEVELS
+from lightning_det.data.options import LoaderOptions, ReadingOptions, SamplerOptions
 from lightning_det.data.records import AnnotationSource, RecordTable, read_annotations, train_without_val_images
 from lightning_det.data.repeat_factor import auto_threshold, class_image_shares, image_repeat_factors, pass_length
 from lightning_det.data.transforms import DetectionTransform, LetterboxTransform, YoloTrainTransform
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = (None, "repeat_factor")  # how training images are drawn: each once a pass, or by repeat factor
 ROLES_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
@@ -47,40 +45,29 @@ class DetectionDataModule(L.LightningDataModule):
             found in all sources (VOC).
         val_split: ``None`` uses ``val``; a fraction holds out that share of the training images (seeded).
         prepare: called with ``root`` by ``prepare_data`` (once per node), e.g. to generate the sample data.
-        num_workers: loader worker processes; ``"auto"``: :func:`~lightning_det.data.adapt.loader_workers` (the
-            cores a CPU run's step leaves free, none by default; up to 8 per process on an accelerator).
-        cache: ``"ram"`` or ``"disk"``: every split's decoded images in one file per machine (``/dev/shm``, or a
-            memory-mapped file in the cache folder) that every rank and worker maps (:mod:`~lightning_det.data.cache`);
-            ``None``: each process keeps its own copy of a small set's images.
-        label_pad_width: fixed label rows per image; ``None`` pads to each batch's maximum.
         img_size: network input size; the default transforms use it, given ones must agree with it. ``"auto"``:
             chosen from the training boxes by :func:`~lightning_det.data.adapt.choose_img_size` when they are read.
-        min_steps_per_epoch: repeat a small training set within each epoch until an epoch has at least this many
-            optimizer steps (:func:`~lightning_det.data.adapt.epoch_repeats`); 0: one pass per epoch.
         train_transform, val_transform: pipelines (``conf/pipeline/*.yaml``); YOLO ones by default.
         close_mosaic: train the last epochs without mosaic: a share of the run when below 1 (0.1: the last tenth,
             at least one epoch), else a count of epochs.
-        skip_invalid: skip, count and report bad images/objects instead of stopping on the first.
-        check_images: ``"header"`` (format, size, end marker: fast) or ``"decode"`` (every image decoded once);
-            images that passed are cached, so a second run checks only new or changed files.
-        exif_orientation: rotate images as their EXIF orientation says (for labels drawn on the rotated view);
-            off by default, as VOC and COCO boxes refer to the stored pixels.
-        keep_difficult_in_training: keep difficult/crowd objects in training labels (flagged in column 5);
-            validation always keeps them, flagged, so metrics ignore them.
-        seed: for the ``val_split`` hold-out and the training order.
         size_divisor: images of a batch are padded (bottom/right) to the largest size rounded up to this.
         group_aspect_ratio: training batches hold only landscape or only portrait images (less padding).
         rect_eval: evaluation batches hold images of similar aspect ratio, taken in order of height / width, for
             transforms that keep the aspect ratio (``LetterboxTransform(rect=True)``, ``RCNNTransform``).
-        sampler: ``None`` shows every training image once a pass; ``"repeat_factor"`` shows images of rare classes
-            more often (:mod:`~lightning_det.data.repeat_factor`, the LVIS rule).
-        repeat_threshold: with ``"repeat_factor"``, a class found in a smaller share of the training images than
-            this has its images repeated ``sqrt(repeat_threshold / share)`` times; ``"auto"``: one over the number
-            of classes (:func:`~lightning_det.data.repeat_factor.auto_threshold`).
+        loader: workers, pinned memory, the shared image cache, label padding (:class:`LoaderOptions`).
+        reading: image checks, bad-input skipping, EXIF rotation, difficult objects (:class:`ReadingOptions`).
+        sampler: repeat-factor sampling, the epoch's minimum steps, the seed (:class:`SamplerOptions`).
     """
 
-    #: The strings a parameter accepts (checked with the config, before anything is read).
-    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"check_images": CHECK_LEVELS, "cache": (*CACHE_KINDS, None)}
+    #: Keys this module took at its top level before they moved into ``loader``, ``reading`` and ``sampler``.
+    renamed: ClassVar[dict[str, str]] = {
+        **{key: f"loader.{key}" for key in ("num_workers", "pin_memory", "persistent_workers", "cache",
+                                             "label_pad_width")},
+        **{key: f"reading.{key}" for key in ("skip_invalid", "check_images", "exif_orientation",
+                                              "keep_difficult_in_training")},
+        **{key: f"sampler.{key}" for key in ("repeat_threshold", "min_steps_per_epoch", "seed")},
+        "sampler": "sampler.kind",
+    }
 
     def __init__(
         self,
@@ -92,32 +79,18 @@ class DetectionDataModule(L.LightningDataModule):
         val_split: float | None = None,
         prepare: Callable[[Path], Any] | None = None,
         batch_size: int = 16,
-        num_workers: int | str = 2,
-        pin_memory: bool | str = "auto",
-        persistent_workers: bool = False,
-        cache: str | None = None,
-        label_pad_width: int | None = None,
         img_size: int | str = 416,
-        min_steps_per_epoch: int = 0,
         train_transform: DetectionTransform | None = None,
         val_transform: DetectionTransform | None = None,
         close_mosaic: float = 0,
-        skip_invalid: bool = False,
-        check_images: str = "header",
-        exif_orientation: bool = False,
-        keep_difficult_in_training: bool = False,
-        seed: int = 0,
         size_divisor: int = 1,
         group_aspect_ratio: bool = False,
         rect_eval: bool = False,
-        sampler: str | None = None,
-        repeat_threshold: float | str = 0.001,
+        loader: LoaderOptions | None = None,
+        reading: ReadingOptions | None = None,
+        sampler: SamplerOptions | None = None,
     ) -> None:
         super().__init__()
-        if sampler not in SAMPLERS:
-            raise ValueError(f"data.sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
-        if repeat_threshold != "auto" and not 0 < repeat_threshold <= 1:
-            raise ValueError(f"data.repeat_threshold must be a share of images in (0, 1], got {repeat_threshold}")
         if val is None and val_split is None:
             raise ValueError("no validation data: set data.val to an annotation source, or data.val_split=0.1")
         if val_split is not None and not 0 < val_split < 1:
@@ -129,35 +102,21 @@ class DetectionDataModule(L.LightningDataModule):
         self.val_split = val_split
         self.prepare = prepare
         self.batch_size = batch_size
-        if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
-                                      or num_workers < 0):
-            raise ValueError(f"data.num_workers must be a whole number >= 0 or auto, got {num_workers!r}")
-        self.num_workers = num_workers
-        if pin_memory != "auto" and not isinstance(pin_memory, bool):
-            raise ValueError(f"data.pin_memory must be true, false or auto, got {pin_memory!r}")
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        check_kind(cache)
-        self.cache = cache
+        self.loader = loader or LoaderOptions()
+        self.reading = reading or ReadingOptions()
+        self.sampler = sampler or SamplerOptions()
         self._workers: int | None = None
         if img_size != "auto" and (isinstance(img_size, bool) or not isinstance(img_size, int)):
             raise ValueError(f"data.img_size must be a whole number of pixels or auto, got {img_size!r}")
         self.img_size = img_size
-        self.min_steps_per_epoch = min_steps_per_epoch
         self.train_transform = train_transform or YoloTrainTransform(img_size=img_size)
         self.val_transform = val_transform or LetterboxTransform(img_size=img_size)
         self._check_transforms()
-        self.collate = partial(collate_detection, label_pad_width=label_pad_width, size_divisor=size_divisor)
+        self.collate = partial(collate_detection, label_pad_width=self.loader.label_pad_width,
+                               size_divisor=size_divisor)
         self.close_mosaic = close_mosaic
-        self.skip_invalid = skip_invalid
-        self.check_images = check_images
-        self.exif_orientation = exif_orientation
-        self.keep_difficult_in_training = keep_difficult_in_training
-        self.seed = seed
         self.group_aspect_ratio = group_aspect_ratio
         self.rect_eval = rect_eval
-        self.sampler = sampler
-        self.repeat_threshold = repeat_threshold
         self.records: dict[str, RecordTable] = {}  # per role: train, val, test
         self._source_records: dict[str, RecordTable] = {}  # per configured source
         self._mosaic_override: bool | None = None
@@ -204,8 +163,9 @@ class DetectionDataModule(L.LightningDataModule):
                 "VOC2007/ or Annotations/ and JPEGImages/; COCO: the folder holding annotations/)"
             )
         if unread:
-            result = read_annotations(self.root, [self.sources[r] for r in unread], self.classes, self.skip_invalid,
-                                      self.check_images, self.exif_orientation)
+            reading = self.reading
+            result = read_annotations(self.root, [self.sources[r] for r in unread], self.classes, reading.skip_invalid,
+                                      reading.check_images, reading.exif_orientation)
             self.classes = result.classes
             if result.label_to_category_id is not None:
                 self.label_to_category_id = result.label_to_category_id
@@ -222,7 +182,7 @@ class DetectionDataModule(L.LightningDataModule):
         if {"train", "val"} & set(roles) and {"train", "val"} <= self.records.keys():
             sources = (self.sources[self._source_role("train")], self.sources[self._source_role("val")])
             self.records["train"] = train_without_val_images(self.records["train"], self.records["val"], sources,
-                                                             self.root, self.skip_invalid)
+                                                             self.root, self.reading.skip_invalid)
         for role in roles:
             records = self.records[role]
             rank_zero_info(f"{role}: {len(records)} images, {len(records.labels)} objects, {len(self.classes)} classes")
@@ -239,7 +199,7 @@ class DetectionDataModule(L.LightningDataModule):
 
     def _hold_out(self, records: RecordTable) -> tuple[RecordTable, RecordTable]:
         """Seeded split of the training records into (train, val) for ``val_split``."""
-        order = np.random.default_rng(self.seed).permutation(len(records))
+        order = np.random.default_rng(self.sampler.seed).permutation(len(records))
         count = max(1, round(self.val_split * len(records)))
         if records and count >= len(records):  # an empty source is reported as such by the caller
             raise ValueError(f"data.val_split={self.val_split} holds out {count} of the {len(records)} training "
@@ -272,10 +232,10 @@ class DetectionDataModule(L.LightningDataModule):
         self._ensure_read((role,))
         records = self.records[role]
         if role == "train":
-            if not self.keep_difficult_in_training:
+            if not self.reading.keep_difficult_in_training:
                 records = records.select_objects(~records.difficult)
-            return DetectionDataset(records, self.train_transform, cache=self.cache)
-        return DetectionDataset(records, self.val_transform, cache=self.cache)
+            return DetectionDataset(records, self.train_transform, cache=self.loader.cache)
+        return DetectionDataset(records, self.val_transform, cache=self.loader.cache)
 
     def _loader(self, dataset: DetectionDataset, **kwargs: Any) -> DataLoader:
         workers = self.workers()
@@ -285,14 +245,14 @@ class DetectionDataModule(L.LightningDataModule):
             collate_fn=self.collate,
             num_workers=workers,
             pin_memory=self.pinned(),
-            persistent_workers=self.persistent_workers and workers > 0,
+            persistent_workers=self.loader.persistent_workers and workers > 0,
         )
 
     def workers(self) -> int:
-        """``num_workers``, or for ``auto`` :func:`~lightning_det.data.adapt.loader_workers` for this trainer's
-        accelerator and this machine (printed once)."""
-        if self.num_workers != "auto":
-            return self.num_workers
+        """``loader.num_workers``, or for ``auto`` :func:`~lightning_det.data.adapt.loader_workers` for this
+        trainer's accelerator and this machine (printed once)."""
+        if self.loader.num_workers != "auto":
+            return self.loader.num_workers
         if self._workers is None:
             trainer = self.trainer
             on_cpu = trainer is None or isinstance(trainer.accelerator, CPUAccelerator)
@@ -301,22 +261,22 @@ class DetectionDataModule(L.LightningDataModule):
             threads = torch.get_num_threads()
             self._workers = loader_workers(on_cpu, cores, threads, processes)
             run = f"a CPU run whose step uses {threads} threads" if on_cpu else "an accelerator run"
-            rank_zero_info(f"data.num_workers auto: {self._workers} loader workers per process ({cores} cores, {run}; "
-                           "data.num_workers=<n> to set it)")
+            rank_zero_info(f"data.loader.num_workers auto: {self._workers} loader workers per process ({cores} cores, "
+                           f"{run}; data.loader.num_workers=<n> to set it)")
         return self._workers
 
     def pinned(self) -> bool:
-        """``pin_memory``, or for ``auto`` whether this trainer runs on CUDA: from page-locked memory a batch is
-        copied to the GPU asynchronously (Lightning copies with ``non_blocking``); on a CPU pinning is only work."""
-        if self.pin_memory == "auto":
+        """``loader.pin_memory``, or for ``auto`` whether this trainer runs on CUDA: from page-locked memory a batch
+        is copied to the GPU asynchronously (Lightning copies with ``non_blocking``); on a CPU pinning is only work."""
+        if self.loader.pin_memory == "auto":
             return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
-        return self.pin_memory
+        return self.loader.pin_memory
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
-        factors = self.repeat_factors(dataset.records) if self.sampler == "repeat_factor" else None
+        factors = self.repeat_factors(dataset.records) if self.sampler.kind == "repeat_factor" else None
         per_pass = len(dataset) if factors is None else pass_length(torch.from_numpy(factors))
-        sampler = MosaicSampler(len(dataset), self.mosaic_enabled, shuffle=True, seed=self.seed,
+        sampler = MosaicSampler(len(dataset), self.mosaic_enabled, shuffle=True, seed=self.sampler.seed,
                                 repeats=self.epoch_repeats(per_pass), repeat_factors=factors)
         if self.group_aspect_ratio:
             landscape = dataset.records.widths >= dataset.records.heights
@@ -325,25 +285,29 @@ class DetectionDataModule(L.LightningDataModule):
         return self._loader(dataset, sampler=sampler)
 
     def repeat_factors(self, records: RecordTable) -> np.ndarray:
-        """The training images' repeat factors (``sampler: repeat_factor``), with the class shares they come from."""
-        threshold = auto_threshold(self.num_classes) if self.repeat_threshold == "auto" else self.repeat_threshold
+        """The training images' repeat factors (``sampler.kind: repeat_factor``), with the class shares they come
+        from."""
+        threshold = self.sampler.repeat_threshold
+        if threshold == "auto":
+            threshold = auto_threshold(self.num_classes)
         factors = image_repeat_factors(records, self.num_classes, threshold)
         _, share = class_image_shares(records, self.num_classes)
         shares = ", ".join(f"{name} {value:.3f}" for name, value in zip(self.classes, share))
-        rank_zero_info(f"repeat-factor sampling (data.repeat_threshold={threshold:.3g}): share of training "
+        rank_zero_info(f"repeat-factor sampling (data.sampler.repeat_threshold={threshold:.3g}): share of training "
                        f"images per class: {shares}; {int((factors > 1).sum())} of {len(records)} images repeated "
                        f"(up to {factors.max(initial=1.0):.2f} times), {pass_length(torch.from_numpy(factors))} "
                        "images a pass")
         return factors
 
     def epoch_repeats(self, num_images: int) -> int:
-        """Passes over the training set per epoch, for ``min_steps_per_epoch`` steps on every device."""
+        """Passes over the training set per epoch, for ``sampler.min_steps_per_epoch`` steps on every device."""
         trainer = self.trainer
         per_step = self.batch_size * (trainer.world_size * trainer.accumulate_grad_batches if trainer else 1)
-        repeats = epoch_repeats(num_images, per_step, self.min_steps_per_epoch)
+        min_steps = self.sampler.min_steps_per_epoch
+        repeats = epoch_repeats(num_images, per_step, min_steps)
         if repeats > 1:
             rank_zero_info(f"train: {num_images} images shown {repeats} times per epoch, so that an epoch has "
-                           f"at least {self.min_steps_per_epoch} optimizer steps (data.min_steps_per_epoch)")
+                           f"at least {min_steps} optimizer steps (data.sampler.min_steps_per_epoch)")
         return repeats
 
     def val_dataloader(self) -> DataLoader:

@@ -40,9 +40,9 @@ class DetectionDataset(Dataset[Sample]):
     decoded images fit ``cache_bytes``, each process keeps each image after its first decoding (in persistent
     workers, across epochs): a copy per loader worker and rank.
 
-    With ``records.skip_unreadable`` (``data.skip_invalid``), an image that fails to decode here (corrupt data behind
-    a valid header: the default check decodes nothing) is replaced by the next one that decodes, named in a warning
-    once per process and counted; without it, the error names the file.
+    With ``records.skip_unreadable`` (``data.reading.skip_invalid``), an image that fails to decode here (corrupt data
+    behind a valid header: the default check decodes nothing) is replaced by the next one that decodes, named in a
+    warning once per process and counted; without it, the error names the file.
     """
 
     def __init__(

@@ -171,7 +171,7 @@ class CheckedImages:
 
     def __init__(self, level: str, exif_orientation: bool) -> None:
         if level not in CHECK_LEVELS:
-            raise ValueError(f"data.check_images={level!r} is not one of {list(CHECK_LEVELS)}")
+            raise ValueError(f"data.reading.check_images={level!r} is not one of {list(CHECK_LEVELS)}")
         self.level = level
         self.exif_orientation = exif_orientation
         self.path = framework_cache() / "checked_images.json"

@@ -82,7 +82,7 @@ class RecordTable(Sequence[AnnotationRecord]):
     difficult: np.ndarray  # bool [M]
     area: np.ndarray | None = None  # float32 [M], or None when the source has no area field
     cut_short: np.ndarray | None = None  # bool [N]: files that end early, decoded as far as they go; None: none
-    skip_unreadable: bool = False  # data.skip_invalid: a loader worker replaces an image that fails to decode
+    skip_unreadable: bool = False  # data.reading.skip_invalid: a loader worker replaces an image that fails to decode
 
     @classmethod
     def from_records(cls, records: Iterable[AnnotationRecord]) -> RecordTable:
@@ -232,7 +232,7 @@ class InvalidInputLog:
         """``kind`` is "image" (the whole image and its objects are dropped) or "object"."""
         if not self.skip_invalid:
             raise InvalidAnnotationError(
-                f"{message}. Fix: {fix}; or set data.skip_invalid=true to skip and count such {kind}s."
+                f"{message}. Fix: {fix}; or set data.reading.skip_invalid=true to skip and count such {kind}s."
             )
         self.skipped[kind].append(message)
 
@@ -247,7 +247,7 @@ class InvalidInputLog:
             raise InvalidAnnotationError(
                 f"{len(self.bad_images)} image file{'s' * (len(self.bad_images) > 1)} cannot be used:\n  "
                 + "\n  ".join(self.bad_images) + "\nFix: replace them, or remove the images from the annotations; "
-                "or set data.skip_invalid=true to skip and count such images."
+                "or set data.reading.skip_invalid=true to skip and count such images."
             )
         counts = {kind: len(messages) for kind, messages in self.skipped.items() if messages}
         if counts:
@@ -402,7 +402,8 @@ def build_records(parsed: ParsedSource, classes: list[str], invalid: InvalidInpu
 
 def once_each(keys: list[str], where: str, shown: int = 5) -> np.ndarray:
     """Indices of the first listing of every key, in listing order. A key listed again is kept once, with one warning
-    for all: a repeated line is a typo, not a way to show an image more often (``data.sampler=repeat_factor`` is)."""
+    for all: a repeated line is a typo, not a way to show an image more often (``data.sampler.kind=repeat_factor``
+    is)."""
     unique, first, counts = np.unique(np.array(keys, dtype=str), return_index=True, return_counts=True)
     if len(unique) == len(keys):
         return np.arange(len(keys))
@@ -411,7 +412,7 @@ def once_each(keys: list[str], where: str, shown: int = 5) -> np.ndarray:
     extra = len(keys) - len(unique)
     log.warning(
         "%s: %d image%s listed more than once (%d extra line%s), kept once: %s%s. Listing an image again does not "
-        "show it more often; data.sampler=repeat_factor shows the images of rare classes more often",
+        "show it more often; data.sampler.kind=repeat_factor shows the images of rare classes more often",
         where, len(repeated), "s" * (len(repeated) > 1), extra, "s" * (extra > 1),
         ", ".join(f"{unique[i]} ({counts[i]} times)" for i in repeated[:shown]), ", ..." * (len(repeated) > shown),
     )
@@ -458,8 +459,8 @@ def train_without_val_images(
     first = [os.path.relpath(path.decode(), root) for path in val.paths[in_train][:shown]]
     named = ", ".join(first) + ", ..." * (int(in_train.sum()) > shown)
     if not skip_invalid or in_val.all():
-        or_else = ("(data.skip_invalid=true would leave no training image)" if skip_invalid
-                   else "or set data.skip_invalid=true to leave them out of training")
+        or_else = ("(data.reading.skip_invalid=true would leave no training image)" if skip_invalid
+                   else "or set data.reading.skip_invalid=true to leave them out of training")
         raise InvalidAnnotationError(
             f"{int(in_train.sum())} of the {len(val)} val images are also train images: {named} (train: {sources[0]}, "
             f"val: {sources[1]}, under {root}); trained on, they inflate the validation score. Fix: remove them from "

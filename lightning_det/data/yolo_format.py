@@ -269,7 +269,7 @@ def report_orphan_labels(image_paths: list[str], invalid: InvalidInputLog) -> No
 def forwarding_parameters(set_here: tuple[str, ...]) -> Callable[[type], type]:
     """Give a subclass whose ``__init__`` forwards ``**kwargs`` to its parent the signature and type hints of the
     parameters it forwards (all the parent's but ``set_here``), so the config checks
-    (:mod:`lightning_det.checks.config`) check ``data.skip_invalid=flase`` as they do for the parent."""
+    (:mod:`lightning_det.checks.config`) check ``data.reading.skip_invalid=flase`` as they do for the parent."""
 
     def decorate(cls: type) -> type:
         parent_init = cls.__mro__[1].__init__

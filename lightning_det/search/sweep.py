@@ -33,7 +33,7 @@ class SweepSummary(Callback):
     ``summary_by_seed.csv`` and a second table in ``summary.md`` give the number of seeds, the mean ± sample standard
     deviation, min and max of the best score, and the jobs left out of them (failed, or no finite score)."""
 
-    def __init__(self, seed_keys: Sequence[str] = ("seed", "data.seed")) -> None:
+    def __init__(self, seed_keys: Sequence[str] = ("seed", "data.sampler.seed")) -> None:
         self.seed_keys = list(seed_keys)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:

@@ -34,17 +34,27 @@ def load_detector(path: str | Path, map_location: str = "cpu") -> tuple[Detector
 
 def upgraded(detector_class: type[Detector], arguments: dict[str, Any], pipeline: dict[str, Any]
              ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A checkpoint's settings in today's layout: flat keys a family has since moved into its parts go to their
-    new place (``Detector.renamed``), and a pipeline's mean/std, from before the model normalised its own input,
-    become the detector's ``pixel_mean``/``pixel_std``. A current checkpoint passes through unchanged."""
+    """A checkpoint's settings in today's layout: keys a family has since moved or renamed go to their new place
+    (``Detector.renamed``: a flat key into its part, ``assigner.iou_t`` to ``assigner.positive_iou``), and a
+    pipeline's mean/std, from before the model normalised its own input, become the detector's
+    ``pixel_mean``/``pixel_std``. A current checkpoint passes through unchanged; nested dicts are copied, not
+    changed in place."""
     arguments, pipeline = dict(arguments), dict(pipeline)
     for old, new in detector_class.renamed.items():
-        if old in arguments:
-            *parts, key = new.split(".")
-            node = arguments
-            for part in parts:
-                node[part] = node = dict(node.get(part) or {})
-            node[key] = arguments.pop(old)
+        *old_parts, old_key = old.split(".")
+        node = arguments
+        for part in old_parts:
+            if not isinstance(node.get(part), dict):
+                break
+            node[part] = node = dict(node[part])
+        else:
+            if old_key in node:
+                value = node.pop(old_key)
+                *parts, key = new.split(".")
+                node = arguments
+                for part in parts:
+                    node[part] = node = dict(node.get(part) or {})
+                node[key] = value
     for statistic in ("mean", "std"):
         if statistic in pipeline:
             arguments.setdefault(f"pixel_{statistic}", pipeline.pop(statistic))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -25,6 +26,20 @@ from lightning_det.models.transfer import ClassRows, layer_rows
 #: Our tensor names -> torchvision's Faster R-CNN's, by prefix (the backbone and the RPN are named alike).
 TORCHVISION_NAMES = {"backbone.": "backbone.", "rpn.": "rpn.", "roi_head.box_head.": "roi_heads.box_head.",
                      "roi_head.predictor.": "roi_heads.box_predictor."}
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """The fixed parts of the backbone, one node for the two settings of it.
+
+    Args:
+        blocks: VGG16 conv blocks kept frozen (the reference freezes the first two).
+        bn_eps: epsilon of the frozen batch norm of ``pretrained_layout``: torchvision's COCO
+            ``fasterrcnn_resnet50_fpn`` weights (converted from Detectron) were trained with 0.
+    """
+
+    blocks: int = 2
+    bn_eps: float = 1e-5
 
 
 class FasterRCNNOutputs(NamedTuple):
@@ -64,9 +79,8 @@ class FasterRCNN(Detector):
             fine-tuning layout; ``resnet50_fpn_v2`` keeps ordinary batch norm, as torchvision's v2 does);
             ``None`` = whether ``backbone_weights`` is given. Checkpoints record it, so a detector rebuilt from
             one needs no weights file.
-        frozen_bn_eps: epsilon of the frozen batch norm of ``pretrained_layout``: torchvision's COCO
-            ``fasterrcnn_resnet50_fpn`` weights (converted from Detectron) were trained with 0.
-        frozen_blocks: VGG16 conv blocks kept frozen (the reference freezes the first two).
+        frozen: what stays fixed of the backbone (:class:`Frozen`: VGG16's first conv blocks, the epsilon of the
+            frozen batch norm of ``pretrained_layout``); a plain dict, ``None``: its defaults.
         representation: width of the box head of the FPN backbones: its two-layer MLP, or the fully connected
             layer after the convolutions of ``resnet50_fpn_v2`` (VGG16 uses fc6/fc7, 4096).
         fpn_channels: FPN width of ``mobilenet_v3_fpn`` (torchvision uses 256; narrower is much faster on CPU).
@@ -113,6 +127,8 @@ class FasterRCNN(Detector):
         "score_thresh": "decoder.score_thresh",
         "nms_thresh": "decoder.nms_thresh",
         "detections_per_image": "decoder.max_detections",
+        "frozen_blocks": "frozen.blocks",
+        "frozen_bn_eps": "frozen.bn_eps",
     }
 
     def __init__(
@@ -121,8 +137,7 @@ class FasterRCNN(Detector):
         width: float = 1.0,
         backbone_weights: str | None = None,
         pretrained_layout: bool | None = None,
-        frozen_bn_eps: float = 1e-5,
-        frozen_blocks: int = 2,
+        frozen: PartConfig = None,
         representation: int = 1024,
         fpn_channels: int = 256,
         rpn: PartConfig = None,
@@ -134,9 +149,10 @@ class FasterRCNN(Detector):
     ) -> None:
         super().__init__(**kwargs)
         self.pretrained_layout = backbone_weights is not None if pretrained_layout is None else pretrained_layout
+        fixed = build_part(frozen, Frozen)
         network = build_network(
-            backbone, frozen_blocks, representation, fpn_channels, backbone_weights, self.pretrained_layout, width,
-            frozen_bn_eps,
+            backbone, fixed.blocks, representation, fpn_channels, backbone_weights, self.pretrained_layout, width,
+            fixed.bn_eps,
         )
         self.backbone = network.backbone
         self.rpn = build_part(rpn, RegionProposalNetwork, network=network)

@@ -71,7 +71,8 @@ class SSD(Detector):
         "fit_scales": "prior.fit_scales",
         "steps": "prior.steps",
         "clip": "prior.clip",
-        "overlap_threshold": "assigner.overlap_threshold",
+        "overlap_threshold": "assigner.positive_iou",
+        "assigner.overlap_threshold": "assigner.positive_iou",
         "neg_pos_ratio": "loss.neg_pos_ratio",
         "loc_weight": "loss.loc_weight",
         "conf_thresh": "decoder.score_thresh",
@@ -123,7 +124,7 @@ class SSD(Detector):
         def priors_for(s_min: float, s_max: float) -> Tensor:
             return build_part({**prior_config, "s_min": s_min, "s_max": s_max}, DefaultBoxes)(feature_sizes, size)
 
-        threshold = build_part(arguments.get("assigner"), DefaultBoxMatcher).overlap_threshold
+        threshold = build_part(arguments.get("assigner"), DefaultBoxMatcher).positive_iou
         s_min, s_max = fit_scales(*square_resized_boxes(records, img_size, seed), priors_for, prior.s_min,
                                   prior.s_max, threshold)
         return {**arguments, "prior": {**prior_config, "s_min": s_min, "s_max": s_max}}

@@ -1,7 +1,7 @@
 """SSD target assignment: match default boxes to objects for a whole batch at once, and code boxes as offsets.
 
 Matching (the paper's rule): every object first takes the default box it overlaps most (so each object trains at
-least one box), then every remaining default box whose best IoU with an object exceeds ``overlap_threshold``
+least one box), then every remaining default box whose best IoU with an object exceeds ``positive_iou``
 takes that object. Ties: a default box equally close to two objects takes the lower-indexed one; when two objects
 have the same best default box, the one overlapping it more keeps it (the lower index on equal IoU), the other
 falls back to the threshold rule.
@@ -40,11 +40,11 @@ class DefaultBoxMatcher:
     """The assigner: ``(labels, priors_xyxy) -> Matches``, by the rule of the module docstring.
 
     Args:
-        overlap_threshold: IoU at or above which a default box takes an object besides each object's best box.
+        positive_iou: IoU at or above which a default box takes an object besides each object's best box.
     """
 
-    def __init__(self, overlap_threshold: float = 0.5) -> None:
-        self.overlap_threshold = overlap_threshold
+    def __init__(self, positive_iou: float = 0.5) -> None:
+        self.positive_iou = positive_iou
 
     def __call__(self, labels: Tensor, priors_xyxy: Tensor) -> Matches:
         """Assign every default box of every image an object or background.
@@ -63,7 +63,7 @@ class DefaultBoxMatcher:
         claimed = claims.any(1)  # [B, N]: some object's best default box
         claimant = iou.masked_fill(~claims, -2.0).argmax(1)  # the closest object among those claiming it
         matched_object = torch.where(claimed, claimant, best_object)
-        positive = claimed | (best_overlap >= self.overlap_threshold)
+        positive = claimed | (best_overlap >= self.positive_iou)
 
         rows = Labels.of(torch.gather(labels, 1, matched_object[..., None].expand(-1, -1, 6)))  # [B, N, 6]
         classes = torch.where(positive, rows.classes.long() + 1, BACKGROUND)

@@ -55,23 +55,24 @@ def kmeans_anchors(wh: Tensor, k: int, iterations: int = 300, seed: int = 0) -> 
     return centroids[centroids.prod(1).argsort()]
 
 
-def anchor_fitness(wh: Tensor, anchors: Tensor, iou_t: float) -> dict[str, float]:
-    """Mean best shape IoU, and best possible recall: the share of boxes whose best anchor exceeds ``iou_t``."""
+def anchor_fitness(wh: Tensor, anchors: Tensor, positive_iou: float) -> dict[str, float]:
+    """Mean best shape IoU, and best possible recall: the share of boxes whose best anchor exceeds ``positive_iou``."""
     best = shape_iou(wh, anchors).amax(1)
-    return {"mean_iou": best.mean().item(), "best_possible_recall": (best > iou_t).float().mean().item()}
+    return {"mean_iou": best.mean().item(), "best_possible_recall": (best > positive_iou).float().mean().item()}
 
 
-def check_anchors(wh: Tensor, anchors: Tensor, iou_t: float, min_recall: float = 0.98, seed: int = 0) -> Tensor:
+def check_anchors(wh: Tensor, anchors: Tensor, positive_iou: float, min_recall: float = 0.98, seed: int = 0
+                  ) -> Tensor:
     """The configured anchors ``[L, A, 2]`` if their best possible recall on the training boxes ``wh`` reaches
     ``min_recall`` (Ultralytics' rule), else k-means anchors of the same layout; both figures are logged."""
-    before = anchor_fitness(wh, anchors.reshape(-1, 2), iou_t)
+    before = anchor_fitness(wh, anchors.reshape(-1, 2), positive_iou)
     message = (f"anchors: best possible recall {before['best_possible_recall']:.3f} (mean best IoU "
-               f"{before['mean_iou']:.3f}) on {len(wh)} training boxes at iou_t {iou_t}")
+               f"{before['mean_iou']:.3f}) on {len(wh)} training boxes at positive_iou {positive_iou}")
     if before["best_possible_recall"] >= min_recall or len(wh) < anchors.shape[0] * anchors.shape[1]:
         log.info("%s: keeping the configured anchors", message)
         return anchors
     fitted = kmeans_anchors(wh, anchors.shape[0] * anchors.shape[1], seed=seed).round().clamp(min=1)
-    after = anchor_fitness(wh, fitted, iou_t)
+    after = anchor_fitness(wh, fitted, positive_iou)
     if after["best_possible_recall"] <= before["best_possible_recall"]:
         log.info("%s; k-means does no better (%.3f): keeping the configured anchors", message,
                  after["best_possible_recall"])

@@ -62,7 +62,8 @@ class YOLOv3(Detector):
     cpu_bf16: ClassVar[bool] = True  # bf16 steps at 0.56-0.62x of float32's (yolov3_tiny w0.5, 256-512 px)
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"variant": tuple(sorted(DEFAULT_ANCHORS))}
     renamed: ClassVar[dict[str, str]] = {
-        "iou_t": "assigner.iou_t",
+        "iou_t": "assigner.positive_iou",
+        "assigner.iou_t": "assigner.positive_iou",
         "best_anchor_only": "assigner.best_anchor_only",
         "box_loss": "loss.box_loss",
         "giou": "loss.giou",
@@ -112,15 +113,15 @@ class YOLOv3(Detector):
     def fit_to_data(cls, arguments: dict[str, Any], records: list[AnnotationRecord], img_size: int,
                     seed: int = 0) -> dict[str, Any]:
         """``anchors: auto`` becomes Darknet's anchors, or k-means ones where those miss the training boxes at the
-        training size (best possible recall at the assigner's ``iou_t``); the list is stored in the checkpoint,
+        training size (best possible recall at the assigner's ``positive_iou``); the list is stored in the checkpoint,
         so evaluation, prediction and export use it."""
         if arguments.get("anchors", "auto") != "auto":
             return arguments
         variant = arguments.get("variant", "yolov3")
         wh = letterboxed_sizes(records, img_size)
         anchors = anchors_tensor(DEFAULT_ANCHORS[variant])
-        iou_t = assigner_iou_t(arguments.get("assigner"))
-        fitted = check_anchors(wh, anchors, iou_t, seed=seed) if len(wh) else anchors
+        positive_iou = assigner_positive_iou(arguments.get("assigner"))
+        fitted = check_anchors(wh, anchors, positive_iou, seed=seed) if len(wh) else anchors
         return {**arguments, "anchors": fitted.view(len(anchors), -1).tolist()}
 
     @classmethod
@@ -176,7 +177,7 @@ def flatten(outputs: list[Tensor]) -> Tensor:
     return torch.cat([o.flatten(1, 3) for o in outputs], 1)
 
 
-def assigner_iou_t(config: PartConfig) -> float:
+def assigner_positive_iou(config: PartConfig) -> float:
     """The shape IoU above which the configured assigner trains an anchor: the threshold the best possible recall
     of ``anchors: auto`` (and of ``python -m lightning_det.tools.anchors``) is counted at."""
-    return build_part(config, YOLOv3Assigner).iou_t
+    return build_part(config, YOLOv3Assigner).positive_iou

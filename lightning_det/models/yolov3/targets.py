@@ -3,7 +3,7 @@
 All objects of the batch are matched at once. For each object (a non-padding row of the ``[B, P, 6]`` labels):
 
 1. the *shape IoU* (widths and heights only, both boxes centred together) with every anchor of every level;
-2. it goes to every anchor whose shape IoU exceeds ``iou_t`` (Ultralytics' early YOLOv3), and always to its
+2. it goes to every anchor whose shape IoU exceeds ``positive_iou`` (Ultralytics' early YOLOv3), and always to its
    best anchor so no object is left without a positive; with ``best_anchor_only`` to its single best anchor
    across all levels and nothing else (the original YOLOv3);
 3. on that anchor's level, the cell holding the box centre: ``floor(centre / stride)``.
@@ -48,13 +48,13 @@ class YOLOv3Assigner:
     """The ``assigner`` part: shape-IoU matching of objects to anchors, then to the cell holding their centre.
 
     Args:
-        iou_t: an object trains every anchor whose shape IoU exceeds this, plus its best anchor. It is also the
+        positive_iou: an object trains every anchor whose shape IoU exceeds this, plus its best anchor. It is also the
             recall threshold ``anchors: auto`` is checked against (``YOLOv3.fit_to_data``), so a swapped assigner
-            used with ``auto`` anchors has an ``iou_t`` too.
+            used with ``auto`` anchors has a ``positive_iou`` too.
         best_anchor_only: train only the single best anchor over all levels (the original YOLOv3).
     """
 
-    iou_t: float = 0.2
+    positive_iou: float = 0.2
     best_anchor_only: bool = False
 
     def __call__(self, labels: Tensor, grid: PredictionGrid) -> Targets:
@@ -66,7 +66,7 @@ class YOLOv3Assigner:
         matched = torch.zeros_like(iou, dtype=torch.bool)
         matched[torch.arange(len(iou), device=iou.device), iou.argmax(1)] = True
         if not self.best_anchor_only:
-            matched |= iou > self.iou_t
+            matched |= iou > self.positive_iou
         obj, anchor = matched.nonzero(as_tuple=True)
 
         centre = (boxes[obj, :2] + boxes[obj, 2:]) / 2
