@@ -45,10 +45,10 @@ def train(tmp_path: Path, *overrides: str, run: str = "run", expect_ok: bool = T
 
 
 #: About a second per epoch on 16 sample images, without image logging: the runs a test breaks on purpose.
-QUICK_RUN = ["model=yolov3_tiny", "model.width=0.25", "data.img_size=64", "data.batch_size=4", "data.loader.num_workers=0",
-             "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false", "data.prepare.num_train=16",
-             "data.prepare.num_val=4", "trainer.log_every_n_steps=1", "callbacks.progress_bar.refresh_rate=0",
-             "~callbacks.image_logger", "logger=csv"]
+QUICK_RUN = ["model=yolov3_tiny", "model.width=0.25", "data.img_size=64", "data.batch_size=4",
+             "data.loader.num_workers=0", "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false",
+             "data.prepare.num_train=16", "data.prepare.num_val=4", "trainer.log_every_n_steps=1",
+             "callbacks.progress_bar.refresh_rate=0", "~callbacks.image_logger", "logger=csv"]
 
 
 def with_test_modules() -> dict[str, str]:

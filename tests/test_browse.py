@@ -28,7 +28,8 @@ def config(tmp_path: Path, root: Path, *overrides: str) -> DictConfig:
     ``tmp_path / "out"``."""
     return compose_config(
         "browse", "data=voc", f"data.root={root}", "data.classes=[cat,dog]", "data.train.splits=[2007/trainval]",
-        "data.loader.num_workers=0", "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false", "data.img_size=64",
+        "data.loader.num_workers=0", "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false",
+        "data.img_size=64",
         "data.batch_size=1", "images_per_row=1", *overrides, run_dir=tmp_path / "out",
     )
 

@@ -141,7 +141,8 @@ def test_images_with_the_same_name_get_distinct_ids(tmp_path):
 
 def test_voc_and_yolo_configs_serve_identical_batches(voc_root, tmp_path):
     convert([str(voc_root), "--to", "yolo", "--out", str(tmp_path / "yolo"), "--keep-difficult"])
-    common = ["data.loader.num_workers=0", "data.batch_size=2", "data.img_size=64", "data.sampler.min_steps_per_epoch=0"]
+    common = ["data.loader.num_workers=0", "data.batch_size=2", "data.img_size=64",
+              "data.sampler.min_steps_per_epoch=0"]
     voc = compose_config("train", "data=voc", f"data.root={voc_root}", "data.classes=null",
                          "data.train.splits=[train]", "data.val.splits=[val]", *common).data
     yolo = compose_config("train", "data=yolo", f"data.yaml={tmp_path / 'yolo/data.yaml'}", *common).data
@@ -204,7 +205,8 @@ def test_bccd_in_three_formats_gives_the_same_boxes_and_the_same_map(tmp_path, c
     }
     trained = subprocess.run([
         sys.executable, "train.py", *data["yolo"], "model=yolov3_tiny", "model.width=0.25", "data.img_size=128",
-        "data.batch_size=8", "data.loader.num_workers=0", "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false",
+        "data.batch_size=8", "data.loader.num_workers=0", "data.sampler.min_steps_per_epoch=0",
+        "data.loader.persistent_workers=false",
         "trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0", f"paths.log_dir={tmp_path / 'logs'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ], cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -213,7 +213,8 @@ def test_a_cache_that_would_not_fit_is_refused(root, monkeypatch):
     transform = YoloTrainTransform(img_size=160)
     monkeypatch.setattr(cache_module, "available_memory", lambda: 2 * REDUCED_BYTES - 2)
     with pytest.raises(ImageCacheError, match=r"data.loader.cache=ram would hold 3 decoded images in 0.00 GB.*"
-                                              r"memory available.*use data.loader.cache=disk .* or data.loader.cache=null"):
+                                              r"memory available.*use data.loader.cache=disk .* or "
+                                              r"data.loader.cache=null"):
         DetectionDataset(records, transform, cache="ram")
     monkeypatch.setattr(cache_module, "DISK_RESERVE_BYTES", shutil.disk_usage(root).free)
     with pytest.raises(ImageCacheError, match=r"data.loader.cache=disk would hold 3 decoded images.*free in .*use "
@@ -238,7 +239,8 @@ def test_the_data_module_passes_the_cache_to_every_split(root):
 
 def test_the_command_line_option_reaches_the_datasets(root, cfg_train):
     cfg = cfg_train("data=voc", f"data.root={root}", "data.classes=null", "data.train.splits=[train]",
-                    "data.val.splits=[train]", "data.loader.num_workers=0", "data.img_size=160", "data.loader.cache=disk")
+                    "data.val.splits=[train]", "data.loader.num_workers=0", "data.img_size=160",
+                    "data.loader.cache=disk")
     check_config(cfg)
     data = instantiate(cfg.data)
     assert data.dataset("train").shared_cache.path.parent == cache_module.cache_folder("disk")

@@ -16,7 +16,8 @@ IMAGES = {"wide": (300, 400, [("a", (41, 31, 200, 150), False)]), "tall": (350, 
 @pytest.fixture()
 def records(tmp_path):
     root = make_voc(tmp_path, {"2007/train": IMAGES})
-    data = DetectionDataModule(root, VOCSource(["2007/train"]), VOCSource(["2007/train"]), loader=LoaderOptions(num_workers=0))
+    data = DetectionDataModule(root, VOCSource(["2007/train"]), VOCSource(["2007/train"]),
+                               loader=LoaderOptions(num_workers=0))
     data.setup("fit")
     return data.records["train"]
 

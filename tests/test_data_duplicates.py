@@ -80,7 +80,8 @@ def test_a_folder_reached_through_a_link_is_the_same_folder(tmp_path):
     make_coco(tmp_path, [(1, "cat")], images[1:], [], name="val.json")
     (tmp_path / "linked").symlink_to(tmp_path / "images")
     datamodule = DetectionDataModule(tmp_path, COCOSource("annotations/train.json", "images"),
-                                     COCOSource("annotations/val.json", "./linked/"), loader=LoaderOptions(num_workers=0), img_size=64)
+                                     COCOSource("annotations/val.json", "./linked/"),
+                                     loader=LoaderOptions(num_workers=0), img_size=64)
     with pytest.raises(InvalidAnnotationError, match="1 of the 1 val images are also train images: linked/b.jpg"):
         datamodule.setup("fit")
 
@@ -108,7 +109,8 @@ def test_same_names_in_other_folders_hold_out_and_default_test_are_not_leaks(tmp
         voc_module(tmp_path / "voc", ["2007/trainval"], ["2012/trainval"]),
         voc_module(tmp_path / "voc", ["2007/trainval", "2012/trainval"], None, val_split=0.5),
         DetectionDataModule(tmp_path / "coco", COCOSource("annotations/train.json", "train"),
-                            COCOSource("annotations/val.json", "val"), loader=LoaderOptions(num_workers=0), img_size=64),
+                            COCOSource("annotations/val.json", "val"), loader=LoaderOptions(num_workers=0),
+                            img_size=64),
     ]
     with caplog.at_level(logging.WARNING):
         for datamodule in modules:

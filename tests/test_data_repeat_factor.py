@@ -149,9 +149,11 @@ def test_a_two_process_ddp_run_trains_on_equal_shares(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([
         sys.executable, "train.py", "model=yolov3_tiny", "model.width=0.125", "data.img_size=64", "data.batch_size=2",
-        f"data.root={tmp_path / 'sample'}", "data.prepare.num_train=12", "data.prepare.num_val=4", "data.loader.num_workers=0",
+        f"data.root={tmp_path / 'sample'}", "data.prepare.num_train=12", "data.prepare.num_val=4",
+        "data.loader.num_workers=0",
         "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false", "data.sampler.kind=repeat_factor",
-        "data.sampler.repeat_threshold=0.9", "data.train_transform.rect=false", "trainer=ddp", "trainer.accelerator=cpu",
+        "data.sampler.repeat_threshold=0.9", "data.train_transform.rect=false", "trainer=ddp",
+        "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0", f"paths.log_dir={tmp_path / 'logs'}",
         f"hydra.run.dir={tmp_path / 'run'}",

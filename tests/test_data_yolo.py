@@ -167,7 +167,8 @@ def test_data_config_serves_contract_batches_from_the_yaml(tmp_path):
         "train": {"a.jpg": (64, 64, ["1 0.5 0.5 0.5 0.25"]), "b.jpg": (64, 64, [])},
         "val": {"c.jpg": (64, 128, ["0 0.25 0.5 0.25 0.5"])},
     }, NAMES)
-    data = compose_config("train", "data=yolo", f"data.yaml={data_yaml}", "data.loader.num_workers=0", "data.batch_size=2",
+    data = compose_config("train", "data=yolo", f"data.yaml={data_yaml}", "data.loader.num_workers=0",
+                          "data.batch_size=2",
                           "data.sampler.min_steps_per_epoch=0", "data.img_size=64").data
     datamodule = instantiate(data)
     datamodule.setup("fit")

@@ -85,7 +85,8 @@ def test_the_grid_detector_of_the_page_trains_and_scores(tmp_path):
     run = tmp_path / "run"
     overrides = [
         f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "model=grid", "data=csv", f"data.root={tmp_path / 'data'}",
-        "data.img_size=128", "data.loader.num_workers=0", "trainer.max_epochs=12", "callbacks.progress_bar.refresh_rate=0",
+        "data.img_size=128", "data.loader.num_workers=0", "trainer.max_epochs=12",
+        "callbacks.progress_bar.refresh_rate=0",
         f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run}",
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}

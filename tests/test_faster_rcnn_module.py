@@ -56,7 +56,8 @@ def batch(tmp_path_factory) -> dict:
     root = write_voc_with_shapes(tmp_path_factory.mktemp("voc"))
     transform = RCNNTransform(min_size=96, max_size=160)
     data = DetectionDataModule(root, VOCSource(["2007/trainval"]), VOCSource(["2007/trainval"]), batch_size=2,
-                               loader=LoaderOptions(num_workers=0), train_transform=transform, val_transform=transform, size_divisor=32)
+                               loader=LoaderOptions(num_workers=0),
+                               train_transform=transform, val_transform=transform, size_divisor=32)
     data.setup("fit")
     return next(iter(data.val_dataloader()))
 

@@ -67,9 +67,10 @@ def test_an_old_key_is_refused_with_its_new_name(cfg_train, old, value, new):
 def test_a_checkpoint_of_the_flat_layout_rebuilds_with_its_settings_in_their_parts():
     flat = {"backbone": "mobilenet_v3_fpn", "representation": 64, "anchor_sizes": [[16, 32]] * 3,
             "rpn_post_nms_top_n": [50, 30], "roi_batch_size": 32, "rpn_sigma": 2.0, "detections_per_image": 7,
-            "num_classes": 2}
+            "num_classes": 2, "frozen_bn_eps": 0.0, "frozen_blocks": 3}
     arguments, _ = upgraded(FasterRCNN, flat, {})
     model = FasterRCNN(**arguments)
     assert model.rpn.max_detections == (50, 30) and model.rpn.anchor_generator.sizes == ((16, 32),) * 3
     assert model.assigner.roi_batch_size == 32 and model.criterion.rpn_sigma == 2.0
     assert model.decoder.max_detections == 7 and model.roi_head.predictor.cls_score.in_features == 64
+    assert arguments["frozen"] == {"bn_eps": 0.0, "blocks": 3}

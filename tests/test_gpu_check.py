@@ -115,7 +115,8 @@ def test_pinned_memory_and_auto_workers_follow_the_trainers_accelerator(tmp_path
 @pytest.mark.parametrize("data", sorted(p.stem for p in (REPO / "conf" / "data").glob("*.yaml")))
 def test_trainer_gpu_sets_the_gpu_defaults_and_a_cpu_run_keeps_its_own(cfg_train, data):
     plain, gpu = cfg_train(f"data={data}"), cfg_train(f"data={data}", "trainer=gpu")
-    assert plain.data.loader.num_workers == gpu.data.loader.num_workers == "auto"  # workers by the machine (data/adapt.py)
+    # workers by the machine (data/adapt.py)
+    assert plain.data.loader.num_workers == gpu.data.loader.num_workers == "auto"
     assert plain.data.loader.pin_memory == gpu.data.loader.pin_memory == "auto" and plain.trainer.precision == "auto"
     assert gpu.trainer.precision == "bf16-mixed" and gpu.trainer.benchmark and gpu.trainer.accelerator == "gpu"
     assert gpu.trainer._target_ == plain.trainer._target_ and gpu.trainer.plugins == plain.trainer.plugins

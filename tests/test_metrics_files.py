@@ -165,8 +165,8 @@ def test_validation_during_training_scores_with_the_annotation_area(tmp_path):
     ``area`` too, so metric=coco during training bins objects as pycocotools does, as evaluate does above."""
     ours, _ = coco_with_mask_areas(tmp_path)
     source = COCOSource(ours.name, "images")
-    datamodule = DetectionDataModule(tmp_path, source, source, classes=None, batch_size=5, loader=LoaderOptions(num_workers=0),
-                                     img_size=128)
+    datamodule = DetectionDataModule(tmp_path, source, source, classes=None, batch_size=5, img_size=128,
+                                     loader=LoaderOptions(num_workers=0))
     datamodule.setup("validate")
     annotations = json.loads(ours.read_text())["annotations"]
     expected = defaultdict(list)

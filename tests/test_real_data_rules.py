@@ -46,7 +46,8 @@ def test_a_time_budget_on_a_real_layout_folder_ends_the_cosine_at_the_budget(tmp
     run = tmp_path / "run"
     args = [sys.executable, "train.py", "data=voc", f"data.root={root}", "data.classes=null",
             "data.train.splits=[train]", "data.val.splits=[val]", "model.width=0.125", "data.loader.num_workers=0",
-            "data.loader.persistent_workers=false", "+trainer.max_time=00:00:00:40", "callbacks.progress_bar.refresh_rate=0",
+            "data.loader.persistent_workers=false", "+trainer.max_time=00:00:00:40",
+            "callbacks.progress_bar.refresh_rate=0",
             f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run}"]
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -23,7 +23,8 @@ def test_ssd300_voc_recipe_runs_a_few_steps_on_a_voc_folder(tmp_path):
     args = [
         sys.executable, "train.py", "experiment=ssd300_voc", f"data.root={root}", "model.width=0.125",
         "model.backbone_weights=null",
-        "data.batch_size=2", "data.loader.num_workers=0", "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false", "trainer.max_epochs=1",
+        "data.batch_size=2", "data.loader.num_workers=0", "data.sampler.min_steps_per_epoch=0",
+        "data.loader.persistent_workers=false", "trainer.max_epochs=1",
         "callbacks.progress_bar.refresh_rate=0", f"paths.log_dir={tmp_path / 'logs'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
