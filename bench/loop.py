@@ -61,7 +61,7 @@ class StepTimer(L.Callback):
 def datamodule(args: argparse.Namespace, workers: int) -> DetectionDataModule:
     settings = dict(batch_size=args.batch_size, num_workers=workers, persistent_workers=workers > 0,
                     img_size=args.img_size, group_aspect_ratio=args.rect, size_divisor=32,
-                    train_transform=YoloTrainTransform(args.img_size, mosaic=args.mosaic, rect=args.rect),
+                    train_transform=YoloTrainTransform(args.img_size, mix={"mosaic": args.mosaic}, rect=args.rect),
                     val_transform=LetterboxTransform(args.img_size))
     if args.yaml is not None:
         data = YOLODataModule(str(args.yaml), **settings)

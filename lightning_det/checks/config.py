@@ -59,10 +59,12 @@ class ConfigValueError(ValueError):
     """A config value of the wrong type, outside its choices or outside its range."""
 
 
-#: Settings that left the data pipeline: the model normalises its own input.
+#: Settings that moved within or out of the data config: the model normalises its own input, and the
+#: multi-image augmentations are one ``mix`` node.
 MOVED_FROM_DATA = {
-    f"data.{transform}.{statistic}": f"model.pixel_{statistic}"
-    for transform in ("train_transform", "val_transform") for statistic in ("mean", "std")
+    **{f"data.{transform}.{statistic}": f"model.pixel_{statistic}"
+       for transform in ("train_transform", "val_transform") for statistic in ("mean", "std")},
+    "data.train_transform.mosaic": "data.train_transform.mix.mosaic",
 }
 
 
