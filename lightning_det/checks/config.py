@@ -166,6 +166,10 @@ def check_renamed(cfg: DictConfig) -> None:
 RESOLVED_HERE: dict[tuple[str, str], tuple[str, ...]] = {
     ("lightning.pytorch.Trainer", "precision"): ("auto",),  # tools/precision.py
 }
+# The same by the key's place in the config, whatever the node's class.
+RESOLVED_AT: dict[str, tuple[str, ...]] = {
+    "data.batch_size": ("auto",),  # tools/batch_size.py
+}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -188,7 +192,8 @@ def check_config(cfg: DictConfig) -> None:
             if key.startswith("_") or key not in hints or OmegaConf.is_interpolation(node, key):
                 continue  # an interpolated value is checked where it is set
             value = _value(node, key)
-            if value is _UNRESOLVED or value in RESOLVED_HERE.get((target, key), ()):
+            if value is _UNRESOLVED or value in (*RESOLVED_HERE.get((target, key), ()),
+                                                 *RESOLVED_AT.get(f"{path}.{key}", ())):
                 continue
             allowed = _scalar_types(hints[key])
             if allowed is not None:

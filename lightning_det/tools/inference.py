@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +71,38 @@ def tensor_batch(images: list[torch.Tensor], names: list[str], pipeline: Detecti
                         name, tuple(image.shape[-2:]))
         samples.append(pipeline([sample]))
     return collate_detection(samples, size_divisor=size_divisor)
+
+
+@torch.inference_mode()
+def detect(model: Detector, pipeline: DetectionTransform, images: Iterable[tuple[str, torch.Tensor]], batch_size: int,
+           score_thresh: float) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Each RGB ``uint8`` CHW image of ``(name, image)`` pairs with its detections (original-image pixels, on the
+    CPU) scoring at least ``score_thresh``, in ``batch_size`` batches on the model's device. ``images`` is read a
+    batch at a time, so a folder is never decoded whole."""
+    pairs = iter(images)
+    while chunk := list(itertools.islice(pairs, batch_size)):
+        names, tensors = zip(*chunk)
+        batch = model.transfer_batch_to_device(tensor_batch(list(tensors), list(names), pipeline), model.device, 0)
+        for image, det in zip(tensors, model.predict_step(batch, 0)):
+            keep = det["scores"] >= score_thresh
+            yield image, {key: value[keep].cpu() for key, value in det.items()}
+
+
+@contextmanager
+def decoding(model: Detector, **settings: Any) -> Iterator[None]:
+    """The model's decoder with ``settings`` (``nms_thresh=0.5``; None leaves one as it is) for the block, restored
+    after it: a per-call change that the checkpoint's own settings survive."""
+    decoder = model.decoder
+    given = {key: value for key, value in settings.items() if value is not None}
+    unknown = sorted(key for key in given if not hasattr(decoder, key))
+    if unknown:
+        raise ValueError(f"{type(decoder).__name__} has no decoding setting {', '.join(unknown)}; it has "
+                         f"{', '.join(sorted(k for k in vars(decoder) if not k.startswith('_')))}")
+    saved = {key: getattr(decoder, key) for key in given}
+    try:
+        for key, value in given.items():
+            setattr(decoder, key, value)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(decoder, key, value)
