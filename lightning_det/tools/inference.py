@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from hydra.utils import get_class, instantiate
@@ -13,6 +14,8 @@ from lightning_det.data.image_checks import decode_rgb
 from lightning_det.data.transforms.common import DetectionTransform, Sample
 from lightning_det.io import CheckpointError, read_checkpoint
 from lightning_det.models.detector import Detector
+
+Item = TypeVar("Item")
 
 
 def load_detector(path: str | Path, map_location: str = "cpu") -> tuple[Detector, DetectionTransform]:
@@ -68,3 +71,30 @@ def tensor_batch(images: list[torch.Tensor], names: list[str], pipeline: Detecti
                         name, tuple(image.shape[-2:]))
         samples.append(pipeline([sample]))
     return collate_detection(samples, size_divisor=size_divisor)
+
+
+def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """``items`` in lists of ``size`` (the last may be shorter), drawn as they come: a stream has no end to wait
+    for."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def detections(model: Detector, batch: dict[str, Any], score_thresh: float) -> list[dict[str, list]]:
+    """Each image's detections above ``score_thresh`` as plain lists: ``boxes`` xyxy in original-image pixels,
+    ``scores`` and class names as ``labels``. Images, video frames and the Python API all turn a batch into what
+    they write here, so they cannot disagree."""
+    batch = model.transfer_batch_to_device(batch, model.device, 0)
+    found = []
+    for det in model.predict_step(batch, 0):
+        keep = det["scores"] >= score_thresh
+        found.append({"boxes": det["boxes"][keep].cpu().tolist(), "scores": det["scores"][keep].cpu().tolist(),
+                      "labels": [model.class_names[i] for i in det["labels"][keep].tolist()]})
+    return found

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -23,7 +24,7 @@ from lightning_det.data.image_checks import decode_rgb
 from lightning_det.models.tta import TestTimeAugmentation, from_config
 from lightning_det.report.drawing import draw_predictions
 from lightning_det.tools.errors import report_errors
-from lightning_det.tools.inference import image_batch, load_detector
+from lightning_det.tools.inference import batches, detections, load_detector, tensor_batch
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
@@ -40,42 +41,38 @@ def image_files(source: Path) -> list[Path]:
     raise FileNotFoundError(f"input {source} is neither an image file nor a folder")
 
 
-def readable_images(paths: list[Path]) -> list[Path]:
-    """The paths that decode as images; each other one is named in a warning and left out."""
-    readable = []
+def decoded_images(paths: list[Path]) -> Iterator[tuple[Path, torch.Tensor]]:
+    """Each path that decodes as an image, with its pixels; each other one is named in a warning and left out, so
+    one bad file does not stop a folder."""
+    skipped = 0
     for path in paths:
         try:
-            decode_rgb(path)
+            image = decode_rgb(path)
         except (RuntimeError, OSError, ValueError) as error:
             log.warning("skipped %s: not a readable image (%s)", path, str(error).splitlines()[-1])
+            skipped += 1
             continue
-        readable.append(path)
-    if len(readable) < len(paths):
-        log.warning("skipped %d of %d images that could not be read", len(paths) - len(readable), len(paths))
-    return readable
+        yield path, image
+    if skipped:
+        log.warning("skipped %d of %d images that could not be read", skipped, len(paths))
 
 
-@torch.inference_mode()
+def readable_images(paths: list[Path]) -> list[Path]:
+    """The paths that decode as images; each other one is named in a warning and left out."""
+    return [path for path, _ in decoded_images(paths)]
+
+
 def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: int, device: str,
             tta: TestTimeAugmentation | None = None) -> dict[str, dict]:
     """Detections per image path, in original-image pixels, above ``score_thresh`` (merged over ``tta``'s views
-    when given); unreadable images are skipped with a warning naming each, so one bad file does not stop a
-    folder."""
-    model, pipeline = load_detector(ckpt_path)
+    when given); unreadable images are skipped with a warning naming each."""
+    model, pipeline = load_detector(ckpt_path, device)
     model.tta = tta
-    model.to(device)
-    paths = readable_images(paths)
     results = {}
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start: start + batch_size]
-        batch = model.transfer_batch_to_device(image_batch(chunk, pipeline), torch.device(device), 0)
-        for path, det in zip(chunk, model.predict_step(batch, 0)):
-            keep = det["scores"] >= score_thresh
-            results[str(path)] = {
-                "boxes": det["boxes"][keep].cpu().tolist(),
-                "scores": det["scores"][keep].cpu().tolist(),
-                "labels": [model.class_names[i] for i in det["labels"][keep].tolist()],
-            }
+    for chunk in batches(decoded_images(paths), batch_size):
+        names = [str(path) for path, _ in chunk]
+        results.update(zip(names, detections(model, tensor_batch([image for _, image in chunk], names, pipeline),
+                                             score_thresh)))
     return results
 
 
