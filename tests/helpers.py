@@ -141,3 +141,15 @@ def two_rank_result(make_metric, rank0_batches, rank1_batches):
         rank0.update(*batch)
     rank1.compute()
     return rank0.compute()
+
+
+def tiny_checkpoint(path: Path, width: float = 0.5, num_classes: int = 2) -> Path:
+    """A checkpoint as train.py writes it (weights, hyper-parameters, detector class, pipeline)."""
+    from lightning_det.models.yolov3 import YOLOv3
+
+    model = YOLOv3(variant="tiny", width=width, num_classes=num_classes)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "detector_class": "lightning_det.models.yolov3.module.YOLOv3",
+                "inference_pipeline": {"_target_": "lightning_det.data.transforms.LetterboxTransform",
+                                       "img_size": 64}}, path)
+    return path

@@ -43,6 +43,8 @@ TOP_LEVEL: dict[str, tuple[type, ...]] = {
     "img_size": (int, type(None)),
     "dynamic_batch": (bool,),
     "opset": (int,),
+    "video": (bool,),
+    "fps": (float,),
 }
 
 
