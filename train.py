@@ -5,10 +5,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from lightning_det.api.jobs import train_or_search
 from lightning_det.checks.config import refuse_renamed_overrides
-from lightning_det.search.study import search
 from lightning_det.tools.errors import report_errors
-from lightning_det.tools.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -16,9 +15,7 @@ from lightning_det.tools.train import run
 def main(cfg: DictConfig) -> float | None:
     """Returns the best validation score so Hydra sweepers can optimise it. With ``hparams_search=<name>``, runs
     (or resumes) that Optuna search instead of one training."""
-    if cfg.get("hparams_search"):
-        return search(cfg)["best_score"]
-    return run(cfg)["best_score"]
+    return train_or_search(cfg)["best_score"]
 
 
 if __name__ == "__main__":

@@ -58,6 +58,17 @@ def make_voc(root: Path, splits: dict[str, dict[str, VOCImage]]) -> Path:
     return root
 
 
+def read_voc_train(root: Path):
+    """The DataModule of a ``make_voc`` folder's ``2007/train`` split (used for both roles), read: its records and
+    classes as training sees them."""
+    from lightning_det.data import DetectionDataModule, LoaderOptions, VOCSource
+
+    data = DetectionDataModule(root, VOCSource(["2007/train"]), VOCSource(["2007/train"]),
+                               loader=LoaderOptions(num_workers=0))
+    data.setup("fit")
+    return data
+
+
 def make_coco(
     root: Path,
     categories: list[tuple[int, str]],
@@ -141,3 +152,15 @@ def two_rank_result(make_metric, rank0_batches, rank1_batches):
         rank0.update(*batch)
     rank1.compute()
     return rank0.compute()
+
+
+def tiny_checkpoint(path: Path, width: float = 0.5, num_classes: int = 2) -> Path:
+    """A checkpoint as train.py writes it (weights, hyper-parameters, detector class, pipeline)."""
+    from lightning_det.models.yolov3 import YOLOv3
+
+    model = YOLOv3(variant="tiny", width=width, num_classes=num_classes)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "detector_class": "lightning_det.models.yolov3.module.YOLOv3",
+                "inference_pipeline": {"_target_": "lightning_det.data.transforms.LetterboxTransform",
+                                       "img_size": 64}}, path)
+    return path

@@ -44,6 +44,13 @@ def train(tmp_path: Path, *overrides: str, run: str = "run", expect_ok: bool = T
     return done
 
 
+def command(*args: str) -> subprocess.CompletedProcess:
+    """``python <args>`` in the clone (a tool: ``-m lightning_det.tools.predict ...``), which must succeed."""
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
 #: About a second per epoch on 16 sample images, without image logging: the runs a test breaks on purpose.
 QUICK_RUN = ["model=yolov3_tiny", "model.width=0.25", "data.img_size=64", "data.batch_size=4",
              "data.loader.num_workers=0", "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false",

@@ -171,7 +171,7 @@ def test_val_and_test_loaders_are_deterministic(voc_root):
 
 
 def test_set_mosaic_switches_the_next_epoch(voc_root):
-    datamodule = data_module(voc_root)
+    datamodule = data_module(voc_root, train_transform=YoloTrainTransform(img_size=SIZE, mix={"mosaic": 1.0}))
     loader = datamodule.train_dataloader()
     assert all(next(iter(loader))["meta"]["mosaic"].tolist())
     datamodule.set_mosaic(False)
@@ -196,7 +196,7 @@ class MosaicRecorder(L.LightningModule):
 
 def test_close_mosaic_turns_mosaic_off_for_the_last_epochs_with_persistent_workers(voc_root):
     datamodule = data_module(voc_root, loader=LoaderOptions(num_workers=1, persistent_workers=True), close_mosaic=2,
-                             batch_size=2)
+                             batch_size=2, train_transform=YoloTrainTransform(img_size=SIZE, mix={"mosaic": 1.0}))
     model = MosaicRecorder()
     trainer = L.Trainer(
         max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

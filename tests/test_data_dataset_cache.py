@@ -3,9 +3,8 @@ its longer side, and augments it exactly as it would the full-size image."""
 
 import pytest
 import torch
-from helpers import make_voc
+from helpers import make_voc, read_voc_train
 
-from lightning_det.data import DetectionDataModule, LoaderOptions, VOCSource
 from lightning_det.data import dataset as dataset_module
 from lightning_det.data.dataset import DetectionDataset
 from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
@@ -16,9 +15,7 @@ IMAGES = {"wide": (300, 400, [("a", (41, 31, 200, 150), False)]), "tall": (350, 
 @pytest.fixture()
 def records(tmp_path):
     root = make_voc(tmp_path, {"2007/train": IMAGES})
-    data = DetectionDataModule(root, VOCSource(["2007/train"]), VOCSource(["2007/train"]),
-                               loader=LoaderOptions(num_workers=0))
-    data.setup("fit")
+    data = read_voc_train(root)
     return data.records["train"]
 
 

@@ -8,7 +8,7 @@ from lightning_det.data.transforms.common import colour_matrix, displayable
 
 SIZE = 416
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-NO_AUGMENTATION = dict(mosaic=1.0, scale=0.0, translate=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
+NO_AUGMENTATION = dict(mix={"mosaic": 1.0}, scale=0.0, translate=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
 
 
 def make_sample(height, width, boxes, labels, colour=(0, 0, 0), image_id=0, box_colours=None):
@@ -69,7 +69,7 @@ def test_yolo_training_hands_over_uint8_pixels_and_the_colour_jitter_as_a_matrix
     assert plain.image.dtype == torch.uint8 and torch.equal(plain.image, sample.image)
     torch.testing.assert_close(plain.colour, torch.eye(3), atol=1e-5, rtol=0)
     torch.manual_seed(0)
-    jittered = YoloTrainTransform(img_size=64, mosaic=0.0, scale=0.0, translate=0.0, hsv_v=0.4)([sample])
+    jittered = YoloTrainTransform(img_size=64, scale=0.0, translate=0.0, hsv_v=0.4)([sample])
     brightness = jittered.colour.diagonal()
     assert not torch.allclose(brightness, torch.ones(3), atol=1e-3) and 0.6 <= brightness.mean() <= 1.4
 
@@ -149,7 +149,7 @@ def test_rect_training_letterboxes_into_the_images_own_rectangle(seed):
     """rect: 300 x 400 at 416 is scaled by 1.04 to 312 x 416 and padded to 320 x 416 (the next multiple of 32); a
     portrait image gets the transposed shape; a mosaic stays square. Boxes stay inside their canvas."""
     torch.manual_seed(seed)
-    transform = YoloTrainTransform(img_size=SIZE, mosaic=0.0, rect=True)
+    transform = YoloTrainTransform(img_size=SIZE, rect=True)
     wide = make_sample(300, 400, [[10.0, 10.0, 200.0, 150.0]], [0], colour=(90, 90, 90))
     tall = make_sample(400, 300, [[10.0, 10.0, 150.0, 200.0]], [1], colour=(90, 90, 90))
     for sample, shape in ((wide, (320, SIZE)), (tall, (SIZE, 320))):
@@ -170,7 +170,7 @@ def test_zoomed_and_shifted_boxes_follow_their_pixels(seed, rect):
     box = [120.0, 90.0, 250.0, 180.0]
     sample = make_sample(300, 400, [box], [1], colour=(90, 90, 90), box_colours=[(250, 20, 20)])
     colourless = dict(hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fill=90)
-    out = YoloTrainTransform(img_size=SIZE, mosaic=0.0, scale=0.5, translate=0.1, rect=rect, **colourless)([sample])
+    out = YoloTrainTransform(img_size=SIZE, scale=0.5, translate=0.1, rect=rect, **colourless)([sample])
     assert out.image.shape[-2:] == ((320, SIZE) if rect else (SIZE, SIZE))
     x1, y1, x2, y2 = out.boxes[0].tolist()
     red = out.image[0] > 170

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_voc, write_image
+from helpers import make_voc, tiny_checkpoint, write_image
 from hydra.utils import instantiate
 from runs import quick_run
 
@@ -104,18 +104,6 @@ def test_max_epochs_0_validates_the_model_as_built_and_says_so(tmp_path):
 # ===================================================================================================================
 # Checkpoint and weight files
 # ===================================================================================================================
-
-def tiny_checkpoint(path: Path, width: float = 0.5, num_classes: int = 2) -> Path:
-    """A checkpoint as train.py writes it (weights, hyper-parameters, detector class, pipeline)."""
-    from lightning_det.models.yolov3 import YOLOv3
-
-    model = YOLOv3(variant="tiny", width=width, num_classes=num_classes)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "detector_class": "lightning_det.models.yolov3.module.YOLOv3",
-                "inference_pipeline": {"_target_": "lightning_det.data.transforms.LetterboxTransform",
-                                       "img_size": 64}}, path)
-    return path
-
 
 def broken_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     """Each kind of bad checkpoint file, with what its message must say."""

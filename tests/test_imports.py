@@ -13,7 +13,7 @@ from runs import REPO
 
 PACKAGE = REPO / "lightning_det"
 #: The floors, ground first: a module may import from its own floor and the floors below it.
-FLOORS = [{"io"}, {"data", "optim"}, {"models"}, {"metrics", "checks"}, {"report"}, {"callbacks"}, {"tools", "search"}]
+FLOORS = [{"io"}, {"data", "optim"}, {"models"}, {"metrics", "checks"}, {"report"}, {"callbacks"}, {"tools", "search"}, {"api"}]
 FLOOR = {folder: level for level, folders in enumerate(FLOORS) for folder in folders}
 
 

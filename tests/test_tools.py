@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from runs import assert_same_results
+from runs import assert_same_results, command
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle", "ring", "cross", "star"]
-
-
-def command(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
 
 
 @pytest.fixture(scope="module")

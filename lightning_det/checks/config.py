@@ -44,6 +44,8 @@ TOP_LEVEL: dict[str, tuple[type, ...]] = {
     "img_size": (int, type(None)),
     "dynamic_batch": (bool,),
     "opset": (int,),
+    "video": (bool,),
+    "fps": (float,),
 }
 
 
@@ -60,11 +62,13 @@ class ConfigValueError(ValueError):
     """A config value of the wrong type, outside its choices or outside its range."""
 
 
-#: Settings that left the data config: the model normalises its own input, and the DataModule's settings are
-#: grouped by subject (``DetectionDataModule.renamed``).
+#: Settings that moved within or out of the data config: the model normalises its own input, the multi-image
+#: augmentations are one ``mix`` node, and the DataModule's settings are grouped by subject
+#: (``DetectionDataModule.renamed``).
 MOVED_FROM_DATA = {
     **{f"data.{transform}.{statistic}": f"model.pixel_{statistic}"
        for transform in ("train_transform", "val_transform") for statistic in ("mean", "std")},
+    "data.train_transform.mosaic": "data.train_transform.mix.mosaic",
     **{f"data.{old}": f"data.{new}" for old, new in DetectionDataModule.renamed.items()},
 }
 
@@ -175,6 +179,10 @@ def _holds_value(cfg: DictConfig, path: str) -> bool:
 RESOLVED_HERE: dict[tuple[str, str], tuple[str, ...]] = {
     ("lightning.pytorch.Trainer", "precision"): ("auto",),  # tools/precision.py
 }
+# The same by the key's place in the config, whatever the node's class.
+RESOLVED_AT: dict[str, tuple[str, ...]] = {
+    "data.batch_size": ("auto",),  # tools/batch_size.py
+}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -197,7 +205,8 @@ def check_config(cfg: DictConfig) -> None:
             if key.startswith("_") or key not in hints or OmegaConf.is_interpolation(node, key):
                 continue  # an interpolated value is checked where it is set
             value = _value(node, key)
-            if value is _UNRESOLVED or value in RESOLVED_HERE.get((target, key), ()):
+            if value is _UNRESOLVED or value in (*RESOLVED_HERE.get((target, key), ()),
+                                                 *RESOLVED_AT.get(f"{path}.{key}", ())):
                 continue
             allowed = _scalar_types(hints[key])
             if allowed is not None:

@@ -16,6 +16,8 @@ from lightning_det.data.cache import image_bytes, shared_image_cache
 from lightning_det.data.records import AnnotationRecord, ImageLoadError, as_table, load_image
 from lightning_det.data.repeat_factor import pass_length, repeated_indices
 from lightning_det.data.transforms import DetectionTransform, Sample
+from lightning_det.data.transforms.common import NO_MIX
+from lightning_det.data.transforms.mix import MAX_PASTED, Donor, crop_object, mixup, paste_objects
 
 # Decoded images a dataset without a shared cache keeps in memory (per loader worker, each holding its own copy),
 # when all of them fit: a small set is then decoded and resized once per process instead of every epoch. A larger
@@ -27,9 +29,12 @@ log = logging.getLogger(__name__)
 class DetectionDataset(Dataset[Sample]):
     """Loads a record's image and applies the transform.
 
-    An item is an index, or ``(index, mosaic_allowed)`` as yielded by :class:`MosaicSampler`. When mosaic is
-    allowed, the transform receives four samples (this one and three random others) with probability
-    ``transform.mosaic_probability``, else one.
+    An item is an index, or ``(index, mix_allowed)`` as yielded by :class:`MosaicSampler`. When mixing is
+    allowed, the transform's ``mix`` settings (:class:`~lightning_det.data.transforms.common.MixAugment`) apply:
+    with probability ``copy_paste`` the image first gets 1 to ``MAX_PASTED`` objects of other images, chosen
+    class-balanced (each class as likely); with probability ``mosaic`` the transform receives four samples (this
+    one and three random others), else one; with probability ``mixup`` the result is blended with the transformed
+    sample of a random other image.
 
     A transform with a ``decode_size`` (a training pipeline that first resizes every image so its longer side is
     that size, and describes its own canvas) gets images already at that size, their boxes scaled with them; the
@@ -57,6 +62,9 @@ class DetectionDataset(Dataset[Sample]):
         private = self.shared_cache is None and image_bytes(self.shapes) <= cache_bytes
         self.cache: dict[int, tuple[Tensor, Tensor]] | None = {} if private else None
         self.unreadable: set[int] = set()  # images this process failed to decode, replaced (skip_unreadable)
+        self.mix = transform.mix
+        self.donor_weights = class_balanced_weights(self.records.labels, self.records.difficult) \
+            if self.mix.copy_paste > 0 else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -114,12 +122,47 @@ class DetectionDataset(Dataset[Sample]):
         )
 
     def __getitem__(self, item: int | tuple[int, bool]) -> Sample:
-        index, mosaic_allowed = item if isinstance(item, tuple) else (item, True)
+        index, mix_allowed = item if isinstance(item, tuple) else (item, True)
+        mix = self.mix if mix_allowed else NO_MIX
+        sample = self.transformed(index, mix.mosaic, mix.copy_paste)
+        if mix.mixup > 0 and torch.rand(()) < mix.mixup:
+            partner = self.transformed(int(torch.randint(len(self), ())), mix.mosaic, mix.copy_paste)
+            sample = mixup(sample, partner, self.transform.fill)
+        return sample
+
+    def transformed(self, index: int, mosaic: float, copy_paste: float) -> Sample:
+        """The transform's sample of image ``index``: with probability ``copy_paste`` with objects pasted in, with
+        probability ``mosaic`` in a mosaic with three random others."""
         samples = [self.load(index)]
-        probability = self.transform.mosaic_probability
-        if mosaic_allowed and probability > 0 and torch.rand(()) < probability:
+        if copy_paste > 0 and torch.rand(()) < copy_paste:
+            samples[0] = paste_objects(samples[0], self.donors())
+        if mosaic > 0 and torch.rand(()) < mosaic:
             samples += [self.load(int(j)) for j in torch.randint(len(self), (3,))]
         return self.transform(samples)
+
+    def donors(self) -> list[Donor]:
+        """1 to ``MAX_PASTED`` objects drawn by ``donor_weights``, each cut from its decoded image."""
+        if self.donor_weights is None or not self.donor_weights.any():
+            return []
+        count = int(torch.randint(1, MAX_PASTED + 1, ()))
+        donors = []
+        for obj in torch.multinomial(self.donor_weights, count, replacement=True).tolist():
+            image_index = int(np.searchsorted(self.records.offsets, obj, side="right")) - 1
+            index, image, boxes = self.readable(image_index)
+            if index != image_index:  # replaced by another image (skip_invalid): its objects are elsewhere
+                continue
+            within = obj - int(self.records.offsets[index])
+            donors.append(Donor(crop_object(image, boxes[within]), int(self.records.labels[obj])))
+        return donors
+
+
+def class_balanced_weights(labels: np.ndarray, difficult: np.ndarray) -> Tensor:
+    """Per object, a weight that makes every class as likely to be drawn, whatever its count (difficult objects:
+    never)."""
+    usable = ~difficult
+    counts = np.bincount(labels[usable], minlength=int(labels.max(initial=-1)) + 1)
+    weights = np.where(usable, 1.0 / np.maximum(counts[labels], 1), 0.0)
+    return torch.from_numpy(weights)
 
 
 class MosaicSampler(Sampler[tuple[int, bool]]):

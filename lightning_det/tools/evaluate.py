@@ -38,6 +38,7 @@ from lightning_det.models.detector import Detector
 from lightning_det.models.tta import from_config
 from lightning_det.report.confusion import confusion_matrix
 from lightning_det.report.writer import write_evaluation_report
+from lightning_det.tools.batch_size import AUTO, keep_default
 from lightning_det.tools.errors import report_errors
 from lightning_det.tools.inference import load_detector
 from lightning_det.tools.precision import resolve_precision
@@ -133,6 +134,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:
     (``trainer.devices=2`` runs one rank per device), scored on rank zero with the three metrics; result files and
     the report are written there."""
     loaded = load_detector(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # a bad checkpoint before any data
+    if cfg.data.batch_size == AUTO:
+        keep_default(cfg.data, "the search is for training")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("test")

@@ -216,11 +216,16 @@ def export(
     return path
 
 
+def export_from_config(cfg: DictConfig) -> Path:
+    """``export`` with the settings of ``conf/export.yaml`` (the command line's, and ``lightning_det.export``'s)."""
+    check_config(cfg)
+    return export(cfg.ckpt_path, cfg.format, cfg.output, cfg.img_size, cfg.batch_size, cfg.dynamic_batch, cfg.opset)
+
+
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 @report_errors
 def main(cfg: DictConfig) -> None:
-    check_config(cfg)
-    export(cfg.ckpt_path, cfg.format, cfg.output, cfg.img_size, cfg.batch_size, cfg.dynamic_batch, cfg.opset)
+    export_from_config(cfg)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from hydra.utils import get_class, instantiate
@@ -13,6 +15,8 @@ from lightning_det.data.image_checks import decode_rgb
 from lightning_det.data.transforms.common import DetectionTransform, Sample
 from lightning_det.io import CheckpointError, read_checkpoint
 from lightning_det.models.detector import Detector
+
+Item = TypeVar("Item")
 
 
 def load_detector(path: str | Path, map_location: str = "cpu") -> tuple[Detector, DetectionTransform]:
@@ -78,3 +82,65 @@ def tensor_batch(images: list[torch.Tensor], names: list[str], pipeline: Detecti
                         name, tuple(image.shape[-2:]))
         samples.append(pipeline([sample]))
     return collate_detection(samples, size_divisor=size_divisor)
+
+
+def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """``items`` in lists of ``size`` (the last may be shorter), drawn as they come: a stream has no end to wait
+    for, and a folder is never decoded whole."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def found_in(model: Detector, batch: dict[str, Any], score_thresh: float) -> list[dict[str, torch.Tensor]]:
+    """Each image's detections scoring at least ``score_thresh`` (boxes in original-image pixels), on the CPU: what
+    images, video frames and the Python API all take from a batch, so they cannot disagree."""
+    batch = model.transfer_batch_to_device(batch, model.device, 0)
+    found = []
+    for det in model.predict_step(batch, 0):
+        keep = det["scores"] >= score_thresh
+        found.append({key: value[keep].cpu() for key, value in det.items()})
+    return found
+
+
+def detections(model: Detector, batch: dict[str, Any], score_thresh: float) -> list[dict[str, list]]:
+    """``found_in`` as plain lists, as the files are written: ``boxes`` xyxy, ``scores`` and class names as
+    ``labels``."""
+    return [{"boxes": det["boxes"].tolist(), "scores": det["scores"].tolist(),
+             "labels": [model.class_names[i] for i in det["labels"].tolist()]}
+            for det in found_in(model, batch, score_thresh)]
+
+
+def detect(model: Detector, pipeline: DetectionTransform, images: Iterable[tuple[str, torch.Tensor]], batch_size: int,
+           score_thresh: float) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Each RGB ``uint8`` CHW image of ``(name, image)`` pairs with its ``found_in`` detections, in ``batch_size``
+    batches on the model's device."""
+    for chunk in batches(images, batch_size):
+        names, tensors = zip(*chunk)
+        yield from zip(tensors, found_in(model, tensor_batch(list(tensors), list(names), pipeline), score_thresh))
+
+
+@contextmanager
+def decoding(model: Detector, **settings: Any) -> Iterator[None]:
+    """The model's decoder with ``settings`` (``nms_thresh=0.5``; None leaves one as it is) for the block, restored
+    after it: a per-call change that the checkpoint's own settings survive."""
+    decoder = model.decoder
+    given = {key: value for key, value in settings.items() if value is not None}
+    unknown = sorted(key for key in given if not hasattr(decoder, key))
+    if unknown:
+        raise ValueError(f"{type(decoder).__name__} has no decoding setting {', '.join(unknown)}; it has "
+                         f"{', '.join(sorted(k for k in vars(decoder) if not k.startswith('_')))}")
+    saved = {key: getattr(decoder, key) for key in given}
+    try:
+        for key, value in given.items():
+            setattr(decoder, key, value)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(decoder, key, value)

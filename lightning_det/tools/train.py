@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import logging
@@ -26,6 +27,7 @@ from lightning_det.data.records import write_cut_short_list
 from lightning_det.io import write_atomically
 from lightning_det.models.detector import NonFiniteLossError
 from lightning_det.models.weights import initialise_from, recorded_settings
+from lightning_det.tools.batch_size import AUTO, DEFAULT_BATCH_SIZE, keep_default, largest_batch_size, searches_on_cuda
 from lightning_det.tools.precision import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,33 @@ def apply_nominal_batch_size(cfg: DictConfig) -> None:
     if cfg.optimizer.get("weight_decay"):
         cfg.optimizer.weight_decay = cfg.optimizer.weight_decay * per_step * accumulate / nominal
     log.info("nominal batch %d: accumulating %d batches of %d", nominal, accumulate, per_step)
+
+
+def resolve_batch_size(cfg: DictConfig) -> None:
+    """``data.batch_size=auto`` as a number before anything reads it (``tools/batch_size.py``): on one CUDA device
+    the largest that trains, searched on a throwaway copy of the run's data and model; elsewhere the default."""
+    if cfg.data.batch_size != AUTO:
+        return
+    if not searches_on_cuda(cfg.trainer):
+        keep_default(cfg.data, "no CUDA device to search on")
+        return
+    devices = requested_devices(cfg.trainer.get("devices", "auto")) or torch.cuda.device_count()
+    if devices > 1 or cfg.trainer.get("num_nodes", 1) > 1:
+        raise ValueError("data.batch_size=auto searches on one GPU, and each of several processes would search "
+                         "alone and could pick another size: find it with trainer.devices=1 (it is logged), then "
+                         "set data.batch_size=<that number> for the run on several devices")
+    cfg.data.batch_size = DEFAULT_BATCH_SIZE
+    trial = copy.deepcopy(cfg)
+    datamodule = instantiate(trial.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = build_model(trial, num_classes=datamodule.num_classes, class_names=list(datamodule.classes),
+                        records=datamodule.records["train"], img_size=datamodule.img_size)
+    cfg.data.batch_size = largest_batch_size(model, datamodule, trial.trainer)
+    log.info("data.batch_size=auto: %d images per batch fit on one GPU (Lightning's batch-size finder)",
+             cfg.data.batch_size)
+    del model, datamodule  # the copy's memory, before the run builds its own
+    torch.cuda.empty_cache()
 
 
 def requested_devices(devices: Any) -> int | None:
@@ -261,8 +290,9 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lock_run_folder(output_dir)  # before anything is written into it
-    apply_nominal_batch_size(cfg)
     resolve_precision(cfg.trainer, cfg.model.get("_target_"))
+    resolve_batch_size(cfg)  # at the run's precision; before the nominal batch divides by it
+    apply_nominal_batch_size(cfg)
     write_resolved_config(cfg, output_dir)  # as composed: a run that fails reading its data still leaves it
     L.seed_everything(cfg.seed, workers=True)
 

@@ -7,6 +7,7 @@ Geometry runs through ``torchvision.transforms.v2`` functionals on ``tv_tensors`
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -153,16 +154,42 @@ def clip_and_filter(
     return clipped, keep
 
 
+@dataclass(frozen=True)
+class MixAugment:
+    """How often a training sample is made of several images: ``mosaic`` (four images, YOLO pipeline only),
+    ``mixup`` (two augmented samples blended) and ``copy_paste`` (objects of other images pasted in), each a
+    probability per sample. ``close_mosaic`` turns all three off for the last epochs."""
+
+    mosaic: float = 0.0
+    mixup: float = 0.0
+    copy_paste: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("mosaic", "mixup", "copy_paste"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"train_transform.mix.{name} is a probability in [0, 1], got {getattr(self, name)}")
+
+    @classmethod
+    def of(cls, mix: MixAugment | Mapping[str, float] | None) -> MixAugment:
+        """The settings from a config node (a mapping), an instance, or None (no mixing)."""
+        return mix if isinstance(mix, MixAugment) else cls(**(mix or {}))
+
+
+NO_MIX = MixAugment()
+
+
 class DetectionTransform:
     """Base of every pipeline: ``__call__(samples) -> Sample`` with the image as pixels (0..255), ``uint8`` or
     ``float``; collation turns a batch into ``float`` once (:func:`~lightning_det.data.collate.pad_and_stack`).
 
     The pipeline does not normalise: the model does (``Detector.normalise``), so a checkpoint carries its own
-    mean and std and a pretrained backbone brings its normalisation with it. ``mosaic_probability`` tells the
-    dataset how often to hand over four images instead of one.
+    mean and std and a pretrained backbone brings its normalisation with it. ``mix`` tells the dataset how often
+    to build a sample from several images (:mod:`~lightning_det.data.transforms.mix`), and ``fill`` is the pixel
+    of padding.
     """
 
-    mosaic_probability: float = 0.0
+    mix: MixAugment = NO_MIX
+    fill: int | tuple[float, ...] = 0
 
     def __call__(self, samples: list[Sample]) -> Sample:
         raise NotImplementedError

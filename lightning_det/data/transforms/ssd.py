@@ -14,7 +14,7 @@ Evaluation resizes to the square without keeping the aspect ratio and records ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as F
 from lightning_det.data.transforms.common import (
     GREY_WEIGHTS,
     DetectionTransform,
+    MixAugment,
     ResizeMode,
     Sample,
     check_resize_mode,
@@ -109,6 +110,9 @@ class SSDTrainTransform(DetectionTransform):
         flip: probability of a horizontal flip.
         min_size: boxes with a side shorter than this (px, after resizing) are dropped.
         fill: the RGB pixel of the zoom-out canvas (the reference's mean pixel).
+        mix: how often the dataset makes a sample of several images (mixup, copy-paste:
+            :class:`~lightning_det.data.transforms.common.MixAugment`); no mosaic, which this pipeline's single-image
+            crop and zoom-out replace.
     """
 
     def __init__(
@@ -122,7 +126,11 @@ class SSDTrainTransform(DetectionTransform):
         flip: float = 0.5,
         min_size: float = 1.0,
         fill: Sequence[float] = (123.0, 117.0, 104.0),
+        mix: MixAugment | Mapping[str, float] | None = None,
     ) -> None:
+        self.mix = MixAugment.of(mix)
+        if self.mix.mosaic:
+            raise ValueError("the SSD pipeline has no mosaic: set data.train_transform.mix.mosaic=0")
         self.img_size = img_size
         self.fill = tuple(float(value) for value in fill)
         self.photometric = photometric

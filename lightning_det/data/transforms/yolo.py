@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -11,6 +12,7 @@ from torchvision.transforms.v2 import functional as F
 
 from lightning_det.data.transforms.common import (
     DetectionTransform,
+    MixAugment,
     Resized,
     Sample,
     as_boxes,
@@ -22,10 +24,12 @@ from lightning_det.data.transforms.common import (
 )
 
 Layout = tuple[Tensor, Tensor, Tensor]  # canvas image, unclipped boxes, visible region per box
+STRIDE = 32  # a rectangle's sides are multiples of the networks' largest stride
 
 class YoloTrainTransform(DetectionTransform):
     """Augment one image, or four into a mosaic, into an ``img_size`` square (with ``rect``, a single image into
-    its own rectangle).
+    its own rectangle). ``mix``: how often the dataset makes a sample of several images (mosaic, mixup,
+    copy-paste: :class:`~lightning_det.data.transforms.common.MixAugment`).
 
     Mosaic: each of the four images is resized so its longer side is ``img_size`` and fills one quadrant of the
     canvas around a random centre (in the middle half), showing the part nearest that centre. Without mosaic the
@@ -33,7 +37,7 @@ class YoloTrainTransform(DetectionTransform):
     the box clipping rule of :func:`~lightning_det.data.transforms.common.clip_and_filter`
     (``min_size``, ``min_visible``), colour jitter (``hsv_h`` hue shift as a fraction of the colour circle,
     ``hsv_s``/``hsv_v`` saturation/brightness factors in ``1 +- gain``), and a horizontal flip with
-    probability ``flip``. ``mosaic`` is the probability that the dataset supplies four images.
+    probability ``flip``. ``mix.mosaic`` is the probability that the dataset supplies four images.
 
     Every step works on the ``uint8`` image, and the sample leaves ``uint8``. The colour jitter is one 3 x 3 matrix
     per image (:func:`colour_matrix`), handed over in ``Sample.colour``: collation applies the batch's matrices
@@ -41,7 +45,7 @@ class YoloTrainTransform(DetectionTransform):
     with its own float copy. As every image is first resized to
     fit ``img_size``, the dataset may hand over images already at that size (``decode_size``).
 
-    ``rect``: a single image is letterboxed into the smallest rectangle of multiples of ``stride`` around it (a
+    ``rect``: a single image is letterboxed into the smallest rectangle of multiples of ``STRIDE`` around it (a
     1024 x 768 photo at 512 becomes 512 x 384, not 512 x 512), and zoomed and shifted within it. The padding a
     square adds is computed for nothing: a 4:3 image costs 0.75 of the square's pixels, a 16:9 one 0.56. With
     batches of one orientation (``DetectionDataModule(group_aspect_ratio=True)``) the batch keeps that shape; a
@@ -51,7 +55,7 @@ class YoloTrainTransform(DetectionTransform):
     def __init__(
         self,
         img_size: int | str = 416,  # "auto": set by DetectionDataModule from the training boxes
-        mosaic: float = 1.0,
+        mix: MixAugment | Mapping[str, float] | None = None,
         scale: float = 0.5,
         translate: float = 0.1,
         hsv_h: float = 0.015,
@@ -62,11 +66,10 @@ class YoloTrainTransform(DetectionTransform):
         min_size: float = 2.0,
         min_visible: float = 0.2,
         rect: bool = False,
-        stride: int = 32,
     ) -> None:
         self.img_size = img_size
-        self.stride = stride if rect else None
-        self.mosaic_probability = mosaic
+        self.stride = STRIDE if rect else None
+        self.mix = MixAugment.of(mix)
         self.scale = scale
         self.translate = translate
         self.flip = flip
