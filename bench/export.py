@@ -38,7 +38,7 @@ def build(name: str, conf: float) -> tuple[ExportableDetector, int]:
     cfg.model.decoder.score_thresh = conf
     detector = instantiate(cfg.model, num_classes=20, _recursive_=False).eval()  # parts go in as configs
     if "max_size" in cfg.data.get("train_transform", {}):  # Faster R-CNN: the canvas export gives it by default
-        side = int(cfg.data.train_transform.max_size)
+        side = int(cfg.data.pipeline.train_transform.max_size)
     else:
         side = DARKNET_SIZE if cfg.data.img_size == "auto" else int(cfg.data.img_size)
     batch = 1 if detector.export_batch_fixed else None

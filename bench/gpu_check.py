@@ -107,7 +107,7 @@ SMOKE = Plan(
     ),
     first_batch=2, max_batch=2, search_seconds=10, warmup=1, steps=1,
     sample=("model.width=0.25", "data.img_size=64", "data.batch_size=4", "data.sampler.min_steps_per_epoch=0",
-            "data.prepare.num_train=8", "data.prepare.num_val=4", "~callbacks.image_logger", "~callbacks.report"),
+            "data.reading.prepare.num_train=8", "data.reading.prepare.num_val=4", "~callbacks.image_logger", "~callbacks.report"),
     # One thread: the smoke test's times mean nothing, and on a small machine shared with other work a process's
     # two threads wait on each other (a 10-50x slower step, measured on 2 busy cores).
     timeout=120, threads=1,

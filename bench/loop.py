@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from tables import table
 from torch.utils.data import DataLoader
 
-from lightning_det.data import DetectionDataModule, LoaderOptions, VOCSource, YOLODataModule
+from lightning_det.data import DetectionDataModule, LoaderOptions, PipelineOptions, VOCSource, YOLODataModule
 from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
 from lightning_det.models.yolov3 import YOLOv3
 
@@ -61,9 +61,10 @@ class StepTimer(L.Callback):
 def datamodule(args: argparse.Namespace, workers: int) -> DetectionDataModule:
     settings = dict(batch_size=args.batch_size,
                     loader=LoaderOptions(num_workers=workers, persistent_workers=workers > 0),
-                    img_size=args.img_size, group_aspect_ratio=args.rect, size_divisor=32,
-                    train_transform=YoloTrainTransform(args.img_size, mix={"mosaic": args.mosaic}, rect=args.rect),
-                    val_transform=LetterboxTransform(args.img_size))
+                    img_size=args.img_size,
+                    pipeline=PipelineOptions(YoloTrainTransform(args.img_size, mix={"mosaic": args.mosaic}, rect=args.rect),
+                                             LetterboxTransform(args.img_size), group_aspect_ratio=args.rect,
+                                             size_divisor=32))
     if args.yaml is not None:
         data = YOLODataModule(str(args.yaml), **settings)
     else:

@@ -54,7 +54,7 @@ def command(*args: str) -> subprocess.CompletedProcess:
 #: About a second per epoch on 16 sample images, without image logging: the runs a test breaks on purpose.
 QUICK_RUN = ["model=yolov3_tiny", "model.width=0.25", "data.img_size=64", "data.batch_size=4",
              "data.loader.num_workers=0", "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false",
-             "data.prepare.num_train=16", "data.prepare.num_val=4", "trainer.log_every_n_steps=1",
+             "data.reading.prepare.num_train=16", "data.reading.prepare.num_val=4", "trainer.log_every_n_steps=1",
              "callbacks.progress_bar.refresh_rate=0", "~callbacks.image_logger", "logger=csv"]
 
 
@@ -102,7 +102,7 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 
 
 def small_sample(tmp_path: Path) -> list[str]:
-    return [f"data.root={tmp_path / 'sample'}", "data.prepare.num_train=16", "data.prepare.num_val=8"]
+    return [f"data.root={tmp_path / 'sample'}", "data.reading.prepare.num_train=16", "data.reading.prepare.num_val=8"]
 
 
 #: The PNGs of the results report, written beside the checkpoints and logged as ``report/<name>``.

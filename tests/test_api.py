@@ -45,7 +45,7 @@ def trained(tmp_path_factory) -> dict:
     checkpoint = result.best_model_path
     command("-m", "lightning_det.tools.predict", f"ckpt_path={checkpoint}", f"input={images}", "score_thresh=0.0",
             f"hydra.run.dir={tmp / 'predict'}")
-    data = [f"data.root={tmp / 'sample'}", "data.prepare.num_train=16", "data.prepare.num_val=4",
+    data = [f"data.root={tmp / 'sample'}", "data.reading.prepare.num_train=16", "data.reading.prepare.num_val=4",
             "data.loader.num_workers=0", "data.loader.persistent_workers=false"]
     evaluated = command("-m", "lightning_det.tools.evaluate", f"ckpt_path={checkpoint}", *data,
                         f"hydra.run.dir={tmp / 'evaluate'}")

@@ -29,7 +29,7 @@ def test_experiments_compose(cfg_train, experiment):
         size = cfg.data.img_size
         assert size == "auto" or size % 32 == 0 or "ssd" in cfg.model._target_
     else:
-        assert cfg.data.size_divisor == 32
+        assert cfg.data.pipeline.size_divisor == 32
 
 
 @pytest.mark.parametrize("model", options("model"))

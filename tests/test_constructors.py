@@ -7,12 +7,6 @@ from pathlib import Path
 from runs import REPO
 
 MOST = 12
-#: Constructors still above the bound, each with what keeps it there; the test fails once one is below it, so the
-#: entry is removed with the fix.
-PENDING = {
-    "data/datamodule.py:DetectionDataModule": "conf/pipeline/*.yaml set close_mosaic, size_divisor, "
-                                             "group_aspect_ratio and rect_eval at the top of data",
-}
 
 
 def is_dataclass(node: ast.ClassDef) -> bool:
@@ -46,9 +40,8 @@ def constructor_sizes(package: Path) -> dict[str, int]:
 
 def test_no_constructor_takes_more_than_twelve_parameters():
     sizes = constructor_sizes(REPO / "lightning_det")
-    too_many = {name: count for name, count in sizes.items() if count > MOST and name not in PENDING}
+    too_many = {name: count for name, count in sizes.items() if count > MOST}
     assert not too_many, too_many
-    assert {name for name in PENDING if sizes.get(name, 0) > MOST} == set(PENDING)  # still pending, or remove it
 
 
 def test_the_scan_counts_fields_and_parameters(tmp_path):

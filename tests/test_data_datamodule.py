@@ -13,6 +13,7 @@ from lightning_det.data import (
     COCOSource,
     DetectionDataModule,
     LoaderOptions,
+    PipelineOptions,
     ReadingOptions,
     SamplerOptions,
     SortedAspectRatioBatchSampler,
@@ -89,7 +90,8 @@ def test_val_meta_maps_labels_back_to_the_original_annotations(voc_root):
 
 def test_rect_eval_batches_similar_shapes_at_their_own_aspect_ratio(voc_root):
     transform = LetterboxTransform(img_size=SIZE, rect=True, stride=32)
-    datamodule = data_module(voc_root, batch_size=1, rect_eval=True, val_transform=transform, size_divisor=32)
+    datamodule = data_module(voc_root, batch_size=1,
+                             pipeline=PipelineOptions(rect_eval=True, val_transform=transform, size_divisor=32))
     datamodule.setup("validate")
     batches = list(datamodule.val_dataloader())
     # v0 50x80 -> 60x96 padded to 64x96; v2 45x45 -> 96x96; v1 70x40 -> 96x55 padded to 96x64: by height / width
@@ -171,7 +173,7 @@ def test_val_and_test_loaders_are_deterministic(voc_root):
 
 
 def test_set_mosaic_switches_the_next_epoch(voc_root):
-    datamodule = data_module(voc_root, train_transform=YoloTrainTransform(img_size=SIZE, mix={"mosaic": 1.0}))
+    datamodule = data_module(voc_root, pipeline=PipelineOptions(YoloTrainTransform(img_size=SIZE, mix={"mosaic": 1.0})))
     loader = datamodule.train_dataloader()
     assert all(next(iter(loader))["meta"]["mosaic"].tolist())
     datamodule.set_mosaic(False)
@@ -195,8 +197,9 @@ class MosaicRecorder(L.LightningModule):
 
 
 def test_close_mosaic_turns_mosaic_off_for_the_last_epochs_with_persistent_workers(voc_root):
-    datamodule = data_module(voc_root, loader=LoaderOptions(num_workers=1, persistent_workers=True), close_mosaic=2,
-                             batch_size=2, train_transform=YoloTrainTransform(img_size=SIZE, mix={"mosaic": 1.0}))
+    datamodule = data_module(voc_root, loader=LoaderOptions(num_workers=1, persistent_workers=True), batch_size=2,
+                             pipeline=PipelineOptions(YoloTrainTransform(img_size=SIZE, mix={"mosaic": 1.0}),
+                                                      close_mosaic=2))
     model = MosaicRecorder()
     trainer = L.Trainer(
         max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -213,7 +216,7 @@ def test_wrong_settings_fail_at_construction(voc_root):
     with pytest.raises(ValueError, match="data.val_split"):
         data_module(voc_root, val=None)
     with pytest.raises(ValueError, match="img_size=128 differs"):
-        data_module(voc_root, train_transform=YoloTrainTransform(img_size=128))
+        data_module(voc_root, pipeline=PipelineOptions(YoloTrainTransform(img_size=128)))
 
 
 def compose_data(name, data_dir, **overrides):
@@ -227,7 +230,7 @@ def compose_data(name, data_dir, **overrides):
 
 @pytest.mark.parametrize("name", ["sample", "sample_coco"])
 def test_sample_configs_generate_and_serve_data(tmp_path, name):
-    config = compose_data(name, tmp_path, prepare={"num_train": 4, "num_val": 2}, loader={"num_workers": 0},
+    config = compose_data(name, tmp_path, reading={"prepare": {"num_train": 4, "num_val": 2}}, loader={"num_workers": 0},
                           batch_size=2, sampler={"min_steps_per_epoch": 0}, img_size=SIZE)
     datamodule = instantiate(config)
     assert isinstance(datamodule.train_transform, YoloTrainTransform) and datamodule.close_mosaic == 0.1

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_voc, read_voc_train
+from hydra.utils import instantiate
 from test_data_transforms import make_sample
 
 from lightning_det.data.dataset import DetectionDataset, class_balanced_weights
@@ -121,3 +122,39 @@ def test_mixup_in_the_dataset_and_closed_with_mosaic(records):
 def test_the_ssd_pipeline_refuses_mosaic():
     with pytest.raises(ValueError, match="mix.mosaic=0"):
         SSDTrainTransform(mix={"mosaic": 0.5})
+
+
+def test_the_albumentations_step_keeps_boxes_and_labels_in_step():
+    albumentations = pytest.importorskip("albumentations")
+    from lightning_det.data.transforms.albumentations_hook import AlbumentationsStep
+
+    sample = make_sample(60, 100, [[10.0, 20.0, 30.0, 40.0], [60.0, 5.0, 90.0, 50.0]], [1, 2],
+                         box_colours=[(255, 0, 0), (0, 255, 0)])
+    flipped = AlbumentationsStep([albumentations.HorizontalFlip(p=1.0)])(sample)
+    assert torch.equal(flipped.image, sample.image.flip(-1))
+    torch.testing.assert_close(flipped.boxes, torch.tensor([[70.0, 20.0, 90.0, 40.0], [10.0, 5.0, 40.0, 50.0]]))
+    cropped = AlbumentationsStep([albumentations.Crop(x_min=0, y_min=0, x_max=50, y_max=60)])(sample)
+    assert cropped.image.shape == (3, 60, 50) and cropped.labels.tolist() == [1] and len(cropped.difficult) == 1
+    torch.testing.assert_close(cropped.boxes, torch.tensor([[10.0, 20.0, 30.0, 40.0]]))
+
+
+def test_the_dataset_applies_its_augment_step_to_every_loaded_image(records):
+    table, _ = records
+    calls = []
+    dataset = DetectionDataset(table, YoloTrainTransform(img_size=160), augment=lambda s: calls.append(s.path) or s)
+    dataset[0], dataset[3]
+    assert len(calls) == 2 and calls[0] != calls[1]
+
+
+def test_the_pipeline_config_builds_the_albumentations_step_into_the_training_set(cfg_train, tiny_voc):
+    pytest.importorskip("albumentations")
+    _, data_overrides = tiny_voc
+    cfg = cfg_train(*data_overrides, "data.img_size=64", "data.loader.num_workers=0",
+                    "data.pipeline.albumentations=[{_target_:albumentations.ToGray,p:1.0}]")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    train = datamodule.train_dataloader().dataset
+    assert train.augment is not None and datamodule.val_dataloader().dataset.augment is None
+    torch.manual_seed(0)
+    image = train[0].image.float()  # before the colour jitter, which collation applies
+    assert torch.allclose(image[0], image[1], atol=1) and torch.allclose(image[1], image[2], atol=1)

@@ -9,7 +9,14 @@ import pytest
 import torch
 from helpers import make_voc
 
-from lightning_det.data import DetectionDataModule, LoaderOptions, MosaicSampler, SamplerOptions, VOCSource
+from lightning_det.data import (
+    DetectionDataModule,
+    LoaderOptions,
+    MosaicSampler,
+    PipelineOptions,
+    SamplerOptions,
+    VOCSource,
+)
 from lightning_det.data.records import AnnotationRecord
 from lightning_det.data.repeat_factor import image_repeat_factors, pass_length, repeated_indices
 
@@ -118,7 +125,7 @@ def test_under_ddp_each_rank_takes_an_equal_share_of_the_same_epoch(rare_class_r
     from torch.utils.data import BatchSampler, DataLoader
 
     datamodule = data_module(rare_class_root, sampler=SamplerOptions("repeat_factor", repeat_threshold=0.9),
-                             group_aspect_ratio=group_aspect_ratio)
+                             pipeline=PipelineOptions(group_aspect_ratio=group_aspect_ratio))
     datamodule.setup("fit")
     with _replace_dunder_methods(BatchSampler), _replace_dunder_methods(DataLoader, "dataset"):  # as the Trainer
         loader = datamodule.train_dataloader()
@@ -149,10 +156,10 @@ def test_a_two_process_ddp_run_trains_on_equal_shares(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([
         sys.executable, "train.py", "model=yolov3_tiny", "model.width=0.125", "data.img_size=64", "data.batch_size=2",
-        f"data.root={tmp_path / 'sample'}", "data.prepare.num_train=12", "data.prepare.num_val=4",
+        f"data.root={tmp_path / 'sample'}", "data.reading.prepare.num_train=12", "data.reading.prepare.num_val=4",
         "data.loader.num_workers=0",
         "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false", "data.sampler.kind=repeat_factor",
-        "data.sampler.repeat_threshold=0.9", "data.train_transform.rect=false", "trainer=ddp",
+        "data.sampler.repeat_threshold=0.9", "data.pipeline.train_transform.rect=false", "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0", f"paths.log_dir={tmp_path / 'logs'}",

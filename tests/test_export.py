@@ -183,7 +183,7 @@ def test_img_size_overrides_the_checkpoint_pipeline(cases, images, tmp_path):
 
 
 def test_a_rect_evaluation_pipeline_exports_a_square_input(images, tmp_path):
-    """A checkpoint validated on rectangles (``data.rect_eval=true``) exports the square letterbox its graph
+    """A checkpoint validated on rectangles (``data.pipeline.rect_eval=true``) exports the square letterbox its graph
     takes, and the metadata's pipeline makes that input from a non-square image."""
     pipeline = {**PIPELINES["yolov3_tiny"], "rect": True, "stride": 32}
     checkpoint = write_checkpoint(detector("yolov3_tiny"), pipeline, tmp_path / "rect.ckpt")

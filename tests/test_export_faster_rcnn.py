@@ -35,11 +35,11 @@ def trained(tmp_path_factory) -> tuple[Path, list[Path]]:
     different counts."""
     tmp = tmp_path_factory.mktemp("frcnn")
     done = subprocess.run(
-        [sys.executable, "train.py", "model=faster_rcnn_mobilenet", "data.train_transform.min_size=160",
-         f"data.train_transform.max_size={MAX_SIZE}", "data.batch_size=4", "data.loader.num_workers=0",
+        [sys.executable, "train.py", "model=faster_rcnn_mobilenet", "data.pipeline.train_transform.min_size=160",
+         f"data.pipeline.train_transform.max_size={MAX_SIZE}", "data.batch_size=4", "data.loader.num_workers=0",
          "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false", "trainer.max_epochs=10",
          "model.decoder.score_thresh=0.01", "callbacks.progress_bar.refresh_rate=0", f"data.root={tmp / 'sample'}",
-         "data.prepare.num_train=32", "data.prepare.num_val=8", f"paths.log_dir={tmp / 'logs'}",
+         "data.reading.prepare.num_train=32", "data.reading.prepare.num_val=8", f"paths.log_dir={tmp / 'logs'}",
          f"hydra.run.dir={tmp / 'run'}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )

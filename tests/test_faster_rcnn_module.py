@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.models import mobilenet_v3_large
 from torchvision.ops import box_iou
 
-from lightning_det.data import DetectionDataModule, LoaderOptions, VOCSource
+from lightning_det.data import DetectionDataModule, LoaderOptions, PipelineOptions, VOCSource
 from lightning_det.data.transforms import RCNNTransform
 from lightning_det.models.faster_rcnn import FasterRCNN
 from lightning_det.report.confusion import heat_map
@@ -57,7 +57,7 @@ def batch(tmp_path_factory) -> dict:
     transform = RCNNTransform(min_size=96, max_size=160)
     data = DetectionDataModule(root, VOCSource(["2007/trainval"]), VOCSource(["2007/trainval"]), batch_size=2,
                                loader=LoaderOptions(num_workers=0),
-                               train_transform=transform, val_transform=transform, size_divisor=32)
+                               pipeline=PipelineOptions(transform, transform, size_divisor=32))
     data.setup("fit")
     return next(iter(data.val_dataloader()))
 

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 from runs import REPO
 
-from lightning_det.checks.config import ConfigValueError, check_renamed, renamed_settings
+from lightning_det.checks.config import ConfigValueError, check_renamed, check_renamed_overrides, renamed_settings
 from lightning_det.models import SSD, FasterRCNN, YOLOv3
 
 FAMILIES = (YOLOv3, SSD, FasterRCNN)
@@ -55,3 +55,9 @@ def test_a_data_config_with_an_old_key_is_refused_and_its_new_node_is_not():
     with pytest.raises(ConfigValueError, match=r"data.skip_invalid was renamed: use data.reading.skip_invalid"):
         check_renamed(OmegaConf.create({"data": {"skip_invalid": True}}))
     check_renamed(OmegaConf.create({"data": {"sampler": {"kind": "repeat_factor"}, "reading": {"skip_invalid": True}}}))
+
+
+def test_a_key_under_a_moved_node_is_refused_with_the_node_new_place():
+    with pytest.raises(ConfigValueError, match="data.train_transform was renamed: use data.pipeline.train_transform"):
+        check_renamed_overrides(["data.train_transform.flip=0"])
+    check_renamed_overrides(["data.sampler.min_steps_per_epoch=0", "data.pipeline.train_transform.flip=0"])

@@ -20,7 +20,7 @@ def runs(tmp_path_factory) -> Path:
     """Train briefly at 128 px, then evaluate (asking for 320 px on the command line: the checkpoint's own
     pipeline must win), predict two validation images and export to ONNX."""
     tmp = tmp_path_factory.mktemp("tools")
-    data = [f"data.root={tmp / 'sample'}", "data.prepare.num_train=16", "data.prepare.num_val=8",
+    data = [f"data.root={tmp / 'sample'}", "data.reading.prepare.num_train=16", "data.reading.prepare.num_val=8",
             "data.loader.num_workers=0", "data.sampler.min_steps_per_epoch=0", "data.loader.persistent_workers=false"]
     command("train.py", "model.width=0.25", "trainer.max_epochs=2", "data.batch_size=4", "data.img_size=128", *data,
             f"paths.log_dir={tmp / 'logs'}", f"hydra.run.dir={tmp / 'run'}")

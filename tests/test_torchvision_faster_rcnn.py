@@ -214,8 +214,8 @@ def case(request: pytest.FixtureRequest, one_torch_thread: None) -> Case:
     reference = torchvision_model(builder, min_size=MIN_SIZE, max_size=MAX_SIZE, rpn_post_nms_top_n_test=PROPOSALS)
     with torch.no_grad():
         perturb(reference, builder, images[0].float() / 255)
-    cfg = our_config(CONFIGS[builder], f"data.train_transform.min_size={MIN_SIZE}",
-                     f"data.train_transform.max_size={MAX_SIZE}", f"model.rpn.max_detections=[2000,{PROPOSALS}]")
+    cfg = our_config(CONFIGS[builder], f"data.pipeline.train_transform.min_size={MIN_SIZE}",
+                     f"data.pipeline.train_transform.max_size={MAX_SIZE}", f"model.rpn.max_detections=[2000,{PROPOSALS}]")
     ours = our_model(cfg)
     state = reference.state_dict()
     ours.load_state_dict(ours.from_torchvision(state), strict=True)
@@ -227,7 +227,7 @@ def case(request: pytest.FixtureRequest, one_torch_thread: None) -> Case:
              record(ours.backbone, our_seen, "input", lambda inputs, _: inputs[0]),
              record(ours, our_seen, "outputs", lambda _, output: output)]
     reference.rpn.filter_proposals = recording_filter(reference.rpn, torchvision_seen)
-    transform = instantiate(cfg.data.val_transform)
+    transform = instantiate(cfg.data.pipeline.val_transform)
     batch = collate_detection([transform([sample]) for sample in as_samples(images)], size_divisor=32)
     with torch.no_grad():
         torchvision_detections = reference([image.float() / 255 for image in images])
@@ -309,7 +309,7 @@ def test_each_config_holds_the_published_settings(builder: str) -> None:
     with torch.device("meta"):
         reference = torchvision_model(builder)
     ours = our_model(cfg)
-    transform = instantiate(cfg.data.val_transform)
+    transform = instantiate(cfg.data.pipeline.val_transform)
     assert transform.resize == "torchvision"  # its resize: bilinear without antialiasing, the size floored
     assert_same_settings(our_settings(ours, transform), torchvision_settings(reference))
     frozen = builder in FROZEN_EPS

@@ -161,7 +161,7 @@ def case(request: pytest.FixtureRequest) -> Case:
     record(ours.network, our_seen, "input", lambda inputs, _: inputs[0])
     record(ours.network, our_seen, "outputs", lambda _, output: output)
 
-    transform = instantiate(cfg.data.val_transform)
+    transform = instantiate(cfg.data.pipeline.val_transform)
     batch = collate_detection([transform([sample]) for sample in as_samples(images)])
     with torch.no_grad():
         torchvision_detections = reference([image.float() / 255 for image, _ in images])

@@ -186,8 +186,8 @@ def test_ddp_with_two_processes_gives_the_single_process_val_map(tmp_path):
     split over two gloo processes (Lightning's sampler repeats one image to give both ranks 4): the synchronised
     metric must not depend on the split. Rectangular evaluation
     batches, so Lightning has to put its distributed sampler under the project's batch sampler."""
-    common = [*small_sample(tmp_path), "data.prepare.num_val=7", "trainer.max_epochs=0",
-              "model._target_=oracle_detector.OracleDetector", "data.rect_eval=true"]
+    common = [*small_sample(tmp_path), "data.reading.prepare.num_val=7", "trainer.max_epochs=0",
+              "model._target_=oracle_detector.OracleDetector", "data.pipeline.rect_eval=true"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     train(tmp_path, *common, run="single", env=env)
     train(tmp_path, *common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", run="ddp", env=env)

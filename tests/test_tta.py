@@ -221,7 +221,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     today's, two epochs score every box under 0.003, so near the decoder's 0.001 threshold that a rounding of
     1e-7 (another batch split) keeps a view's box in one run and not in the other."""
     tmp = tmp_path_factory.mktemp("tta")
-    train(tmp, *small_sample(tmp), "~callbacks.ema", "trainer.precision=32-true", "data.train_transform.rect=false",
+    train(tmp, *small_sample(tmp), "~callbacks.ema", "trainer.precision=32-true", "data.pipeline.train_transform.rect=false",
           "data.sampler.kind=null")
     data = [*small_sample(tmp), "data.loader.num_workers=0", "data.loader.persistent_workers=false"]
     return tmp, next((tmp / "run" / "checkpoints").glob("best-*.ckpt")), data

@@ -42,7 +42,7 @@ def test_letterbox_scaling_uses_the_long_side():
 
 def test_command_prints_anchors_for_the_sample_data(tmp_path):
     args = [sys.executable, "-m", "lightning_det.tools.anchors", f"data.root={tmp_path / 'sample'}",
-            "data.prepare.num_train=16", "data.prepare.num_val=4", f"hydra.run.dir={tmp_path / 'run'}"]
+            "data.reading.prepare.num_train=16", "data.reading.prepare.num_val=4", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(args, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "best possible recall" in done.stdout and done.stdout.count("    - [") == 2  # two levels for tiny

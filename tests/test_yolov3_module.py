@@ -136,7 +136,7 @@ def test_anchors_may_be_given_as_pairs():
 
 
 def test_rectangular_inputs_get_a_grid_of_their_own_shape():
-    """Rectangular evaluation (data.rect_eval) feeds 64 x 96 batches: cells span the width, not a square."""
+    """Rectangular evaluation (data.pipeline.rect_eval) feeds 64 x 96 batches: cells span the width, not a square."""
     model = YOLOv3(variant="tiny", width=0.125, num_classes=3).eval()
     batch = synthetic_batch()
     batch["images"] = torch.rand(2, 3, 64, 96)

@@ -68,7 +68,7 @@ class ConfigValueError(ValueError):
 MOVED_FROM_DATA = {
     **{f"data.{transform}.{statistic}": f"model.pixel_{statistic}"
        for transform in ("train_transform", "val_transform") for statistic in ("mean", "std")},
-    "data.train_transform.mosaic": "data.train_transform.mix.mosaic",
+    "data.train_transform.mosaic": "data.pipeline.train_transform.mix.mosaic",
     **{f"data.{old}": f"data.{new}" for old, new in DetectionDataModule.renamed.items()},
 }
 
@@ -94,8 +94,12 @@ def check_renamed_overrides(overrides: list[str]) -> None:
     table = renamed_settings()
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key in table:
-            raise ConfigValueError(f"{override}: {renamed_message(key, table[key])}")
+        parts = key.split(".")
+        for end in range(len(parts), 1, -1):  # the key, or a node above it that moved (data.train_transform.flip)
+            moved = ".".join(parts[:end])
+            below_itself = end < len(parts) and all(new.startswith(f"{moved}.") for _, new in table.get(moved, []))
+            if moved in table and not below_itself:  # data.sampler.kind is today's key under an old one's name
+                raise ConfigValueError(f"{override}: {renamed_message(moved, table[moved])}")
 
 
 #: The Hydra config folder of the entry points (train.py, the tools).
@@ -152,7 +156,7 @@ def refuse_renamed_overrides(argv: list[str]) -> None:
 def check_renamed(cfg: DictConfig) -> None:
     """Refuse a composed config (a user's own yaml, an experiment file) holding a renamed setting."""
     for old, new in MOVED_FROM_DATA.items():
-        if _holds_value(cfg, old):
+        if _holds_value(cfg, old) if new.startswith(f"{old}.") else OmegaConf.select(cfg, old, default=None) is not None:
             raise ConfigValueError(f"{renamed_message(old, [('', new)])} (in the composed config)")
     model = cfg.get("model")
     if not OmegaConf.is_dict(model) or "_target_" not in model:

@@ -9,7 +9,7 @@ from lightning_det.data.dataset import (
     MosaicSampler,
     SortedAspectRatioBatchSampler,
 )
-from lightning_det.data.options import LoaderOptions, ReadingOptions, SamplerOptions
+from lightning_det.data.options import LoaderOptions, PipelineOptions, ReadingOptions, SamplerOptions
 from lightning_det.data.records import (
     AnnotationRecord,
     Annotations,
@@ -33,6 +33,7 @@ __all__ = [
     "InvalidAnnotationError",
     "LoaderOptions",
     "MosaicSampler",
+    "PipelineOptions",
     "ReadingOptions",
     "SAMPLE_CLASSES",
     "SamplerOptions",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,10 +23,11 @@ from lightning_det.data.dataset import (
     MosaicSampler,
     SortedAspectRatioBatchSampler,
 )
-from lightning_det.data.options import LoaderOptions, ReadingOptions, SamplerOptions
+from lightning_det.data.options import LoaderOptions, PipelineOptions, ReadingOptions, SamplerOptions
 from lightning_det.data.records import AnnotationSource, RecordTable, read_annotations, train_without_val_images
 from lightning_det.data.repeat_factor import auto_threshold, class_image_shares, image_repeat_factors, pass_length
-from lightning_det.data.transforms import DetectionTransform, LetterboxTransform, YoloTrainTransform
+from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
+from lightning_det.data.transforms.albumentations_hook import AlbumentationsStep
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,12 @@ class DetectionDataModule(L.LightningDataModule):
         classes: class names in label order; ``None`` takes the COCO categories, or infers the sorted names
             found in all sources (VOC).
         val_split: ``None`` uses ``val``; a fraction holds out that share of the training images (seeded).
-        prepare: called with ``root`` by ``prepare_data`` (once per node), e.g. to generate the sample data.
         img_size: network input size; the default transforms use it, given ones must agree with it. ``"auto"``:
             chosen from the training boxes by :func:`~lightning_det.data.adapt.choose_img_size` when they are read.
-        train_transform, val_transform: pipelines (``conf/pipeline/*.yaml``); YOLO ones by default.
-        close_mosaic: train the last epochs without mosaic: a share of the run when below 1 (0.1: the last tenth,
-            at least one epoch), else a count of epochs.
-        size_divisor: images of a batch are padded (bottom/right) to the largest size rounded up to this.
-        group_aspect_ratio: training batches hold only landscape or only portrait images (less padding).
-        rect_eval: evaluation batches hold images of similar aspect ratio, taken in order of height / width, for
-            transforms that keep the aspect ratio (``LetterboxTransform(rect=True)``, ``RCNNTransform``).
+        pipeline: the transforms, how their samples are batched, the albumentations step (:class:`PipelineOptions`).
         loader: workers, pinned memory, the shared image cache, label padding (:class:`LoaderOptions`).
-        reading: image checks, bad-input skipping, EXIF rotation, difficult objects (:class:`ReadingOptions`).
+        reading: image checks, bad-input skipping, EXIF rotation, difficult objects, the generator of generated
+            data (:class:`ReadingOptions`).
         sampler: repeat-factor sampling, the epoch's minimum steps, the seed (:class:`SamplerOptions`).
     """
 
@@ -67,6 +61,9 @@ class DetectionDataModule(L.LightningDataModule):
                                               "keep_difficult_in_training")},
         **{key: f"sampler.{key}" for key in ("repeat_threshold", "min_steps_per_epoch", "seed")},
         "sampler": "sampler.kind",
+        **{key: f"pipeline.{key}" for key in ("train_transform", "val_transform", "close_mosaic", "size_divisor",
+                                               "group_aspect_ratio", "rect_eval")},
+        "prepare": "reading.prepare",
     }
 
     def __init__(
@@ -77,15 +74,9 @@ class DetectionDataModule(L.LightningDataModule):
         test: AnnotationSource | None = None,
         classes: list[str] | None = None,
         val_split: float | None = None,
-        prepare: Callable[[Path], Any] | None = None,
         batch_size: int = 16,
         img_size: int | str = 416,
-        train_transform: DetectionTransform | None = None,
-        val_transform: DetectionTransform | None = None,
-        close_mosaic: float = 0,
-        size_divisor: int = 1,
-        group_aspect_ratio: bool = False,
-        rect_eval: bool = False,
+        pipeline: PipelineOptions | None = None,
         loader: LoaderOptions | None = None,
         reading: ReadingOptions | None = None,
         sampler: SamplerOptions | None = None,
@@ -100,7 +91,6 @@ class DetectionDataModule(L.LightningDataModule):
         self.classes: list[str] | None = list(classes) if classes is not None else None
         self.label_to_category_id: list[int] | None = None
         self.val_split = val_split
-        self.prepare = prepare
         self.batch_size = batch_size
         self.loader = loader or LoaderOptions()
         self.reading = reading or ReadingOptions()
@@ -109,14 +99,16 @@ class DetectionDataModule(L.LightningDataModule):
         if img_size != "auto" and (isinstance(img_size, bool) or not isinstance(img_size, int)):
             raise ValueError(f"data.img_size must be a whole number of pixels or auto, got {img_size!r}")
         self.img_size = img_size
-        self.train_transform = train_transform or YoloTrainTransform(img_size=img_size)
-        self.val_transform = val_transform or LetterboxTransform(img_size=img_size)
+        pipeline = pipeline or PipelineOptions()
+        self.train_transform = pipeline.train_transform or YoloTrainTransform(img_size=img_size)
+        self.val_transform = pipeline.val_transform or LetterboxTransform(img_size=img_size)
         self._check_transforms()
+        self.augment = AlbumentationsStep(pipeline.albumentations) if pipeline.albumentations else None
         self.collate = partial(collate_detection, label_pad_width=self.loader.label_pad_width,
-                               size_divisor=size_divisor)
-        self.close_mosaic = close_mosaic
-        self.group_aspect_ratio = group_aspect_ratio
-        self.rect_eval = rect_eval
+                               size_divisor=pipeline.size_divisor)
+        self.close_mosaic = pipeline.close_mosaic
+        self.group_aspect_ratio = pipeline.group_aspect_ratio
+        self.rect_eval = pipeline.rect_eval
         self.records: dict[str, RecordTable] = {}  # per role: train, val, test
         self._source_records: dict[str, RecordTable] = {}  # per configured source
         self._mosaic_override: bool | None = None
@@ -136,8 +128,8 @@ class DetectionDataModule(L.LightningDataModule):
 
     # --- reading ---------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        if self.prepare is not None:
-            self.prepare(self.root)
+        if self.reading.prepare is not None:
+            self.reading.prepare(self.root)
 
     def setup(self, stage: str | None = None) -> None:
         self._ensure_read(ROLES_OF_STAGE.get(stage or "", ("train", "val", "test")))
@@ -234,7 +226,7 @@ class DetectionDataModule(L.LightningDataModule):
         if role == "train":
             if not self.reading.keep_difficult_in_training:
                 records = records.select_objects(~records.difficult)
-            return DetectionDataset(records, self.train_transform, cache=self.loader.cache)
+            return DetectionDataset(records, self.train_transform, cache=self.loader.cache, augment=self.augment)
         return DetectionDataset(records, self.val_transform, cache=self.loader.cache)
 
     def _loader(self, dataset: DetectionDataset, **kwargs: Any) -> DataLoader:

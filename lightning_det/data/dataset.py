@@ -45,6 +45,9 @@ class DetectionDataset(Dataset[Sample]):
     decoded images fit ``cache_bytes``, each process keeps each image after its first decoding (in persistent
     workers, across epochs): a copy per loader worker and rank.
 
+    ``augment`` (the training set's :class:`~lightning_det.data.transforms.albumentations_hook.AlbumentationsStep`)
+    changes each loaded image and its boxes before the transform.
+
     With ``records.skip_unreadable`` (``data.reading.skip_invalid``), an image that fails to decode here (corrupt data
     behind a valid header: the default check decodes nothing) is replaced by the next one that decodes, named in a
     warning once per process and counted; without it, the error names the file.
@@ -52,7 +55,7 @@ class DetectionDataset(Dataset[Sample]):
 
     def __init__(
         self, records: Sequence[AnnotationRecord], transform: DetectionTransform, cache_bytes: int = CACHE_BUDGET_BYTES,
-        cache: str | None = None,
+        cache: str | None = None, augment: Callable[[Sample], Sample] | None = None,
     ) -> None:
         self.records = as_table(records)  # flat arrays: forked workers share them (records.py)
         self.transform = transform
@@ -63,6 +66,7 @@ class DetectionDataset(Dataset[Sample]):
         self.cache: dict[int, tuple[Tensor, Tensor]] | None = {} if private else None
         self.unreadable: set[int] = set()  # images this process failed to decode, replaced (skip_unreadable)
         self.mix = transform.mix
+        self.augment = augment  # a step before the transform, e.g. the albumentations hook
         self.donor_weights = class_balanced_weights(self.records.labels, self.records.difficult) \
             if self.mix.copy_paste > 0 else None
 
@@ -110,7 +114,7 @@ class DetectionDataset(Dataset[Sample]):
     def load(self, index: int) -> Sample:
         index, image, boxes = self.readable(index)
         record = self.records[index]
-        return Sample(
+        sample = Sample(
             image=image,
             boxes=boxes,
             labels=torch.from_numpy(record.labels),
@@ -120,6 +124,7 @@ class DetectionDataset(Dataset[Sample]):
             orig_size=(record.height, record.width),
             area=None if record.area is None else torch.from_numpy(record.area),
         )
+        return sample if self.augment is None else self.augment(sample)
 
     def __getitem__(self, item: int | tuple[int, bool]) -> Sample:
         index, mix_allowed = item if isinstance(item, tuple) else (item, True)

@@ -1,15 +1,44 @@
-"""The DataModule's settings by subject (``data.loader``, ``data.reading``, ``data.sampler``): a reader finds the
-loader's knobs in one node, and each node checks its own values when it is built."""
+"""The DataModule's settings by subject (``data.pipeline``, ``data.loader``, ``data.reading``, ``data.sampler``): a
+reader finds the loader's knobs in one node, and each node checks its own values when it is built."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from lightning_det.data.cache import CACHE_KINDS, check_kind
 from lightning_det.data.image_checks import CHECK_LEVELS
+from lightning_det.data.transforms import DetectionTransform
 
 SAMPLERS = (None, "repeat_factor")  # how training images are drawn: each once a pass, or by repeat factor
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """The family's data pipeline and how its samples are batched (``data.pipeline``, set by
+    ``conf/pipeline/*.yaml``, which the model config chooses).
+
+    Args:
+        train_transform, val_transform: the pipelines; ``None``: YOLO's (the DataModule's defaults).
+        close_mosaic: train the last epochs without the multi-image augmentations (``train_transform.mix``): a
+            share of the run when below 1 (0.1: the last tenth, at least one epoch), else a count of epochs.
+        size_divisor: images of a batch are padded (bottom/right) to the largest size rounded up to this.
+        group_aspect_ratio: training batches hold only landscape or only portrait images (less padding).
+        rect_eval: evaluation batches hold images of similar aspect ratio, taken in order of height / width, for
+            transforms that keep the aspect ratio (``LetterboxTransform(rect=True)``, ``RCNNTransform``).
+        albumentations: albumentations transforms applied to each training image and its boxes before
+            ``train_transform`` (:mod:`~lightning_det.data.transforms.albumentations_hook`); ``None``: none.
+    """
+
+    train_transform: DetectionTransform | None = None
+    val_transform: DetectionTransform | None = None
+    close_mosaic: float = 0
+    size_divisor: int = 1
+    group_aspect_ratio: bool = False
+    rect_eval: bool = False
+    albumentations: Sequence[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +86,8 @@ class ReadingOptions:
             off by default, as VOC and COCO boxes refer to the stored pixels.
         keep_difficult_in_training: keep difficult/crowd objects in training labels (flagged in column 5);
             validation always keeps them, flagged, so metrics ignore them.
+        prepare: called with the data root before reading, once per machine (``prepare_data``), e.g. to generate
+            the sample data; ``None``: the data must be on disk.
     """
 
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"check_images": CHECK_LEVELS}
@@ -65,6 +96,7 @@ class ReadingOptions:
     check_images: str = "header"
     exif_orientation: bool = False
     keep_difficult_in_training: bool = False
+    prepare: Callable[[Path], Any] | None = None
 
 
 @dataclass(frozen=True)

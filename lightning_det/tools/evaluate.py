@@ -125,8 +125,8 @@ def pretrained(cfg: DictConfig, class_names: list[str]) -> tuple[Detector, Detec
                          "size the weights were trained at, e.g. data.img_size=416")
     model = build_model(cfg, num_classes=len(class_names), class_names=class_names)
     load_init_from(model, cfg)
-    model.inference_pipeline = OmegaConf.to_container(cfg.data.val_transform, resolve=True)
-    return model.eval(), instantiate(cfg.data.val_transform)
+    model.inference_pipeline = OmegaConf.to_container(cfg.data.pipeline.val_transform, resolve=True)
+    return model.eval(), instantiate(cfg.data.pipeline.val_transform)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, torch.Tensor]]:

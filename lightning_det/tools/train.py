@@ -245,7 +245,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         cfg.data.img_size = datamodule.img_size
     model = build_model(cfg, num_classes=datamodule.num_classes, class_names=list(datamodule.classes),
                         records=datamodule.records["train"], img_size=datamodule.img_size)
-    model.inference_pipeline = OmegaConf.to_container(cfg.data.val_transform, resolve=True)
+    model.inference_pipeline = OmegaConf.to_container(cfg.data.pipeline.val_transform, resolve=True)
     if cfg.get("init_from"):
         load_init_from(model, cfg)
     resolve_precision(cfg.trainer, cfg.model.get("_target_"))  # a run did it already (run_stage); a caller of build not

@@ -130,7 +130,7 @@ class SSDTrainTransform(DetectionTransform):
     ) -> None:
         self.mix = MixAugment.of(mix)
         if self.mix.mosaic:
-            raise ValueError("the SSD pipeline has no mosaic: set data.train_transform.mix.mosaic=0")
+            raise ValueError("the SSD pipeline has no mosaic: set data.pipeline.train_transform.mix.mosaic=0")
         self.img_size = img_size
         self.fill = tuple(float(value) for value in fill)
         self.photometric = photometric
