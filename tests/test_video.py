@@ -87,7 +87,8 @@ def run_predict(tmp_path: Path, checkpoint: Path, *overrides: str) -> Path:
 
 def test_a_video_gives_an_annotated_video_at_its_rate_and_a_line_per_frame(tmp_path, checkpoint, video):
     """16 frames in batches of 3 (the last one short): the same frame count, size and rate out, each frame's line
-    in order with its time, and detections equal to the image path's on the same decoded frames."""
+    in order with its time, and detections equal to the image path's on the same decoded frames in the same batches
+    (batches of other sizes compute in another order, and near-equal scores at score_thresh=0 swap places)."""
     output = run_predict(tmp_path, checkpoint, f"input={video}")
     drawn, fps = read_video(output / "video.mp4")
     assert len(drawn) == FRAMES and drawn[0].shape == (SIDE, SIDE, 3) and fps == FPS
@@ -100,7 +101,7 @@ def test_a_video_gives_an_annotated_video_at_its_rate_and_a_line_per_frame(tmp_p
     frames.mkdir()
     for k, frame in enumerate(decoded):
         Image.fromarray(frame).save(frames / f"{k:03d}.png")
-    expected = predict_tool.predict(str(checkpoint), sorted(frames.iterdir()), 0.0, batch_size=4, device="cpu")
+    expected = predict_tool.predict(str(checkpoint), sorted(frames.iterdir()), 0.0, batch_size=3, device="cpu")
     for line, image in zip(lines, expected.values(), strict=True):
         assert_same_detections(line, image)
         assert np.asarray(line["boxes"]).min() >= 0 and np.asarray(line["boxes"]).max() <= SIDE
@@ -120,7 +121,7 @@ def test_a_folder_of_frames_is_a_video_with_video_true_and_images_without(tmp_pa
     assert len(drawn) == 7 and drawn[0].shape == (SIDE, SIDE, 3) and fps == 5
     lines = read_lines(output / "detections.jsonl")
     assert [line["time"] for line in lines] == [k / 5 for k in range(7)]
-    expected = predict_tool.predict(str(checkpoint), sorted(frames.glob("frame_*.png")), 0.0, 2, "cpu")
+    expected = predict_tool.predict(str(checkpoint), sorted(frames.glob("frame_*.png")), 0.0, 3, "cpu")
     for line, image in zip(lines, expected.values(), strict=True):
         assert_same_detections(line, image)
 
