@@ -123,7 +123,7 @@ class Predictor:
         pixels = ((source.name, source.pixels()) for source in found)
         with decoding(self.model, nms_thresh=nms_thresh, max_detections=max_detections, **decoder):
             return [self.prediction(source, image, det)
-                    for source, (image, det) in zip(found, detect(self.model, self.pipeline, pixels, batch_size,
+                    for source, (_, image, det) in zip(found, detect(self.model, self.pipeline, pixels, batch_size,
                                                                   score_thresh))]
 
     def prediction(self, source: Source, image: Tensor, det: dict[str, Tensor]) -> Prediction:

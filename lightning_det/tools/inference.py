@@ -17,6 +17,7 @@ from lightning_det.io import CheckpointError, read_checkpoint
 from lightning_det.models.detector import Detector
 
 Item = TypeVar("Item")
+Key = TypeVar("Key")
 
 
 def load_detector(path: str | Path, map_location: str = "cpu") -> tuple[Detector, DetectionTransform]:
@@ -109,21 +110,22 @@ def found_in(model: Detector, batch: dict[str, Any], score_thresh: float) -> lis
     return found
 
 
-def detections(model: Detector, batch: dict[str, Any], score_thresh: float) -> list[dict[str, list]]:
-    """``found_in`` as plain lists, as the files are written: ``boxes`` xyxy, ``scores`` and class names as
-    ``labels``."""
-    return [{"boxes": det["boxes"].tolist(), "scores": det["scores"].tolist(),
-             "labels": [model.class_names[i] for i in det["labels"].tolist()]}
-            for det in found_in(model, batch, score_thresh)]
+def as_lists(model: Detector, det: dict[str, torch.Tensor]) -> dict[str, list]:
+    """One image's ``found_in`` detections as plain lists, as the files are written: ``boxes`` xyxy, ``scores`` and
+    class names as ``labels``."""
+    return {"boxes": det["boxes"].tolist(), "scores": det["scores"].tolist(),
+            "labels": [model.class_names[i] for i in det["labels"].tolist()]}
 
 
-def detect(model: Detector, pipeline: DetectionTransform, images: Iterable[tuple[str, torch.Tensor]], batch_size: int,
-           score_thresh: float) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """Each RGB ``uint8`` CHW image of ``(name, image)`` pairs with its ``found_in`` detections, in ``batch_size``
-    batches on the model's device."""
+def detect(model: Detector, pipeline: DetectionTransform, images: Iterable[tuple[Key, torch.Tensor]], batch_size: int,
+           score_thresh: float) -> Iterator[tuple[Key, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Each RGB ``uint8`` CHW image of ``(key, image)`` pairs (a path, a frame's time) with its ``found_in``
+    detections, in ``batch_size`` batches on the model's device, drawn from ``images`` as they come. Image files,
+    video frames and the Python API all predict through it."""
     for chunk in batches(images, batch_size):
-        names, tensors = zip(*chunk)
-        yield from zip(tensors, found_in(model, tensor_batch(list(tensors), list(names), pipeline), score_thresh))
+        keys, tensors = zip(*chunk)
+        found = found_in(model, tensor_batch(list(tensors), [str(key) for key in keys], pipeline), score_thresh)
+        yield from zip(keys, tensors, found)
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from lightning_det.checks.config import check_config
 from lightning_det.data.image_checks import decode_rgb
 from lightning_det.models.tta import TestTimeAugmentation, from_config
 from lightning_det.tools.errors import report_errors
-from lightning_det.tools.inference import batches, detections, load_detector, tensor_batch
+from lightning_det.tools.inference import as_lists, detect, load_detector
 from lightning_det.tools.predict_video import annotated, predict_video
 from lightning_det.tools.video import Frames, frame_rate, is_video, open_video
 
@@ -72,12 +72,8 @@ def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: 
     when given); unreadable images are skipped with a warning naming each."""
     model, pipeline = load_detector(ckpt_path, device)
     model.tta = tta
-    results = {}
-    for chunk in batches(decoded_images(paths), batch_size):
-        names = [str(path) for path, _ in chunk]
-        results.update(zip(names, detections(model, tensor_batch([image for _, image in chunk], names, pipeline),
-                                             score_thresh)))
-    return results
+    return {str(path): as_lists(model, det)
+            for path, _, det in detect(model, pipeline, decoded_images(paths), batch_size, score_thresh)}
 
 
 def folder_frames(name: str, paths: list[Path], fps: float) -> Frames:

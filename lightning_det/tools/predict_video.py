@@ -18,7 +18,7 @@ from tqdm import tqdm
 from lightning_det.data.transforms.common import DetectionTransform
 from lightning_det.models.detector import Detector
 from lightning_det.report.drawing import draw_predictions
-from lightning_det.tools.inference import batches, detections, tensor_batch
+from lightning_det.tools.inference import as_lists, detect
 from lightning_det.tools.interrupt import StopOnCtrlC
 from lightning_det.tools.video import Frames, VideoWriter
 
@@ -27,7 +27,7 @@ VIDEO_FILE, LINES_FILE = "video.mp4", "detections.jsonl"
 
 
 def annotated(image: torch.Tensor, found: dict[str, list]) -> torch.Tensor:
-    """``image`` with ``found`` (one entry of ``detections``) drawn on it."""
+    """``image`` with ``found`` (``as_lists`` of its detections) drawn on it."""
     return draw_predictions(image, torch.tensor(found["boxes"]), found["labels"], found["scores"])
 
 
@@ -41,17 +41,15 @@ def predict_video(model: Detector, pipeline: DetectionTransform, frames: Frames,
             (output / LINES_FILE).open("w") as lines, closing(frames.images) as images, \
             tqdm(total=frames.total, unit="frame", desc="predict") as progress:
         try:
-            for batch in batches(takewhile(lambda _: not stop.requested, images), batch_size):
-                names = [str(written + k) for k in range(len(batch))]
-                batch_found = detections(model, tensor_batch([image for image, _ in batch], names, pipeline),
-                                         score_thresh)
-                for (image, time), frame_found in zip(batch, batch_found):
-                    video.write(annotated(image, frame_found))
-                    lines.write(json.dumps({"frame": written, "time": round(time, 6), **frame_found}) + "\n")
-                    lines.flush()
-                    written += 1
-                    found += len(frame_found["scores"])
-                    progress.update()
+            timed = ((time, image) for image, time in takewhile(lambda _: not stop.requested, images))
+            for time, image, det in detect(model, pipeline, timed, batch_size, score_thresh):
+                frame_found = as_lists(model, det)
+                video.write(annotated(image, frame_found))
+                lines.write(json.dumps({"frame": written, "time": round(time, 6), **frame_found}) + "\n")
+                lines.flush()
+                written += 1
+                found += len(frame_found["scores"])
+                progress.update()
         except KeyboardInterrupt:
             stop.requested = True
     if stop.requested:
