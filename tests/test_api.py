@@ -129,6 +129,43 @@ def test_decoding_overrides_apply_to_one_call(trained):
         detector.predict(images, iou=0.5)
 
 
+def test_test_time_augmentation_gives_the_clis_tta_detections(trained):
+    tmp = trained["tmp"]
+    checkpoint = trained["result"].best_model_path
+    command("-m", "lightning_det.tools.predict", f"ckpt_path={checkpoint}", f"input={trained['images']}",
+            "score_thresh=0.0", "tta=true", f"hydra.run.dir={tmp / 'predict_tta'}")
+    expected = json.loads((tmp / "predict_tta" / "detections.json").read_text())
+    detector = lightning_det.load(checkpoint)
+    merged = detector.predict(trained["images"], score_thresh=0.0, tta=True)
+    plain = detector.predict(trained["images"], score_thresh=0.0)  # tta holds for its call only
+    assert [p.source for p in merged] == list(expected)
+    for prediction, alone in zip(merged, plain):
+        reference = expected[prediction.source]
+        assert prediction.names == reference["labels"] and not same(prediction, alone)
+        assert np.allclose(prediction.boxes.numpy(), reference["boxes"], atol=1e-4)
+        assert np.allclose(prediction.scores.numpy(), reference["scores"], atol=1e-6)
+    plain_cli = json.loads((tmp / "predict" / "detections.json").read_text())
+    assert all(np.allclose(p.scores.numpy(), plain_cli[p.source]["scores"], atol=1e-6) for p in plain)
+
+
+def test_a_folder_is_decoded_once_and_read_again_only_to_draw(trained, monkeypatch):
+    import lightning_det.api.predictor as predictor_module
+    import lightning_det.tools.predict as predict_module
+
+    decoded, decode = [], predict_module.decode_rgb
+
+    def counting(path):
+        decoded.append(path)
+        return decode(path)
+
+    monkeypatch.setattr(predict_module, "decode_rgb", counting)
+    monkeypatch.setattr(predictor_module, "decode_rgb", counting)
+    predictions = lightning_det.load(trained["result"].best_model_path).predict(trained["images"], batch_size=2)
+    assert sorted(decoded) == sorted(trained["images"].iterdir())  # each file once, not also to list it
+    predictions[0].plot()
+    assert len(decoded) == 4 and str(decoded[-1]) == predictions[0].source
+
+
 def test_prediction_helpers_write_coco_results_and_draw(trained):
     detector = lightning_det.load(trained["result"].best_model_path)
     prediction = detector.predict(trained["images"], score_thresh=0.0, max_detections=10)[0]

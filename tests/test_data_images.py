@@ -232,10 +232,10 @@ def test_predict_skips_a_png_with_corrupt_data_and_goes_on(tmp_path):
     result = run_python("""
     import logging, sys
     from pathlib import Path
-    from lightning_det.tools.predict import readable_images
+    from lightning_det.tools.predict import decoded_images
 
     logging.basicConfig()
-    print("readable:", [str(p) for p in readable_images([Path(p) for p in sys.argv[1:]])])
+    print("readable:", [str(p) for p, _ in decoded_images([Path(p) for p in sys.argv[1:]])])
     """, *paths)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"readable: {[str(paths[0]), str(paths[2])]}" in result.stdout

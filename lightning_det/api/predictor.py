@@ -8,8 +8,9 @@ detections for the same images: the same checkpoint loading, batching, decoding 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ from PIL import Image
 from torch import Tensor
 
 from lightning_det.data.image_checks import decode_rgb
+from lightning_det.models.tta import TestTimeAugmentation
 from lightning_det.report.drawing import draw_predictions
 from lightning_det.tools.evaluate import coco_results
 from lightning_det.tools.inference import decoding, detect, load_detector
-from lightning_det.tools.predict import image_files, readable_images
+from lightning_det.tools.predict import decoded_images, image_files
 
 #: One image: a file or folder path, a PIL image, a numpy ``uint8`` HWC RGB array (a 4-D NHWC array is several),
 #: a ``uint8`` CHW RGB tensor (a 4-D NCHW tensor is several); or a list of these.
@@ -62,13 +64,13 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Source:
-    """One input image: its name and how to get its pixels (decoded when its batch comes, for files)."""
+    """One input image: its name and how to get its pixels again (``Prediction.plot`` reads a file anew)."""
 
     name: str
     pixels: Callable[[], Tensor]
 
 
-def from_memory(image: Image.Image | np.ndarray | Tensor, name: str) -> Source:
+def from_memory(image: Image.Image | np.ndarray | Tensor, name: str) -> Tensor:
     """An in-memory image as a ``uint8`` CHW RGB tensor on the CPU, where the pipeline runs (sharing a numpy array's
     memory)."""
     if isinstance(image, Image.Image):
@@ -80,27 +82,33 @@ def from_memory(image: Image.Image | np.ndarray | Tensor, name: str) -> Source:
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"{name}: an image is uint8 [3, H, W] RGB pixels (0..255), got a {image.dtype} tensor of "
                          f"shape {list(image.shape)}")
-    image = image.cpu()
-    return Source(name, lambda: image)
+    return image.cpu()
 
 
-def sources(images: Images) -> list[Source]:
-    """The images of ``predict``'s argument in order: folders listed as the CLI lists them, unreadable files left
-    out with a warning, a 4-D array or tensor split into its images."""
+def decoded_sources(images: Images) -> Iterator[tuple[Source, Tensor]]:
+    """The images of ``predict``'s argument in order, each decoded once, as its batch comes: folders listed as the
+    CLI lists them, unreadable files left out with a warning, a 4-D array or tensor split into its images (an image
+    given in memory is named ``image<i>``, ``i`` its place among the call's images)."""
     items = list(images) if isinstance(images, (list, tuple)) else [images]
-    found: list[Source] = []
+    place = 0
     for item in items:
         if isinstance(item, (str, Path)):
-            for path in readable_images(image_files(Path(item))):
-                found.append(Source(str(path), lambda path=path: decode_rgb(path)))
-        elif isinstance(item, (np.ndarray, Tensor)) and item.ndim == 4:
-            found += [from_memory(image, f"image{len(found) + i}") for i, image in enumerate(item)]
+            for path, image in decoded_images(image_files(Path(item))):
+                place += 1
+                yield Source(str(path), partial(decode_rgb, path)), image
+            continue
+        if isinstance(item, (np.ndarray, Tensor)) and item.ndim == 4:
+            given = list(item)
         elif isinstance(item, (Image.Image, np.ndarray, Tensor)):
-            found.append(from_memory(item, f"image{len(found)}"))
+            given = [item]
         else:
             raise TypeError(f"cannot read an image from a {type(item).__name__}: give a path, a folder, a PIL image, "
                             "a uint8 HWC numpy array or a uint8 CHW tensor, or a list of these")
-    return found
+        for image in given:
+            name = f"image{place}"
+            place += 1
+            pixels = from_memory(image, name)
+            yield Source(name, lambda pixels=pixels: pixels), pixels
 
 
 class Predictor:
@@ -115,16 +123,20 @@ class Predictor:
         return list(self.model.class_names)
 
     def predict(self, images: Images, score_thresh: float = SCORE_THRESH, nms_thresh: float | None = None,
-                max_detections: int | None = None, batch_size: int = 8, **decoder: Any) -> list[Prediction]:
+                max_detections: int | None = None, batch_size: int = 8, tta: bool | TestTimeAugmentation = False,
+                **decoder: Any) -> list[Prediction]:
         """One ``Prediction`` per image, detections scoring at least ``score_thresh``. ``nms_thresh``,
         ``max_detections`` and any other setting of the model's decoder (``pre_nms_topk``, ``class_agnostic``)
-        apply to this call only; None keeps the checkpoint's."""
-        found = sources(images)
-        pixels = ((source.name, source.pixels()) for source in found)
-        with decoding(self.model, nms_thresh=nms_thresh, max_detections=max_detections, **decoder):
-            return [self.prediction(source, image, det)
-                    for source, (_, image, det) in zip(found, detect(self.model, self.pipeline, pixels, batch_size,
-                                                                  score_thresh))]
+        apply to this call only; None keeps the checkpoint's. ``tta=True`` merges the views of the CLI's ``tta=true``
+        (three scales, each also mirrored), or give a ``TestTimeAugmentation`` of your own."""
+        self.model.tta = TestTimeAugmentation() if tta is True else tta or None
+        try:
+            with decoding(self.model, nms_thresh=nms_thresh, max_detections=max_detections, **decoder):
+                return [self.prediction(source, image, det)
+                        for source, image, det in detect(self.model, self.pipeline, decoded_sources(images),
+                                                         batch_size, score_thresh)]
+        finally:
+            self.model.tta = None
 
     def prediction(self, source: Source, image: Tensor, det: dict[str, Tensor]) -> Prediction:
         names = [self.model.class_names[i] for i in det["labels"].tolist()]

@@ -61,11 +61,6 @@ def decoded_images(paths: list[Path]) -> Iterator[tuple[Path, torch.Tensor]]:
         log.warning("skipped %d of %d images that could not be read", skipped, len(paths))
 
 
-def readable_images(paths: list[Path]) -> list[Path]:
-    """The paths that decode as images; each other one is named in a warning and left out."""
-    return [path for path, _ in decoded_images(paths)]
-
-
 def predict(ckpt_path: str, paths: list[Path], score_thresh: float, batch_size: int, device: str,
             tta: TestTimeAugmentation | None = None) -> dict[str, dict]:
     """Detections per image path, in original-image pixels, above ``score_thresh`` (merged over ``tta``'s views
