@@ -106,6 +106,16 @@ def test_a_path_pil_image_array_and_tensor_of_one_image_give_the_same_detections
         detector.predict(tensor.float() / 255)
 
 
+def test_an_argument_that_is_no_image_is_refused_before_any_file_is_decoded(trained, monkeypatch):
+    import lightning_det.tools.predict as predict_module
+
+    decoded = []
+    monkeypatch.setattr(predict_module, "decode_rgb", decoded.append)
+    with pytest.raises(TypeError, match="cannot read an image from a int: give a path"):
+        lightning_det.load(trained["result"].best_model_path).predict([trained["images"], 42])
+    assert decoded == []
+
+
 def test_decoding_overrides_apply_to_one_call(trained):
     detector = lightning_det.load(trained["result"].best_model_path)
     images = trained["images"]

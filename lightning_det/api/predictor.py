@@ -86,10 +86,15 @@ def from_memory(image: Image.Image | np.ndarray | Tensor, name: str) -> Tensor:
 
 
 def decoded_sources(images: Images) -> Iterator[tuple[Source, Tensor]]:
-    """The images of ``predict``'s argument in order, each decoded once, as its batch comes: folders listed as the
-    CLI lists them, unreadable files left out with a warning, a 4-D array or tensor split into its images (an image
-    given in memory is named ``image<i>``, ``i`` its place among the call's images)."""
+    """The images of ``predict``'s argument in order, each file decoded once, as its batch comes: folders listed as
+    the CLI lists them, unreadable files left out with a warning, a 4-D array or tensor split into its images (an
+    image given in memory is named ``image<i>``, ``i`` its place among the call's images). An argument that is no
+    image is refused before anything is decoded."""
     items = list(images) if isinstance(images, (list, tuple)) else [images]
+    for item in items:
+        if not isinstance(item, (str, Path, Image.Image, np.ndarray, Tensor)):
+            raise TypeError(f"cannot read an image from a {type(item).__name__}: give a path, a folder, a PIL image, "
+                            "a uint8 HWC numpy array or a uint8 CHW tensor, or a list of these")
     place = 0
     for item in items:
         if isinstance(item, (str, Path)):
@@ -97,14 +102,7 @@ def decoded_sources(images: Images) -> Iterator[tuple[Source, Tensor]]:
                 place += 1
                 yield Source(str(path), partial(decode_rgb, path)), image
             continue
-        if isinstance(item, (np.ndarray, Tensor)) and item.ndim == 4:
-            given = list(item)
-        elif isinstance(item, (Image.Image, np.ndarray, Tensor)):
-            given = [item]
-        else:
-            raise TypeError(f"cannot read an image from a {type(item).__name__}: give a path, a folder, a PIL image, "
-                            "a uint8 HWC numpy array or a uint8 CHW tensor, or a list of these")
-        for image in given:
+        for image in list(item) if isinstance(item, (np.ndarray, Tensor)) and item.ndim == 4 else [item]:
             name = f"image{place}"
             place += 1
             pixels = from_memory(image, name)
