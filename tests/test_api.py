@@ -111,7 +111,7 @@ def test_an_argument_that_is_no_image_is_refused_before_any_file_is_decoded(trai
 
     decoded = []
     monkeypatch.setattr(predict_module, "decode_rgb", decoded.append)
-    with pytest.raises(TypeError, match="cannot read an image from a int: give a path"):
+    with pytest.raises(TypeError, match="cannot read an image from a value of type int: give a path"):
         lightning_det.load(trained["result"].best_model_path).predict([trained["images"], 42])
     assert decoded == []
 

@@ -93,7 +93,7 @@ def decoded_sources(images: Images) -> Iterator[tuple[Source, Tensor]]:
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     for item in items:
         if not isinstance(item, (str, Path, Image.Image, np.ndarray, Tensor)):
-            raise TypeError(f"cannot read an image from a {type(item).__name__}: give a path, a folder, a PIL image, "
+            raise TypeError(f"cannot read an image from a value of type {type(item).__name__}: give a path, a folder, a PIL image, "
                             "a uint8 HWC numpy array or a uint8 CHW tensor, or a list of these")
     place = 0
     for item in items:
