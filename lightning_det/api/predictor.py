@@ -92,9 +92,9 @@ def decoded_sources(images: Images) -> Iterator[tuple[Source, Tensor]]:
     image is refused before anything is decoded."""
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     for item in items:
-        if not isinstance(item, (str, Path, Image.Image, np.ndarray, Tensor)):
-            raise TypeError(f"cannot read an image from a value of type {type(item).__name__}: give a path, a folder, a PIL image, "
-                            "a uint8 HWC numpy array or a uint8 CHW tensor, or a list of these")
+        if not isinstance(item, ImageSource):
+            raise TypeError(f"cannot read an image from a value of type {type(item).__name__}: give a path, a folder, "
+                            "a PIL image, a uint8 HWC numpy array or a uint8 CHW tensor, or a list of these")
     place = 0
     for item in items:
         if isinstance(item, (str, Path)):
@@ -127,6 +127,7 @@ class Predictor:
         ``max_detections`` and any other setting of the model's decoder (``pre_nms_topk``, ``class_agnostic``)
         apply to this call only; None keeps the checkpoint's. ``tta=True`` merges the views of the CLI's ``tta=true``
         (three scales, each also mirrored), or give a ``TestTimeAugmentation`` of your own."""
+        checkpoints_tta = self.model.tta
         self.model.tta = TestTimeAugmentation() if tta is True else tta or None
         try:
             with decoding(self.model, nms_thresh=nms_thresh, max_detections=max_detections, **decoder):
@@ -134,7 +135,7 @@ class Predictor:
                         for source, image, det in detect(self.model, self.pipeline, decoded_sources(images),
                                                          batch_size, score_thresh)]
         finally:
-            self.model.tta = None
+            self.model.tta = checkpoints_tta
 
     def prediction(self, source: Source, image: Tensor, det: dict[str, Tensor]) -> Prediction:
         names = [self.model.class_names[i] for i in det["labels"].tolist()]
