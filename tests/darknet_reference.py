@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from darknet_sections import yolov3_cfg, yolov3_tiny_cfg
+from darknet_sections import yolov3_cfg, yolov3_tiny_3l_cfg, yolov3_tiny_cfg
 from torch import Tensor
 from torchvision.ops import batched_nms
 
@@ -32,6 +32,9 @@ TINY_ANCHORS = [10, 14, 23, 27, 37, 58, 81, 82, 135, 169, 344, 319]
 # Ultralytics measured COCO mAP 0.332 with 1,2,3 and 0.178 with 0,1,2 (ultralytics/yolov3#256, #421), and
 # AlexeyAB's darknet keeps 1,2,3 for these weights (AlexeyAB/darknet#1341, #2949).
 TINY_MASKS = [[3, 4, 5], [1, 2, 3]]
+# yolov3-tiny_3l.cfg (AlexeyAB's darknet): nine anchors over three [yolo] layers, coarsest first.
+TINY_3L_ANCHORS = [4, 7, 7, 15, 13, 25, 25, 42, 41, 67, 75, 94, 91, 162, 158, 205, 250, 332]
+TINY_3L_MASKS = [[6, 7, 8], [3, 4, 5], [0, 1, 2]]
 
 # Darknet's leaky slope (activations.h: ``x > 0 ? x : .1 * x``).
 LEAKY_SLOPE = 0.1
@@ -42,14 +45,16 @@ BN_FORMULAS = ("gpu", "cpu")
 
 
 def darknet_cfg(variant: str, classes: int = 80, size: int = 416, width: float = 1.0) -> str:
-    """The text of yolov3.cfg (``variant="yolov3"``) or yolov3-tiny.cfg (``"tiny"``), inference part of [net].
+    """The text of yolov3.cfg (``variant="yolov3"``), yolov3-tiny.cfg (``"tiny"``) or yolov3-tiny_3l.cfg
+    (``"tiny3"``), inference part of [net].
 
     ``width`` below 1 thins every conv but the predictions (``filters * width`` rounded up to a multiple of 8, at
     least 8): the same depth at a fraction of the cost, for our ``model.width``."""
-    sections, anchors, masks = (
-        (yolov3_cfg(), YOLOV3_ANCHORS, YOLOV3_MASKS) if variant == "yolov3" else
-        (yolov3_tiny_cfg(), TINY_ANCHORS, TINY_MASKS)
-    )
+    sections, anchors, masks = {
+        "yolov3": (yolov3_cfg(), YOLOV3_ANCHORS, YOLOV3_MASKS),
+        "tiny": (yolov3_tiny_cfg(), TINY_ANCHORS, TINY_MASKS),
+        "tiny3": (yolov3_tiny_3l_cfg(), TINY_3L_ANCHORS, TINY_3L_MASKS),
+    }[variant]
     lines = ["[net]", "batch=1", "subdivisions=1", f"width={size}", f"height={size}", "channels=3", ""]
     yolo = 0
     for section in sections:

@@ -1,4 +1,4 @@
-"""Darknet's yolov3.cfg and yolov3-tiny.cfg written out as layer lists, independent of the code under test: the
+"""Darknet's yolov3.cfg, yolov3-tiny.cfg and yolov3-tiny_3l.cfg written out as layer lists, independent of the code under test: the
 network-size tests walk them, the weight-file tests write files in their layout."""
 
 # Darknet sections: ("conv", filters, size, stride, batch_normalize) | ("shortcut",) | ("route", layers)
@@ -42,4 +42,13 @@ def yolov3_tiny_cfg():
         ("conv", 256, 1, 1, True), ("conv", 512, 3, 1, True), ("conv", "P", 1, 1, False), ("yolo",),
         ("route", [-4]), ("conv", 128, 1, 1, True), ("upsample",), ("route", [-1, 8]),
         ("conv", 256, 3, 1, True), ("conv", "P", 1, 1, False), ("yolo",),
+    ]
+
+
+def yolov3_tiny_3l_cfg():
+    """AlexeyAB's yolov3-tiny_3l.cfg: yolov3-tiny plus a stride-8 [yolo] fed from the stride-16 level's 3x3 conv
+    (route -3) and the backbone's stride-8 conv (layer 6)."""
+    return yolov3_tiny_cfg() + [
+        ("route", [-3]), ("conv", 128, 1, 1, True), ("upsample",), ("route", [-1, 6]),
+        ("conv", 128, 3, 1, True), ("conv", "P", 1, 1, False), ("yolo",),
     ]

@@ -1,9 +1,9 @@
-"""Darknet's COCO ``yolov3.weights`` and ``yolov3-tiny.weights`` give, in our YOLOv3, what Darknet's own network
-gives.
+"""Darknet's COCO ``yolov3.weights`` and ``yolov3-tiny.weights``, and a ``yolov3-tiny_3l`` file, give in our YOLOv3
+what Darknet's own network gives.
 
 Random weights (every conv layer, 80 classes, Darknet's anchors) are written in Darknet's file format, loaded
 through ``init_from`` (``initialise_from``) into the YOLOv3 the Hydra config builds (``model=yolov3`` /
-``model=yolov3_tiny`` with ``model.anchors=darknet``), and into ``darknet_reference.py``: a second, independent
+``model=yolov3_tiny`` / ``model=yolov3_tiny3`` with ``model.anchors=darknet``), and into ``darknet_reference.py``: a second, independent
 reading of the cfg text, the file and the forward pass. Both see one letterboxed image. Every [yolo] output must
 agree, and so must the detections, decoded the Darknet way in the reference at our decoder's thresholds. Both
 sides run in float64 for the tight comparison (the float32 file values widen exactly), and in float32 as deployed.
@@ -38,7 +38,7 @@ from lightning_det.tools.train import build_model
 
 NUM_CLASSES = 80
 INPUT_SIZE = 320  # a multiple of 32 below Darknet's 416: 40 x 40, 20 x 20 and 10 x 10 cells
-CONFIGS = {"yolov3": "yolov3", "tiny": "yolov3_tiny"}
+CONFIGS = {"yolov3": "yolov3", "tiny": "yolov3_tiny", "tiny3": "yolov3_tiny3"}
 SEEN = 32_013_312 + 2**33  # images seen, above 2**32 so an int32 reading of the header would show
 MAX_LOG_SCALE = math.log(1000 / 16)  # our decoder caps exp(tw), which Darknet does not; the weights stay below
 
@@ -96,6 +96,7 @@ def ours_layout(yolo_inputs: list[Tensor], yolos: list[Yolo]) -> list[Tensor]:
     scope="module",
     params=[
         pytest.param(("tiny", 1.0), id="tiny"),
+        pytest.param(("tiny3", 1.0), id="tiny3"),
         # Every one of yolov3's 75 convs and 23 shortcuts at a quarter of the channels (8 to 256): the full depth
         # in the default suite. The full-size file (248 MB) runs with -m slow.
         pytest.param(("yolov3", 0.25), id="yolov3-width0.25"),
@@ -154,7 +155,7 @@ def max_difference(a: list[Tensor], b: list[Tensor]) -> float:
 
 
 def test_every_yolo_output_matches_darknets(case: Case) -> None:
-    strides = (8, 16, 32) if case.variant == "yolov3" else (16, 32)
+    strides = (16, 32) if case.variant == "tiny" else (8, 16, 32)
     shapes = [(1, 3, INPUT_SIZE // s, INPUT_SIZE // s, 5 + NUM_CLASSES) for s in strides]
     assert [o.shape for o in case.ours] == [r.shape for r in case.reference] == shapes
     for level in case.reference:

@@ -3,13 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from darknet_sections import yolov3_cfg, yolov3_tiny_cfg
+from darknet_sections import yolov3_cfg, yolov3_tiny_3l_cfg, yolov3_tiny_cfg
 
 from lightning_det.models.yolov3.darknet_weights import darknet_layers, load_darknet_weights, save_darknet_weights
 from lightning_det.models.yolov3.network import build_network
 
 
-@pytest.mark.parametrize("variant, sections", [("yolov3", yolov3_cfg()), ("tiny", yolov3_tiny_cfg())])
+@pytest.mark.parametrize(
+    "variant, sections", [("yolov3", yolov3_cfg()), ("tiny", yolov3_tiny_cfg()), ("tiny3", yolov3_tiny_3l_cfg())]
+)
 def test_layer_order_is_the_cfg_order(variant, sections):
     num_classes = 80
     expected = [
@@ -31,7 +33,7 @@ def randomised(variant: str, seed: int):
     return network.eval()
 
 
-@pytest.mark.parametrize("variant", ["yolov3", "tiny"])
+@pytest.mark.parametrize("variant", ["yolov3", "tiny", "tiny3"])
 def test_write_then_read_gives_identical_outputs(tmp_path, variant):
     source, target = randomised(variant, 0), randomised(variant, 1)
     save_darknet_weights(source, tmp_path / "net.weights", seen=123456)

@@ -1,8 +1,8 @@
-"""YOLOv3 networks against an independent walk of Darknet's yolov3.cfg / yolov3-tiny.cfg layer lists."""
+"""YOLOv3 networks against an independent walk of Darknet's yolov3.cfg / yolov3-tiny(_3l).cfg layer lists."""
 
 import pytest
 import torch
-from darknet_sections import yolov3_cfg, yolov3_tiny_cfg
+from darknet_sections import yolov3_cfg, yolov3_tiny_3l_cfg, yolov3_tiny_cfg
 from torch import nn
 
 from lightning_det.models.backbones.darknet import scaled_channels
@@ -40,16 +40,19 @@ def test_cfg_walk_reproduces_the_published_yolov3_figure():
 
 
 @pytest.mark.parametrize("num_classes", [80, 20])
-@pytest.mark.parametrize(("variant", "cfg"), [("yolov3", yolov3_cfg), ("tiny", yolov3_tiny_cfg)])
-def test_parameters_and_layers_match_the_darknet_cfg(variant, cfg, num_classes):
+@pytest.mark.parametrize(
+    ("variant", "cfg", "cfg_convs"), [("yolov3", yolov3_cfg, 75), ("tiny", yolov3_tiny_cfg, 13),
+                                      ("tiny3", yolov3_tiny_3l_cfg, 16)]
+)
+def test_parameters_and_layers_match_the_darknet_cfg(variant, cfg, cfg_convs, num_classes):
     model = build_network(variant, num_classes)
     params, convs = walk(cfg(), num_classes)
     assert trainable_parameters(model) == params
-    assert conv_count(model) == convs == (75 if variant == "yolov3" else 13)
+    assert conv_count(model) == convs == cfg_convs
 
 
 @torch.no_grad()
-@pytest.mark.parametrize(("variant", "grids"), [("yolov3", [52, 26, 13]), ("tiny", [26, 13])])
+@pytest.mark.parametrize(("variant", "grids"), [("yolov3", [52, 26, 13]), ("tiny", [26, 13]), ("tiny3", [52, 26, 13])])
 def test_output_shapes_at_416(variant, grids):
     model = build_network(variant, num_classes=80).eval()
     outputs = model(torch.zeros(1, 3, 416, 416))

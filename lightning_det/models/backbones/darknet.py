@@ -78,7 +78,8 @@ class Darknet53(nn.Module):
 
 
 class DarknetTiny(nn.Module):
-    """The backbone of YOLOv3-tiny: seven 3x3 convs with max-pools; returns the maps at strides 16 and 32.
+    """The backbone of YOLOv3-tiny: seven 3x3 convs with max-pools; returns the maps at strides 16 and 32, and
+    with ``stride8=True`` also the one at stride 8 (first), which ``yolov3-tiny_3l.cfg`` routes to its third level.
 
     The sixth pool keeps the resolution (size 2, stride 1, so the 13x13 map of a 416 input stays 13x13). Darknet
     skips the missing right and bottom neighbours; a one-pixel pad of -inf on those sides does exactly that, so
@@ -100,7 +101,13 @@ class DarknetTiny(nn.Module):
             ConvBNAct(c[5], c[6], 3),
         )
         self.out_channels = (c[4], c[6])
+        self.stride8_channels = c[3]
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        stride16 = self.to_stride16(x)
-        return [stride16, self.to_stride32(stride16)]
+    def forward(self, x: Tensor, stride8: bool = False) -> list[Tensor]:
+        if not stride8:
+            stride16 = self.to_stride16(x)
+            return [stride16, self.to_stride32(stride16)]
+        # The stride-8 map is the fourth conv's output, before the fourth pool (modules 0-6 of to_stride16).
+        at8 = self.to_stride16[:7](x)
+        stride16 = self.to_stride16[7:](at8)
+        return [at8, stride16, self.to_stride32(stride16)]

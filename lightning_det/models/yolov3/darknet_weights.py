@@ -46,7 +46,10 @@ def darknet_layers(network: nn.Module) -> list[Layer]:
             network.conv_sets[2], network.outputs[2],
         )
     if isinstance(network, YOLOv3TinyNetwork):
-        return _conv_layers(network.backbone, network.neck32, network.output32, network.lateral, network.output16)
+        three_levels = (network.lateral8, network.output8) if len(network.strides) == 3 else ()
+        return _conv_layers(
+            network.backbone, network.neck32, network.output32, network.lateral, network.output16, *three_levels
+        )
     raise TypeError(f"no Darknet layer order for {type(network).__name__}")
 
 

@@ -14,17 +14,22 @@ import torch
 from torch import Tensor
 
 # Darknet's COCO anchors (k-means on COCO boxes at 416 px), in pixels, smallest level first: the start of a
-# training from scratch (yolov3-tiny's as in its current cfg and Ultralytics' yolov3-tiny.yaml).
+# training from scratch (yolov3-tiny's as in its current cfg and Ultralytics' yolov3-tiny.yaml; the three-level
+# tiny takes yolov3's nine).
+COCO_ANCHORS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
 DEFAULT_ANCHORS = {
-    "yolov3": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
+    "yolov3": COCO_ANCHORS,
     "tiny": [[10, 14, 23, 27, 37, 58], [81, 82, 135, 169, 344, 319]],
+    "tiny3": COCO_ANCHORS,
 }
 # The anchors Darknet's published COCO weights were trained with. yolov3-tiny.weights used ``mask = 1,2,3`` on
 # the stride-16 level (pjreddie/darknet 481d9d98), so (81, 82) serves both levels and (10, 14) none; decoding it
-# with the later cfg's 0,1,2 (f86901f6) halves its COCO mAP (0.332 -> 0.178, ultralytics/yolov3#256).
+# with the later cfg's 0,1,2 (f86901f6) halves its COCO mAP (0.332 -> 0.178, ultralytics/yolov3#256). No COCO
+# weights were published for the three-level tiny: a ``.weights`` file of it gets the anchors of its cfg.
 DARKNET_ANCHORS = {
-    "yolov3": DEFAULT_ANCHORS["yolov3"],
+    "yolov3": COCO_ANCHORS,
     "tiny": [[23, 27, 37, 58, 81, 82], [81, 82, 135, 169, 344, 319]],
+    "tiny3": [[4, 7, 7, 15, 13, 25], [25, 42, 41, 67, 75, 94], [91, 162, 158, 205, 250, 332]],
 }
 
 

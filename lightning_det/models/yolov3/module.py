@@ -39,7 +39,8 @@ class YOLOv3(Detector):
     """YOLOv3 or YOLOv3-tiny.
 
     Args:
-        variant: ``"yolov3"`` (Darknet-53, three levels at strides 8/16/32) or ``"tiny"`` (two levels, 16/32).
+        variant: ``"yolov3"`` (Darknet-53, three levels at strides 8/16/32), ``"tiny"`` (two levels, 16/32) or
+            ``"tiny3"`` (yolov3-tiny_3l.cfg: tiny with a third level at stride 8).
         width: channel multiplier (channels rounded up to multiples of 8); 1.0 is the Darknet network.
         depth: residual-block multiplier of Darknet-53 (``yolov3`` only); 1.0 is the Darknet network.
         anchors: per level, smallest stride first, ``(w, h)`` pixel pairs; ``"auto"`` or ``"default"``: Darknet's

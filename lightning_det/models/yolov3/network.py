@@ -96,12 +96,15 @@ class YOLOv3Network(nn.Module):
 
 
 class YOLOv3TinyNetwork(nn.Module):
-    """The two-level network of ``yolov3-tiny.cfg`` (13 conv layers at ``width=1``)."""
+    """The two-level network of ``yolov3-tiny.cfg`` (13 conv layers at ``width=1``), or with ``levels=3`` the
+    three-level one of ``yolov3-tiny_3l.cfg`` (AlexeyAB's Darknet, 16 conv layers): a stride-8 level for small
+    objects, fed from the stride-16 level's 3x3 conv and the backbone's stride-8 map."""
 
-    strides = (16, 32)
-
-    def __init__(self, num_classes: int, num_anchors: int = 3, width: float = 1.0) -> None:
+    def __init__(self, num_classes: int, num_anchors: int = 3, width: float = 1.0, levels: int = 2) -> None:
         super().__init__()
+        if levels not in (2, 3):
+            raise ValueError(f"YOLOv3-tiny has 2 or 3 levels, not {levels}")
+        self.strides = (8, 16, 32) if levels == 3 else (16, 32)
         self.backbone = DarknetTiny(width)
         c16, c32 = self.backbone.out_channels
         c128, c256, c512 = (scaled_channels(c, width) for c in (128, 256, 512))
@@ -111,22 +114,31 @@ class YOLOv3TinyNetwork(nn.Module):
         self.output16 = nn.Sequential(
             ConvBNAct(c128 + c16, c256, 3), Prediction(c256, num_anchors, num_classes, 16)
         )
+        if levels == 3:
+            self.lateral8 = lateral(c256, c128)
+            self.output8 = nn.Sequential(
+                ConvBNAct(c128 + self.backbone.stride8_channels, c128, 3), Prediction(c128, num_anchors, num_classes, 8)
+            )
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        c16, c32 = self.backbone(images)
+        *c8, c16, c32 = self.backbone(images, stride8=len(self.strides) == 3)
         x32 = self.neck32(c32)
-        x16 = torch.cat((self.lateral(x32), c16), 1)
-        return [self.output16(x16), self.output32(x32)]
+        x16 = self.output16[0](torch.cat((self.lateral(x32), c16), 1))
+        outputs = [self.output16[1](x16), self.output32(x32)]
+        if c8:
+            outputs.insert(0, self.output8(torch.cat((self.lateral8(x16), c8[0]), 1)))
+        return outputs
 
 
 def build_network(
     variant: str, num_classes: int, num_anchors: int = 3, width: float = 1.0, depth: float = 1.0
 ) -> YOLOv3Network | YOLOv3TinyNetwork:
-    """``variant``: ``"yolov3"`` (Darknet-53, strides 8/16/32) or ``"tiny"`` (strides 16/32; ``depth`` unused)."""
+    """``variant``: ``"yolov3"`` (Darknet-53, strides 8/16/32), ``"tiny"`` (strides 16/32) or ``"tiny3"``
+    (strides 8/16/32); ``depth`` is used by ``yolov3`` only."""
     if variant == "yolov3":
         return YOLOv3Network(num_classes, num_anchors, width, depth)
-    if variant == "tiny":
+    if variant in ("tiny", "tiny3"):
         if depth != 1.0:
             raise ValueError("YOLOv3-tiny has no residual stages to thin: leave depth at 1.0 (use width)")
-        return YOLOv3TinyNetwork(num_classes, num_anchors, width)
-    raise ValueError(f"unknown YOLOv3 variant {variant!r}: use 'yolov3' or 'tiny'")
+        return YOLOv3TinyNetwork(num_classes, num_anchors, width, levels=3 if variant == "tiny3" else 2)
+    raise ValueError(f"unknown YOLOv3 variant {variant!r}: use 'yolov3', 'tiny' or 'tiny3'")
