@@ -114,13 +114,22 @@ def resize_as_torchvision(
     return Resized(tv_tensors.Image(resized), moved, (new_w / width, new_h / height), (0, 0))
 
 
+def letterbox_canvas(
+    content: tuple[int, int], size: int, stride: int | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The ``(height, width)`` canvas a resized image of ``content`` ``(h, w)`` is letterboxed into (``size``
+    square, or with ``stride`` the next multiples of it), and the ``(left, top)`` offset that centres it."""
+    new_h, new_w = content
+    height, width = (size, size) if stride is None else (-(-side // stride) * stride for side in (new_h, new_w))
+    return (height, width), ((width - new_w) // 2, (height - new_h) // 2)
+
+
 def letterbox(image: Tensor, boxes: Tensor, size: int, fill: int = 114, stride: int | None = None) -> Resized:
     """Resize to fit a ``size`` x ``size`` square and pad the rest evenly with ``fill``; with ``stride``, pad
     only up to the next multiple of it on each side (the smallest rectangle the network takes)."""
     resized = resize_to_fit(image, boxes, size)
     new_h, new_w = resized.image.shape[-2:]
-    height, width = (size, size) if stride is None else (-(-side // stride) * stride for side in (new_h, new_w))
-    left, top = (width - new_w) // 2, (height - new_h) // 2
+    (height, width), (left, top) = letterbox_canvas((new_h, new_w), size, stride)
     padding = [left, top, width - new_w - left, height - new_h - top]
     return Resized(
         F.pad(resized.image, padding, fill=fill), F.pad(resized.boxes, padding), resized.scale, (left, top)

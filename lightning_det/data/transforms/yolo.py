@@ -18,7 +18,7 @@ from lightning_det.data.transforms.common import (
     as_boxes,
     clip_and_filter,
     colour_matrix,
-    letterbox,
+    letterbox_canvas,
     map_resized,
     resize_to_fit,
 )
@@ -85,8 +85,11 @@ class YoloTrainTransform(DetectionTransform):
 
     def __call__(self, samples: list[Sample]) -> Sample:
         first = samples[0]
-        image, boxes, regions = self.mosaic(samples) if len(samples) == 4 else self.letterboxed(first)
-        image, boxes, regions = self.random_affine(image, boxes, regions)
+        if len(samples) == 4:
+            image, boxes, regions = self.mosaic(samples)
+            image, boxes, regions = self.random_affine(image, boxes, regions, tuple(image.shape[-2:]), (0, 0))
+        else:
+            image, boxes, regions = self.letterboxed(first)
         boxes, keep = clip_and_filter(boxes, regions, self.min_size, self.min_visible)
         labels = torch.cat([s.labels for s in samples])[keep]
         difficult = torch.cat([s.difficult for s in samples])[keep]
@@ -114,11 +117,13 @@ class YoloTrainTransform(DetectionTransform):
         return colour_matrix(brightness, saturation, self.hsv_h * draw[2])
 
     def letterboxed(self, sample: Sample) -> Layout:
-        boxed = letterbox(sample.image, sample.boxes, self.img_size, self.fill, self.stride)
-        height, width = sample.image.shape[-2:]
-        (left, top), (scale_x, scale_y) = boxed.pad, boxed.scale
-        region = torch.tensor([left, top, left + scale_x * width, top + scale_y * height], dtype=torch.float32)
-        return boxed.image, boxed.boxes.as_subclass(Tensor), region.repeat(len(sample.boxes), 1)
+        """The letterbox and the random affine in one paste: the image is zoomed and shifted within the canvas it
+        would be letterboxed into, with no padded copy made first (one copy of the pixels fewer per sample)."""
+        resized = resize_to_fit(sample.image, sample.boxes, self.img_size)
+        height, width = resized.image.shape[-2:]
+        canvas, origin = letterbox_canvas((height, width), self.img_size, self.stride)
+        region = torch.tensor([0.0, 0.0, width, height]).expand(len(sample.boxes), 4)
+        return self.random_affine(resized.image, resized.boxes.as_subclass(Tensor), region, canvas, origin)
 
     def mosaic(self, samples: list[Sample]) -> Layout:
         size = self.img_size
@@ -138,33 +143,42 @@ class YoloTrainTransform(DetectionTransform):
             regions.append(torch.tensor([x1, y1, x2, y2], dtype=torch.float32).repeat(len(sample.boxes), 1))
         return tv_tensors.Image(canvas), torch.cat(boxes), torch.cat(regions)
 
-    def random_affine(self, image: Tensor, boxes: Tensor, regions: Tensor) -> Layout:
-        """Zoom about the centre and shift; boxes and their visible regions move with the image.
+    def random_affine(
+        self, image: Tensor, boxes: Tensor, regions: Tensor, canvas: tuple[int, int], origin: tuple[int, int]
+    ) -> Layout:
+        """Zoom about the centre of a ``canvas`` (h, w) of ``fill`` grey on which ``image`` sits at ``origin``
+        (left, top), and shift; boxes and their visible regions (in ``image`` pixels) move with the image.
 
         Without rotation or shear the warp is a crop, a resize and a paste (cheap ``uint8`` steps, antialiased
-        when zooming out): per axis, the whole input pixels that land inside the canvas are resized onto the whole
+        when zooming out): per axis, the whole image pixels that land inside the canvas are resized onto the whole
         output pixels they cover, and boxes are mapped with exactly that scale and offset.
         """
         zoom = 1 + self.scale * (2 * torch.rand(()).item() - 1)
-        height, width = image.shape[-2:]
+        height, width = canvas
         shift = (self.translate * torch.tensor([width, height]) * (2 * torch.rand(2) - 1)).round().tolist()
-        (x0, x1, u0, u1), (y0, y1, v0, v1) = (self.axis_crop(zoom, t, size) for t, size in zip(shift, (width, height)))
-        canvas = torch.full_like(image, self.fill)
+        image_height, image_width = image.shape[-2:]
+        (x0, x1, u0, u1), (y0, y1, v0, v1) = (
+            self.axis_crop(zoom, t, size, start, start + length)
+            for t, size, start, length in zip(shift, canvas[::-1], origin, (image_width, image_height))
+        )
+        pasted = torch.full((image.shape[0], height, width), self.fill, dtype=image.dtype)
+        left, top = origin
         if x1 > x0 and y1 > y0 and u1 > u0 and v1 > v0:
-            crop = image[:, y0:y1, x0:x1].contiguous()  # a strided crop resizes at half the speed
-            canvas[:, v0:v1, u0:u1] = F.resize(crop, [v1 - v0, u1 - u0], antialias=True)
-        source, target = (x0, y0, x1, y1), (u0, v0, u1, v1)
+            crop = image[:, y0 - top : y1 - top, x0 - left : x1 - left].contiguous()  # strided: half the speed
+            pasted[:, v0:v1, u0:u1] = F.resize(crop, [v1 - v0, u1 - u0], antialias=True)
+        source, target = (x0 - left, y0 - top, x1 - left, y1 - top), (u0, v0, u1, v1)
         moved_boxes = map_resized(boxes, source, target)
-        pasted = torch.tensor(target, dtype=torch.float32)
-        moved_regions = map_resized(regions, source, target).clamp(min=pasted[:2].repeat(2), max=pasted[2:].repeat(2))
-        return tv_tensors.Image(canvas), moved_boxes, moved_regions
+        lowest, highest = torch.tensor([u0, v0] * 2, dtype=torch.float32), torch.tensor([u1, v1] * 2, dtype=torch.float32)
+        moved_regions = map_resized(regions, source, target).clamp(min=lowest, max=highest)
+        return tv_tensors.Image(pasted), moved_boxes, moved_regions
 
     @staticmethod
-    def axis_crop(zoom: float, shift: float, size: int) -> tuple[int, int, int, int]:
-        """Along one axis of ``size`` pixels: the input pixels ``[x0, x1)`` that stay on the canvas under ``u = (x -
-        c) zoom + c + shift`` (``c`` the centre) and the output pixels ``[u0, u1)`` they are resized to."""
+    def axis_crop(zoom: float, shift: float, size: int, start: int, stop: int) -> tuple[int, int, int, int]:
+        """Along one axis of a canvas of ``size`` pixels whose pixels ``[start, stop)`` hold the image: those of
+        them that stay on the canvas under ``u = (x - c) zoom + c + shift`` (``c`` the centre), ``[x0, x1)``, and
+        the output pixels ``[u0, u1)`` they are resized to."""
         centre = size / 2
-        x0 = max(0, math.ceil((0 - centre - shift) / zoom + centre - 1e-6))
-        x1 = min(size, math.floor((size - centre - shift) / zoom + centre + 1e-6))
+        x0 = max(start, math.ceil((0 - centre - shift) / zoom + centre - 1e-6))
+        x1 = min(stop, math.floor((size - centre - shift) / zoom + centre + 1e-6))
         u0, u1 = (min(size, max(0, round((x - centre) * zoom + centre + shift))) for x in (x0, x1))
         return x0, x1, u0, u1
