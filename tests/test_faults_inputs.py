@@ -27,7 +27,7 @@ from lightning_det.tools.train import build
 @pytest.mark.parametrize("override, message", [
     ("data.reading.skip_invalid=flase", "data.reading.skip_invalid='flase' must be true/false"),
     ("model.loss.box_loss=iou", "model.loss.box_loss='iou' is not one of ['giou', 'xywh']"),
-    ("model.variant=big", "model.variant='big' is not one of ['tiny', 'yolov3']"),
+    ("model.variant=big", "model.variant='big' is not one of ['tiny', 'tiny3', 'yolov3']"),
     ("optimizer.lr=fast", "optimizer.lr='fast' must be a number"),
     ("data.batch_size=2.5", "data.batch_size=2.5 must be an integer"),
     ("optimizer._target_=torch.optim.SGDD", "optimizer._target_='torch.optim.SGDD' cannot be imported"),

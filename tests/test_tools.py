@@ -95,6 +95,12 @@ def test_predict_matches_evaluate_and_stays_in_original_pixels(runs):
             assert len(predicted) == len(evaluated) and np.allclose(predicted, evaluated, atol=2e-6), (stem, name)
 
 
+def tie_proof_order(scores: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Detections by descending score, as written to the file (6 decimals), ties broken by the whole box: two
+    boxes clipped to the same left edge tie on x1 alone."""
+    return np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], -np.round(scores, 6)))
+
+
 def test_exported_onnx_gives_predicts_detections(runs):
     """The ONNX file of the trained checkpoint, run by ONNX Runtime on the pipeline's input and mapped back to the
     original pixels, reproduces predict's detections (the same boxes, scores and classes)."""
@@ -117,9 +123,9 @@ def test_exported_onnx_gives_predicts_detections(runs):
         scale, pad = batch["meta"]["scale"][i].numpy(), batch["meta"]["pad"][i].numpy()
         height, width = batch["meta"]["orig_size"][i].tolist()
         original = ((boxes[i, :n] - np.tile(pad, 2)) / np.tile(scale, 2)).clip(0, [width, height, width, height])
-        top = 20  # the best detections, in a tie-proof order: score, then box
-        ours = np.lexsort((original[:, 0], -scores[i, :n]))[:top]
-        theirs = np.lexsort((np.array(expected["boxes"])[:, 0], -np.array(expected["scores"])))[:top]
+        top = 20  # the best detections, in a tie-proof order: score (to the file's 6 decimals), then x1, y1, x2, y2
+        ours = tie_proof_order(scores[i, :n], original)[:top]
+        theirs = tie_proof_order(np.array(expected["scores"]), np.array(expected["boxes"]))[:top]
         assert np.allclose(scores[i, ours], np.array(expected["scores"])[theirs], atol=1e-5)
         assert np.allclose(original[ours], np.array(expected["boxes"])[theirs], atol=1e-2)
         assert [CLASSES[c] for c in labels[i, ours]] == [expected["labels"][j] for j in theirs]
