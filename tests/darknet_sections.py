@@ -1,5 +1,5 @@
-"""Darknet's yolov3.cfg, yolov3-tiny.cfg and yolov3-tiny_3l.cfg written out as layer lists, independent of the code under test: the
-network-size tests walk them, the weight-file tests write files in their layout."""
+"""Darknet's yolov3.cfg, yolov3-tiny.cfg and yolov3-tiny_3l.cfg written out as layer lists, independent of the
+code under test: the network-size tests walk them, the weight-file tests write files in their layout."""
 
 # Darknet sections: ("conv", filters, size, stride, batch_normalize) | ("shortcut",) | ("route", layers)
 # | ("upsample",) | ("maxpool", size, stride) | ("yolo",). "P" stands for the prediction filters 3 * (5 + C).

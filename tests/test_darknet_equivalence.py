@@ -3,10 +3,11 @@ what Darknet's own network gives.
 
 Random weights (every conv layer, 80 classes, Darknet's anchors) are written in Darknet's file format, loaded
 through ``init_from`` (``initialise_from``) into the YOLOv3 the Hydra config builds (``model=yolov3`` /
-``model=yolov3_tiny`` / ``model=yolov3_tiny3`` with ``model.anchors=darknet``), and into ``darknet_reference.py``: a second, independent
-reading of the cfg text, the file and the forward pass. Both see one letterboxed image. Every [yolo] output must
-agree, and so must the detections, decoded the Darknet way in the reference at our decoder's thresholds. Both
-sides run in float64 for the tight comparison (the float32 file values widen exactly), and in float32 as deployed.
+``model=yolov3_tiny`` / ``model=yolov3_tiny3`` with ``model.anchors=darknet``), and into ``darknet_reference.py``:
+a second, independent reading of the cfg text, the file and the forward pass. Both see one letterboxed image.
+Every [yolo] output must agree, and so must the detections, decoded the Darknet way in the reference at our
+decoder's thresholds. Both sides run in float64 for the tight comparison (the float32 file values widen
+exactly), and in float32 as deployed.
 
 Differences from ``darknet detector valid`` that are ours on purpose, so the reference is given the same
 settings: ``pre_nms_topk`` (Darknet has none), ``max_detections`` (Darknet keeps all), and clipping boxes to the

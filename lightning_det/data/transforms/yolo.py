@@ -168,7 +168,8 @@ class YoloTrainTransform(DetectionTransform):
             pasted[:, v0:v1, u0:u1] = F.resize(crop, [v1 - v0, u1 - u0], antialias=True)
         source, target = (x0 - left, y0 - top, x1 - left, y1 - top), (u0, v0, u1, v1)
         moved_boxes = map_resized(boxes, source, target)
-        lowest, highest = torch.tensor([u0, v0] * 2, dtype=torch.float32), torch.tensor([u1, v1] * 2, dtype=torch.float32)
+        lowest = torch.tensor([u0, v0] * 2, dtype=torch.float32)
+        highest = torch.tensor([u1, v1] * 2, dtype=torch.float32)
         moved_regions = map_resized(regions, source, target).clamp(min=lowest, max=highest)
         return tv_tensors.Image(pasted), moved_boxes, moved_regions
 

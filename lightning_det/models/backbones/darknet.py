@@ -104,10 +104,8 @@ class DarknetTiny(nn.Module):
         self.stride8_channels = c[3]
 
     def forward(self, x: Tensor, stride8: bool = False) -> list[Tensor]:
-        if not stride8:
-            stride16 = self.to_stride16(x)
-            return [stride16, self.to_stride32(stride16)]
         # The stride-8 map is the fourth conv's output, before the fourth pool (modules 0-6 of to_stride16).
         at8 = self.to_stride16[:7](x)
         stride16 = self.to_stride16[7:](at8)
-        return [at8, stride16, self.to_stride32(stride16)]
+        maps = [stride16, self.to_stride32(stride16)]
+        return [at8, *maps] if stride8 else maps
