@@ -17,7 +17,6 @@ from runs import assert_same_results, compose_config, small_sample, train
 
 from lightning_det.models.detector import Detector
 from lightning_det.models.tta import TestTimeAugmentation, View, mirror_within, weighted_box_fusion
-from lightning_det.models.yolov3.decode import YOLOv3Decoder
 from lightning_det.tools.train import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,7 +259,8 @@ def test_tta_on_two_ddp_processes_scores_what_one_process_scores(trained):
         texts[name] = done.stdout + done.stderr
         results[name] = json.loads((tmp / f"tta_{name}" / "coco_results.json").read_text())
     assert "Starting with 2 processes" in texts["two"]
-    assert_same_results(results["one"], results["two"], cap=YOLOv3Decoder().max_detections)
+    decoder = torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]["decoder"]
+    assert_same_results(results["one"], results["two"], cap=decoder["max_detections"])  # the cap evaluate used
     assert len(map_row(texts["two"])) == 3  # rank zero scored and printed the gathered detections
 
 
