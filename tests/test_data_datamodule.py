@@ -180,16 +180,17 @@ def test_set_mosaic_switches_the_next_epoch(voc_root):
     assert not any(b["meta"]["mosaic"].any() for b in loader)
 
 
-class MosaicRecorder(L.LightningModule):
-    """Records, per epoch, whether each training sample was a mosaic."""
+class MetaRecorder(L.LightningModule):
+    """Records, per epoch, the set of values one ``meta`` entry of the training batches took."""
 
-    def __init__(self):
+    def __init__(self, key):
         super().__init__()
+        self.key = key
         self.weight = torch.nn.Parameter(torch.zeros(()))
-        self.mosaic_by_epoch: dict[int, list[bool]] = {}
+        self.seen: dict[int, set] = {}
 
     def training_step(self, batch, batch_idx):
-        self.mosaic_by_epoch.setdefault(self.current_epoch, []).extend(batch["meta"]["mosaic"].tolist())
+        self.seen.setdefault(self.current_epoch, set()).update(batch["meta"][self.key].tolist())
         return self.weight * batch["images"].mean()
 
     def configure_optimizers(self):
@@ -200,16 +201,63 @@ def test_close_mosaic_turns_mosaic_off_for_the_last_epochs_with_persistent_worke
     datamodule = data_module(voc_root, loader=LoaderOptions(num_workers=1, persistent_workers=True), batch_size=2,
                              pipeline=PipelineOptions(YoloTrainTransform(img_size=SIZE, mix={"mosaic": 1.0}),
                                                       close_mosaic=2))
-    model = MosaicRecorder()
+    model = MetaRecorder("mosaic")
     trainer = L.Trainer(
         max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_train_batches=2, limit_val_batches=0, num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=datamodule)
     assert trainer.train_dataloader.persistent_workers
-    assert {epoch: set(flags) for epoch, flags in model.mosaic_by_epoch.items()} == {
-        0: {True}, 1: {True}, 2: {False}, 3: {False}
-    }
+    assert model.seen == {0: {True}, 1: {True}, 2: {False}, 3: {False}}
+
+
+class ZoomRecorder(YoloTrainTransform):
+    """Hands each sample's zoom width over as its image id, in thousandths."""
+
+    def __call__(self, samples):
+        sample = super().__call__(samples)
+        sample.image_id = round(self.scale * 1000)
+        return sample
+
+
+class ReplanTo(L.Callback):
+    """Re-plans the run to ``epochs`` after its first epoch, as the time budget does."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.fit_loop.max_epochs = self.epochs
+
+
+def test_a_short_run_zooms_narrower_in_proportion_to_its_passes_with_persistent_workers(voc_root):
+    """6 images, batches of 2 and at least 4 steps an epoch: 2 passes an epoch. Planned 4 epochs = 8 passes of
+    full_zoom_passes 16: half of scale 0.5, 250 thousandths; re-planned to 3 epochs = 6 passes: 0.1875."""
+    datamodule = data_module(voc_root, loader=LoaderOptions(num_workers=1, persistent_workers=True), batch_size=2,
+                             sampler=SamplerOptions(min_steps_per_epoch=4),
+                             pipeline=PipelineOptions(ZoomRecorder(img_size=SIZE, scale=0.5), full_zoom_passes=16))
+    model = MetaRecorder("image_id")
+    trainer = L.Trainer(
+        max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_train_batches=2, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[ReplanTo(3)],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.train_dataloader.persistent_workers
+    assert model.seen == {0: {250}, 1: {188}, 2: {188}}
+
+
+def test_a_run_of_full_zoom_passes_or_more_keeps_the_full_zoom(voc_root):
+    for passes in (0, 8):  # 0: off; 8: as many as 4 epochs of 2 passes
+        datamodule = data_module(voc_root, batch_size=2, sampler=SamplerOptions(min_steps_per_epoch=4),
+                                 pipeline=PipelineOptions(ZoomRecorder(img_size=SIZE, scale=0.5),
+                                                          full_zoom_passes=passes))
+        model = MetaRecorder("image_id")
+        trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_train_batches=1,
+                            limit_val_batches=0, num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=datamodule)
+        assert model.seen == {epoch: {500} for epoch in range(4)}
 
 
 def test_wrong_settings_fail_at_construction(voc_root):
@@ -217,6 +265,8 @@ def test_wrong_settings_fail_at_construction(voc_root):
         data_module(voc_root, val=None)
     with pytest.raises(ValueError, match="img_size=128 differs"):
         data_module(voc_root, pipeline=PipelineOptions(YoloTrainTransform(img_size=128)))
+    with pytest.raises(ValueError, match="full_zoom_passes"):
+        PipelineOptions(full_zoom_passes=-1)
 
 
 def compose_data(name, data_dir, **overrides):

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from test_data_transforms import make_sample
 
 from lightning_det.data.dataset import DetectionDataset, class_balanced_weights
-from lightning_det.data.transforms import SSDTrainTransform, YoloTrainTransform
+from lightning_det.data.transforms import EpochAugment, SSDTrainTransform, YoloTrainTransform
 from lightning_det.data.transforms.mix import MAX_HIDDEN, Donor, mixup, paste_objects
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,9 +114,10 @@ def test_mixup_in_the_dataset_and_closed_with_mosaic(records):
     table, _ = records
     torch.manual_seed(0)
     dataset = DetectionDataset(table, YoloTrainTransform(img_size=160, mix={"mixup": 1.0}, rect=True))
-    counts = [len(dataset[(index, True)].labels) for index in range(7)]
+    counts = [len(dataset[(index, EpochAugment())].labels) for index in range(7)]
     assert all(count >= 2 for count in counts[:6]) and counts[6] >= 2  # each got a partner's objects too
-    assert [len(dataset[(index, False)].labels) for index in range(7)] == [2] * 6 + [1]  # closed: none mixed
+    closed = EpochAugment(mix=False)
+    assert [len(dataset[(index, closed)].labels) for index in range(7)] == [2] * 6 + [1]  # closed: none mixed
 
 
 def test_the_ssd_pipeline_refuses_mosaic():

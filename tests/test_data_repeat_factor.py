@@ -12,13 +12,14 @@ from helpers import make_voc
 from lightning_det.data import (
     DetectionDataModule,
     LoaderOptions,
-    MosaicSampler,
     PipelineOptions,
     SamplerOptions,
+    TrainingSampler,
     VOCSource,
 )
 from lightning_det.data.records import AnnotationRecord
 from lightning_det.data.repeat_factor import image_repeat_factors, pass_length, repeated_indices
+from lightning_det.data.transforms import EpochAugment
 
 
 def record(labels: list[int]) -> AnnotationRecord:
@@ -61,12 +62,12 @@ def test_fractions_are_rounded_to_whole_extras_in_proportion():
 
 def test_the_sampler_draws_anew_each_epoch_and_the_same_on_every_rank():
     factors = [1.0, 2.5, 1.25, 3.0, 1.6]  # 8 whole repeats + round(1.35) = 9 a pass
-    sampler = MosaicSampler(5, lambda: True, seed=7, repeats=2, repeat_factors=factors)
+    sampler = TrainingSampler(5, EpochAugment, seed=7, repeats=2, repeat_factors=factors)
     epochs = []
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         epochs.append([index for index, _ in sampler])
-        again = MosaicSampler(5, lambda: True, seed=7, repeats=2, repeat_factors=factors)  # another rank's copy
+        again = TrainingSampler(5, EpochAugment, seed=7, repeats=2, repeat_factors=factors)  # another rank's copy
         again.set_epoch(epoch)
         assert [index for index, _ in again] == epochs[-1]
     assert len(sampler) == 18 and all(len(order) == 18 for order in epochs) and epochs[0] != epochs[1]

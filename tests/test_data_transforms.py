@@ -182,6 +182,29 @@ def test_zoomed_and_shifted_boxes_follow_their_pixels(seed, rect):
     assert (x2 - x1) / (y2 - y1) == pytest.approx(130 / 90, rel=0.03)  # zoomed alike in x and y
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_zoom_share_narrows_the_zoom_and_share_zero_is_the_letterbox(seed):
+    """``with_zoom_share(0)``: zoom 1 and, without a shift, exactly the evaluation letterbox's boxes and pixels;
+    0.5 of ``scale`` 0.8 keeps every zoom within 1 +- 0.4 (a 100 px wide box stays 60 to 140 px wide) and leaves
+    the configured transform as it was."""
+    torch.manual_seed(seed)
+    sample = make_sample(300, 400, [[100.0, 50.0, 200.0, 150.0]], [0], colour=(90, 90, 90),
+                         box_colours=[(250, 20, 20)])
+    still = dict(translate=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, flip=0.0)
+    transform = YoloTrainTransform(img_size=SIZE, scale=0.8, **still)
+    unzoomed = transform.with_zoom_share(0.0)([sample])
+    letterboxed = LetterboxTransform(img_size=SIZE)([sample])
+    torch.testing.assert_close(unzoomed.boxes, letterboxed.boxes)
+    assert torch.equal(unzoomed.image, letterboxed.image.to(torch.uint8))
+    assert transform.with_zoom_share(1.0) is transform
+    half = transform.with_zoom_share(0.5)
+    assert transform.scale == 0.8 and type(half) is YoloTrainTransform
+    widths = torch.tensor([float(box[2] - box[0]) for box in (half([sample]).boxes[0] for _ in range(20))])
+    letterbox_width = float(letterboxed.boxes[0, 2] - letterboxed.boxes[0, 0])
+    assert bool((widths >= 0.6 * letterbox_width - 1).all() and (widths <= 1.4 * letterbox_width + 1).all())
+    assert float(widths.std()) > 0  # still zooming
+
+
 def test_colour_matrix_by_hand():
     grey, red = torch.tensor([100.0, 100.0, 100.0]), torch.tensor([200.0, 0.0, 0.0])
     torch.testing.assert_close(colour_matrix(1.0, 1.0, 0.0), torch.eye(3), atol=1e-5, rtol=0)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lightning_det.data import AspectRatioBatchSampler, MosaicSampler, collate_detection
-from lightning_det.data.transforms import RCNNTransform, Sample
+from lightning_det.data import AspectRatioBatchSampler, TrainingSampler, collate_detection
+from lightning_det.data.transforms import EpochAugment, RCNNTransform, Sample
 
 
 def sample(height: int, width: int, boxes: list[list[float]]) -> Sample:
@@ -85,7 +85,7 @@ def test_collate_keeps_equal_sizes_unpadded_by_default():
 
 def test_aspect_ratio_batches_hold_one_orientation_and_cover_every_image_once():
     landscape = [True, False, True, True, False, False, False, True, True]
-    sampler = MosaicSampler(len(landscape), lambda: False, shuffle=True, seed=3)
+    sampler = TrainingSampler(len(landscape), EpochAugment, shuffle=True, seed=3)
     batches = list(AspectRatioBatchSampler(sampler, batch_size=2, landscape=landscape))
     assert len(batches) == len(AspectRatioBatchSampler(sampler, batch_size=2, landscape=landscape)) == 3 + 2
     assert sorted(index for batch in batches for index, _ in batch) == list(range(len(landscape)))
@@ -102,7 +102,7 @@ def test_lightning_puts_a_distributed_sampler_under_the_aspect_ratio_batches():
 
     landscape = [True, False, True, True, False, False, False, True]
     with _replace_dunder_methods(BatchSampler), _replace_dunder_methods(DataLoader, "dataset"):
-        sampler = MosaicSampler(len(landscape), lambda: False, shuffle=False)
+        sampler = TrainingSampler(len(landscape), EpochAugment, shuffle=False)
         loader = DataLoader(range(8), batch_sampler=AspectRatioBatchSampler(sampler, 2, landscape=landscape))
     seen = []
     for rank in range(2):

@@ -6,8 +6,8 @@ from lightning_det.data.datamodule import DetectionDataModule
 from lightning_det.data.dataset import (
     AspectRatioBatchSampler,
     DetectionDataset,
-    MosaicSampler,
     SortedAspectRatioBatchSampler,
+    TrainingSampler,
 )
 from lightning_det.data.options import LoaderOptions, PipelineOptions, ReadingOptions, SamplerOptions
 from lightning_det.data.records import (
@@ -32,7 +32,7 @@ __all__ = [
     "ImageLoadError",
     "InvalidAnnotationError",
     "LoaderOptions",
-    "MosaicSampler",
+    "TrainingSampler",
     "PipelineOptions",
     "ReadingOptions",
     "SAMPLE_CLASSES",

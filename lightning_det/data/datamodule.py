@@ -20,13 +20,13 @@ from lightning_det.data.collate import collate_detection
 from lightning_det.data.dataset import (
     AspectRatioBatchSampler,
     DetectionDataset,
-    MosaicSampler,
     SortedAspectRatioBatchSampler,
+    TrainingSampler,
 )
 from lightning_det.data.options import LoaderOptions, PipelineOptions, ReadingOptions, SamplerOptions
 from lightning_det.data.records import AnnotationSource, RecordTable, read_annotations, train_without_val_images
 from lightning_det.data.repeat_factor import auto_threshold, class_image_shares, image_repeat_factors, pass_length
-from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
+from lightning_det.data.transforms import EpochAugment, LetterboxTransform, YoloTrainTransform
 from lightning_det.data.transforms.albumentations_hook import AlbumentationsStep
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,9 @@ class DetectionDataModule(L.LightningDataModule):
         self.collate = partial(collate_detection, label_pad_width=self.loader.label_pad_width,
                                size_divisor=pipeline.size_divisor)
         self.close_mosaic = pipeline.close_mosaic
+        self.full_zoom_passes = pipeline.full_zoom_passes
+        self._passes_per_epoch = 1
+        self._zoom_logged: float | None = None
         self.group_aspect_ratio = pipeline.group_aspect_ratio
         self.rect_eval = pipeline.rect_eval
         self.records: dict[str, RecordTable] = {}  # per role: train, val, test
@@ -199,13 +202,17 @@ class DetectionDataModule(L.LightningDataModule):
                              "data.val_split=0.1), or set data.val to a separate validation source")
         return records.take(np.sort(order[count:])), records.take(np.sort(order[:count]))
 
-    # --- mosaic ----------------------------------------------------------------------------------------------
+    # --- the epoch's augmentation ----------------------------------------------------------------------------
+    def epoch_augment(self) -> EpochAugment:
+        """Asked by the training sampler at the start of every epoch, in the main process."""
+        return EpochAugment(mix=self.mosaic_enabled(), zoom_share=self.zoom_share())
+
     def set_mosaic(self, enabled: bool) -> None:
         """Force mosaic on or off from the next epoch, overriding ``close_mosaic``."""
         self._mosaic_override = enabled
 
     def mosaic_enabled(self) -> bool:
-        """Asked by the training sampler at the start of every epoch, in the main process."""
+        """Whether this epoch's samples may be made of several images (``set_mosaic``, else ``close_mosaic``)."""
         if self._mosaic_override is not None:
             return self._mosaic_override
         trainer = self.trainer
@@ -217,6 +224,25 @@ class DetectionDataModule(L.LightningDataModule):
             rank_zero_info(f"epoch {trainer.current_epoch}: mosaic off for the last {closed} epochs")
             self._mosaic_closed_logged = True
         return enabled
+
+    def zoom_share(self) -> float:
+        """The share of the zoom width this epoch: planned passes over each training image / ``full_zoom_passes``,
+        at most 1. The plan is ``max_epochs``, which a time budget re-lays every epoch.
+
+        A run too short for its set underfits (aquarium in 12 CPU minutes scores little more on its own training
+        images than on validation), and a wide zoom then costs it more than it protects; a long run needs the zoom
+        against memorising (BENCHMARKS.md, "zoom width by the run's length")."""
+        trainer = self.trainer
+        if not self.full_zoom_passes or trainer is None or trainer.max_epochs is None or trainer.max_epochs < 0:
+            return 1.0
+        passes = trainer.max_epochs * self._passes_per_epoch
+        share = min(1.0, passes / self.full_zoom_passes)
+        if share < 1 and (self._zoom_logged is None or abs(share - self._zoom_logged) >= 0.1):
+            rank_zero_info(f"epoch {trainer.current_epoch}: zoom width {share:.2f} of train_transform.scale: the "
+                           f"run is planned to show each image {passes} times, fewer than "
+                           f"data.pipeline.full_zoom_passes={self.full_zoom_passes:g}")
+            self._zoom_logged = share
+        return share
 
     # --- loaders ---------------------------------------------------------------------------------------------
     def dataset(self, role: str) -> DetectionDataset:
@@ -268,8 +294,9 @@ class DetectionDataModule(L.LightningDataModule):
         dataset = self.dataset("train")
         factors = self.repeat_factors(dataset.records) if self.sampler.kind == "repeat_factor" else None
         per_pass = len(dataset) if factors is None else pass_length(torch.from_numpy(factors))
-        sampler = MosaicSampler(len(dataset), self.mosaic_enabled, shuffle=True, seed=self.sampler.seed,
-                                repeats=self.epoch_repeats(per_pass), repeat_factors=factors)
+        self._passes_per_epoch = self.epoch_repeats(per_pass)
+        sampler = TrainingSampler(len(dataset), self.epoch_augment, shuffle=True, seed=self.sampler.seed,
+                                  repeats=self._passes_per_epoch, repeat_factors=factors)
         if self.group_aspect_ratio:
             landscape = dataset.records.widths >= dataset.records.heights
             batches = AspectRatioBatchSampler(sampler, self.batch_size, landscape=landscape)

@@ -1,5 +1,5 @@
-"""A map-style dataset of annotation records, the sampler that switches mosaic from the main process, and the
-batch samplers that keep images of similar shape together."""
+"""A map-style dataset of annotation records, the training sampler that carries each epoch's augmentation settings
+from the main process, and the batch samplers that keep images of similar shape together."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as F
 from lightning_det.data.cache import image_bytes, shared_image_cache
 from lightning_det.data.records import AnnotationRecord, ImageLoadError, as_table, load_image
 from lightning_det.data.repeat_factor import pass_length, repeated_indices
-from lightning_det.data.transforms import DetectionTransform, Sample
+from lightning_det.data.transforms import DetectionTransform, EpochAugment, Sample
 from lightning_det.data.transforms.common import NO_MIX
 from lightning_det.data.transforms.mix import MAX_PASTED, Donor, crop_object, mixup, paste_objects
 
@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 class DetectionDataset(Dataset[Sample]):
     """Loads a record's image and applies the transform.
 
-    An item is an index, or ``(index, mix_allowed)`` as yielded by :class:`MosaicSampler`. When mixing is
-    allowed, the transform's ``mix`` settings (:class:`~lightning_det.data.transforms.common.MixAugment`) apply:
-    with probability ``copy_paste`` the image first gets 1 to ``MAX_PASTED`` objects of other images, chosen
+    An item is an index, or ``(index, EpochAugment)`` as yielded by :class:`TrainingSampler`: the epoch's
+    settings choose whether mixing is allowed and how wide the transform's zoom is. When mixing is allowed, the
+    transform's ``mix`` settings (:class:`~lightning_det.data.transforms.common.MixAugment`) apply: with
+    probability ``copy_paste`` the image first gets 1 to ``MAX_PASTED`` objects of other images, chosen
     class-balanced (each class as likely); with probability ``mosaic`` the transform receives four samples (this
     one and three random others), else one; with probability ``mixup`` the result is blended with the transformed
     sample of a random other image.
@@ -126,24 +127,25 @@ class DetectionDataset(Dataset[Sample]):
         )
         return sample if self.augment is None else self.augment(sample)
 
-    def __getitem__(self, item: int | tuple[int, bool]) -> Sample:
-        index, mix_allowed = item if isinstance(item, tuple) else (item, True)
-        mix = self.mix if mix_allowed else NO_MIX
-        sample = self.transformed(index, mix.mosaic, mix.copy_paste)
+    def __getitem__(self, item: int | tuple[int, EpochAugment]) -> Sample:
+        index, epoch = item if isinstance(item, tuple) else (item, EpochAugment())
+        mix = self.mix if epoch.mix else NO_MIX
+        transform = self.transform.with_zoom_share(epoch.zoom_share)
+        sample = self.transformed(index, transform, mix.mosaic, mix.copy_paste)
         if mix.mixup > 0 and torch.rand(()) < mix.mixup:
-            partner = self.transformed(int(torch.randint(len(self), ())), mix.mosaic, mix.copy_paste)
-            sample = mixup(sample, partner, self.transform.fill)
+            partner = self.transformed(int(torch.randint(len(self), ())), transform, mix.mosaic, mix.copy_paste)
+            sample = mixup(sample, partner, transform.fill)
         return sample
 
-    def transformed(self, index: int, mosaic: float, copy_paste: float) -> Sample:
-        """The transform's sample of image ``index``: with probability ``copy_paste`` with objects pasted in, with
+    def transformed(self, index: int, transform: DetectionTransform, mosaic: float, copy_paste: float) -> Sample:
+        """``transform``'s sample of image ``index``: with probability ``copy_paste`` with objects pasted in, with
         probability ``mosaic`` in a mosaic with three random others."""
         samples = [self.load(index)]
         if copy_paste > 0 and torch.rand(()) < copy_paste:
             samples[0] = paste_objects(samples[0], self.donors())
         if mosaic > 0 and torch.rand(()) < mosaic:
             samples += [self.load(int(j)) for j in torch.randint(len(self), (3,))]
-        return self.transform(samples)
+        return transform(samples)
 
     def donors(self) -> list[Donor]:
         """1 to ``MAX_PASTED`` objects drawn by ``donor_weights``, each cut from its decoded image."""
@@ -170,20 +172,21 @@ def class_balanced_weights(labels: np.ndarray, difficult: np.ndarray) -> Tensor:
     return torch.from_numpy(weights)
 
 
-class MosaicSampler(Sampler[tuple[int, bool]]):
-    """Yields ``(index, mosaic_allowed)``; asks ``mosaic_enabled()`` once per epoch, in the main process.
+class TrainingSampler(Sampler[tuple[int, EpochAugment]]):
+    """Yields ``(index, EpochAugment)``; asks ``epoch_augment()`` once per epoch, in the main process.
 
-    Because the decision travels with the indices, switching mosaic off (``close_mosaic``) reaches the workers
-    even when they are persistent and hold their own copy of the dataset. The order is a permutation seeded by
+    Because the settings travel with the indices, switching mosaic off (``close_mosaic``) or narrowing the zoom
+    (``full_zoom_passes``) reaches the workers even when they are persistent and hold their own copy of the
+    dataset. The order is a permutation seeded by
     ``seed + epoch`` (Lightning calls :meth:`set_epoch`), so it is the same on every DDP rank. With
     ``repeat_factors`` (:mod:`~lightning_det.data.repeat_factor`) a pass shows image ``i`` about ``factors[i]``
     times, drawn anew each epoch, in a pass of fixed length.
     """
 
-    def __init__(self, size: int, mosaic_enabled: Callable[[], bool], shuffle: bool = True, seed: int = 0,
+    def __init__(self, size: int, epoch_augment: Callable[[], EpochAugment], shuffle: bool = True, seed: int = 0,
                  repeats: int = 1, repeat_factors: Sequence[float] | None = None) -> None:
         self.size = size
-        self.mosaic_enabled = mosaic_enabled
+        self.epoch_augment = epoch_augment
         self.shuffle = shuffle
         self.seed = seed
         self.repeats = repeats  # passes over the dataset per epoch, each in its own order (small sets)
@@ -203,11 +206,11 @@ class MosaicSampler(Sampler[tuple[int, bool]]):
         indices = repeated_indices(self.repeat_factors, generator)
         return indices[torch.randperm(len(indices), generator=generator)] if self.shuffle else indices
 
-    def __iter__(self) -> Iterator[tuple[int, bool]]:
+    def __iter__(self) -> Iterator[tuple[int, EpochAugment]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.cat([self._one_pass(generator) for _ in range(self.repeats)])
-        mosaic = bool(self.mosaic_enabled())
-        return iter([(index, mosaic) for index in order.tolist()])
+        epoch = self.epoch_augment()
+        return iter([(index, epoch) for index in order.tolist()])
 
 
 class AspectRatioBatchSampler(BatchSampler):
@@ -256,8 +259,8 @@ class SortedAspectRatioBatchSampler(BatchSampler):
         yield from (order[start : start + self.batch_size] for start in range(0, stop, self.batch_size))
 
 
-def index(item: int | tuple[int, bool]) -> int:
-    """The dataset index of a sampler item (an index, or ``(index, mosaic_allowed)`` from MosaicSampler)."""
+def index(item: int | tuple[int, EpochAugment]) -> int:
+    """The dataset index of a sampler item (an index, or ``(index, EpochAugment)`` from TrainingSampler)."""
     return item[0] if isinstance(item, tuple) else item
 
 

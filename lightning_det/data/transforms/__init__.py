@@ -2,6 +2,7 @@
 
 from lightning_det.data.transforms.common import (
     DetectionTransform,
+    EpochAugment,
     LetterboxTransform,
     Sample,
     clip_and_filter,
@@ -13,6 +14,7 @@ from lightning_det.data.transforms.yolo import YoloTrainTransform
 
 __all__ = [
     "DetectionTransform",
+    "EpochAugment",
     "LetterboxTransform",
     "RCNNTransform",
     "SSDEvalTransform",

@@ -187,6 +187,19 @@ class MixAugment:
 NO_MIX = MixAugment()
 
 
+@dataclass(frozen=True)
+class EpochAugment:
+    """What the main process decides for an epoch's training samples. The training sampler sends it with every
+    index, so loader workers follow it even when they are persistent and hold their own copy of the transform.
+
+    ``mix``: the multi-image augmentations are allowed (``close_mosaic`` turns them off for the last epochs).
+    ``zoom_share``: the share of the transform's zoom width to use (``pipeline.full_zoom_passes``).
+    """
+
+    mix: bool = True
+    zoom_share: float = 1.0
+
+
 class DetectionTransform:
     """Base of every pipeline: ``__call__(samples) -> Sample`` with the image as pixels (0..255), ``uint8`` or
     ``float``; collation turns a batch into ``float`` once (:func:`~lightning_det.data.collate.pad_and_stack`).
@@ -202,6 +215,10 @@ class DetectionTransform:
 
     def __call__(self, samples: list[Sample]) -> Sample:
         raise NotImplementedError
+
+    def with_zoom_share(self, share: float) -> DetectionTransform:
+        """This transform with ``share`` of its random zoom's width; one without a random zoom is itself."""
+        return self
 
     @staticmethod
     def export_settings(settings: dict[str, Any], img_size: int | None, mean_pixel: list[float]) -> dict[str, Any]:

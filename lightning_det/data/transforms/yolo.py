@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 
@@ -77,6 +78,14 @@ class YoloTrainTransform(DetectionTransform):
         self.min_size = min_size
         self.min_visible = min_visible
         self.hsv_h, self.hsv_s, self.hsv_v = hsv_h, hsv_s, hsv_v
+
+    def with_zoom_share(self, share: float) -> YoloTrainTransform:
+        """A copy zooming in ``1 +- share * scale``."""
+        if share == 1:
+            return self
+        narrowed = copy.copy(self)
+        narrowed.scale = self.scale * share
+        return narrowed
 
     @property
     def decode_size(self) -> int:
