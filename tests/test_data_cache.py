@@ -23,7 +23,7 @@ from lightning_det.data import cache as cache_module
 from lightning_det.data import dataset as dataset_module
 from lightning_det.data.cache import ImageCacheError
 from lightning_det.data.dataset import DetectionDataset
-from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
+from lightning_det.data.transforms import EpochAugment, LetterboxTransform, YoloTrainTransform
 
 REPO = Path(__file__).resolve().parents[1]
 # 300 x 400 and 350 x 210 are reduced to 160 on the longer side by the training pipeline, 90 x 120 is kept.
@@ -78,7 +78,8 @@ def test_cached_samples_are_the_decoded_ones(root, kind, transform, decodings):
     (file,) = cache_files(kind)
     assert file.stat().st_size == (REDUCED_BYTES if cached.decode_size else FULL_BYTES)
     uncached = DetectionDataset(records, transform, cache_bytes=0)
-    items = [(0, True), (1, True), (2, False), (1, False)]
+    mixed, single = EpochAugment(), EpochAugment(mix=False)
+    items = [(0, mixed), (1, mixed), (2, single), (1, single)]
     expected = [torch.manual_seed(3) and uncached[item] for item in items]
     decodings.clear()
     actual = [torch.manual_seed(3) and cached[item] for item in items]

@@ -7,7 +7,7 @@ from helpers import make_voc, read_voc_train
 
 from lightning_det.data import dataset as dataset_module
 from lightning_det.data.dataset import DetectionDataset
-from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
+from lightning_det.data.transforms import EpochAugment, LetterboxTransform, YoloTrainTransform
 
 IMAGES = {"wide": (300, 400, [("a", (41, 31, 200, 150), False)]), "tall": (350, 210, [("b", (11, 21, 150, 300), False)])}
 
@@ -27,7 +27,8 @@ def test_reduced_decoding_gives_the_same_augmented_samples(records):
     image, boxes = reduced.image_and_boxes(0)
     assert image.shape == (3, 120, 160)  # 300 x 400 -> longer side 160
     torch.testing.assert_close(boxes, torch.tensor([[40.0, 30.0, 200.0, 150.0]]) * 0.4)
-    for item in [(0, True), (1, True), (0, False), (1, False)]:
+    mixed, single = EpochAugment(), EpochAugment(mix=False)
+    for item in [(0, mixed), (1, mixed), (0, single), (1, single)]:
         torch.manual_seed(7)
         expected = full[item]
         torch.manual_seed(7)

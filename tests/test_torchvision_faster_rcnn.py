@@ -82,7 +82,8 @@ BOX_CODE_STD = 2.0  # RoI codes, divided by (10, 10, 5, 5): detections move ~0.2
 
 INPUT_ATOL = 2e-6  # normalised input units; measured 7.2e-7
 PROPOSAL_ATOL = 1e-3  # px of the resized image; measured up to 4.6e-4 (MobileNets, v2)
-BOX_ATOL = 4e-3  # px of the original image; measured up to 1.3e-3 (MobileNets, v2), 5.8e-4 (ResNet-50 FPN)
+BOX_ATOL = 1.2e-2  # px of the original image; measured up to 1.3e-3 (MobileNets, v2), 5.8e-4 (ResNet-50 FPN) on an
+#                    Intel CPU, 8.0e-3 (v2) on an AMD EPYC, whose float32 kernels sum in another order
 SCORE_ATOL = 1e-4  # measured up to 1.6e-5
 TIE_ATOL = 1e-5  # proposal scores within this of each other may come in either order
 DECODE_ATOL = 2.5e-4  # px: the box decoding alone, a few float32 steps (6.1e-5) of a 500 px coordinate
