@@ -177,10 +177,9 @@ class TrainingSampler(Sampler[tuple[int, EpochAugment]]):
 
     Because the settings travel with the indices, switching mosaic off (``close_mosaic``) or narrowing the zoom
     (``full_zoom_passes``) reaches the workers even when they are persistent and hold their own copy of the
-    dataset. The order is a permutation seeded by
-    ``seed + epoch`` (Lightning calls :meth:`set_epoch`), so it is the same on every DDP rank. With
-    ``repeat_factors`` (:mod:`~lightning_det.data.repeat_factor`) a pass shows image ``i`` about ``factors[i]``
-    times, drawn anew each epoch, in a pass of fixed length.
+    dataset. The order is a permutation seeded by ``seed + epoch`` (Lightning calls :meth:`set_epoch`), so it is
+    the same on every DDP rank. With ``repeat_factors`` (:mod:`~lightning_det.data.repeat_factor`) a pass shows
+    image ``i`` about ``factors[i]`` times, drawn anew each epoch, in a pass of fixed length.
     """
 
     def __init__(self, size: int, epoch_augment: Callable[[], EpochAugment], shuffle: bool = True, seed: int = 0,
