@@ -31,7 +31,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
+from configs import compose_config
 from hydra.utils import instantiate
 from tables import table
 
@@ -89,8 +89,7 @@ def child(args: argparse.Namespace) -> None:
         f"data.loader.cache={'null' if args.cache in ('off', 'null') else args.cache}",
         f"data.img_size={args.img_size}",
     ]
-    with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config(overrides)
     datamodule = instantiate(cfg.data)
     if args.cache == "off":  # no private copies either: every image decoded every time
         build_dataset = datamodule.dataset

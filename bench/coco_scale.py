@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -47,6 +46,7 @@ from lightning_det.models.yolov3.module import YOLOv3
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+from configs import compose_config  # noqa: E402
 from tables import table  # noqa: E402
 
 COCO_TRAIN, COCO_VAL = 118_287, 5_000
@@ -194,8 +194,7 @@ def measure(folder: Path, workers: int) -> dict:
     overrides = ["data=coco", f"data.root={folder}", "data.train.annotation_file=annotations/instances_train.json",
                  "data.train.image_dir=train", "data.val.annotation_file=annotations/instances_val.json",
                  "data.val.image_dir=val", f"data.loader.num_workers={workers}", f"data.img_size={img_size}"]
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config(overrides)
     datamodule = instantiate(cfg.data)
     with results("setup"):  # image checks cached: the training images were checked above
         datamodule.setup("fit")

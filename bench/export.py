@@ -20,13 +20,12 @@ from pathlib import Path
 
 import onnxruntime
 import torch
+from configs import model_config
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from tables import table
 
 from lightning_det.tools.export import ExportableDetector, export_onnx, export_torchscript
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = ["yolov3_tiny", "yolov3", "ssdlite", "ssd300", "faster_rcnn_mobilenet"]
 DARKNET_SIZE = 416  # the YOLO configs choose their input from the data (img_size: auto); measured at Darknet's
 
@@ -34,10 +33,10 @@ log = logging.getLogger(__name__)
 
 
 def build(name: str, conf: float) -> tuple[ExportableDetector, int]:
-    cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    cfg = model_config(name)
     cfg.model.decoder.score_thresh = conf
     detector = instantiate(cfg.model, num_classes=20, _recursive_=False).eval()  # parts go in as configs
-    if "max_size" in cfg.data.get("train_transform", {}):  # Faster R-CNN: the canvas export gives it by default
+    if "max_size" in cfg.data.pipeline.train_transform:  # Faster R-CNN: the canvas export gives it by default
         side = int(cfg.data.pipeline.train_transform.max_size)
     else:
         side = DARKNET_SIZE if cfg.data.img_size == "auto" else int(cfg.data.img_size)

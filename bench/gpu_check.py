@@ -36,7 +36,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.memory import garbage_collection_cuda, is_oom_error
@@ -50,6 +49,9 @@ from lightning_det.search.tables import markdown_table
 from lightning_det.tools.train import build_model
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # a script: its sibling modules, also when a test loads it by path
+from configs import compose_config  # noqa: E402
+
 NUM_CLASSES = 20  # Pascal VOC
 
 #: Dense bf16 tensor-core peaks in TFLOP/s (no sparsity), NVIDIA's data sheets, by a part of the device name; the
@@ -117,12 +119,6 @@ SMOKE = Plan(
 def peak_tflops(device_name: str) -> float | None:
     """The card's dense bf16 peak, or None for a card not in :data:`PEAK_BF16_TFLOPS` (or a CPU)."""
     return next((peak for part, peak in PEAK_BF16_TFLOPS if part in device_name), None)
-
-
-def compose_config(overrides: Sequence[str]) -> DictConfig:
-    """``conf/train.yaml`` composed with ``overrides``, as ``train.py`` composes it."""
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def build_detector(cfg: DictConfig) -> Detector:

@@ -28,10 +28,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from configs import CONF, model_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tables import table
@@ -41,22 +41,19 @@ from lightning_det.models.yolov3.decode import decode_boxes
 from lightning_det.models.yolov3.grid import PredictionGrid
 from lightning_det.models.yolov3.loss import YOLOv3Loss
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 NUM_CLASSES = 20  # Pascal VOC
 DARKNET_SIZE = 416  # the YOLO configs choose their input from the data (img_size: auto); measured at Darknet's
 
 log = logging.getLogger(__name__)
 
 
-def from_config(name: str, img_size: int | None = None, tuned: str | None = None) -> Callable[[], tuple[Detector, int]]:
-    """A builder for ``conf/model/<name>.yaml`` (merged with ``conf/tuned/<tuned>.yaml`` when given): the model for
-    ``NUM_CLASSES`` and the config's ``data.img_size`` (or ``img_size``, for pipelines that resize by the shorter
-    side, e.g. Faster R-CNN's 600 -> 608 padded)."""
+def from_config(name: str, img_size: int | None = None, tuned: bool = False) -> Callable[[], tuple[Detector, int]]:
+    """A builder for ``model=<name>`` (with its sample-data tuning when ``tuned``): the model for ``NUM_CLASSES``
+    and the config's ``data.img_size`` (or ``img_size``, for pipelines that resize by the shorter side, e.g. Faster
+    R-CNN's 600 -> 608 padded)."""
 
     def build() -> tuple[Detector, int]:
-        cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-        if tuned:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(CONF / "tuned" / f"{tuned}.yaml"))
+        cfg = model_config(name, tuned)
         model = instantiate(cfg.model, num_classes=NUM_CLASSES, _recursive_=False)  # parts go in as configs
         return model, img_size or int(cfg.data.img_size)
 
@@ -81,8 +78,8 @@ CASES = [
     Case("ssdlite", from_config("ssdlite"), batch_size=4),
     Case("faster_rcnn_mobilenet", from_config("faster_rcnn_mobilenet", img_size=608), batch_size=1),
     Case("faster_rcnn_mobilenet", from_config("faster_rcnn_mobilenet", img_size=608), batch_size=4),
-    Case("faster_rcnn_mobilenet_sample", from_config("faster_rcnn_mobilenet", 320, "sample_faster_rcnn_mobilenet"), 1),
-    Case("faster_rcnn_mobilenet_sample", from_config("faster_rcnn_mobilenet", 320, "sample_faster_rcnn_mobilenet"), 4),
+    Case("faster_rcnn_mobilenet_sample", from_config("faster_rcnn_mobilenet", 320, tuned=True), 1),
+    Case("faster_rcnn_mobilenet_sample", from_config("faster_rcnn_mobilenet", 320, tuned=True), 4),
 ]
 
 
@@ -239,7 +236,7 @@ def precision_rows(rounds: int) -> list[tuple[str, ...]]:
     forward and loss autocast, the backward and the Adam step outside), alternated over ``rounds``."""
     rows = []
     for name, width, size, batch_size in PRECISION_CASES:
-        cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+        cfg = model_config(name)
         cfg.model.width = width
         model = instantiate(cfg.model, num_classes=NUM_CLASSES, _recursive_=False)
         model.to(memory_format=torch.channels_last).train()
@@ -271,7 +268,7 @@ LOSS_VARIANTS = ("today: full IoU matrix", "chunked")
 def loss_case(variant: str, objects: int, iterations: int) -> tuple[float, float]:
     """(median ms, peak resident-memory growth in MB) of the YOLOv3 loss, targets included, on random yolov3 416 b4
     predictions with ``objects`` per image. Run in a fresh process (``--loss-case``), so the peak is this loss's."""
-    cfg = OmegaConf.load(CONF / "model" / "yolov3.yaml")
+    cfg = model_config("yolov3")
     img_size = DARKNET_SIZE
     model = instantiate(cfg.model, num_classes=NUM_CLASSES, width=0.0625, _recursive_=False)  # no full network needed
     if variant == LOSS_VARIANTS[0]:
