@@ -37,7 +37,6 @@ from tables import table
 
 from lightning_det.data import cache as cache_module
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 BCCD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bccd" / "BCCD"
 RAM_FOLDER = Path("/dev/shm/lightning_det_bench")  # the ram cache of these runs, emptied before each
 

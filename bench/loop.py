@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from configs import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tables import table
@@ -33,7 +34,6 @@ from lightning_det.data import DetectionDataModule, LoaderOptions, PipelineOptio
 from lightning_det.data.transforms import LetterboxTransform, YoloTrainTransform
 from lightning_det.models.yolov3 import YOLOv3
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 BCCD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bccd" / "BCCD"
 
 log = logging.getLogger(__name__)

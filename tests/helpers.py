@@ -7,8 +7,11 @@ labels as the text lines of their label files.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -164,3 +167,19 @@ def tiny_checkpoint(path: Path, width: float = 0.5, num_classes: int = 2) -> Pat
                 "inference_pipeline": {"_target_": "lightning_det.data.transforms.LetterboxTransform",
                                        "img_size": 64}}, path)
     return path
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_script(name: str) -> ModuleType:
+    """``bench/<name>.py`` loaded by path (a script, not a package module), registered under its name so that its
+    dataclasses work, with its sibling modules (``configs``, ``tables``) importable as when it runs."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))

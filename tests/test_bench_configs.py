@@ -3,41 +3,24 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import BENCH, bench_script
 from hydra.utils import instantiate
 
 from lightning_det.models.ssd import SSD
 from lightning_det.models.yolov3 import YOLOv3
 from lightning_det.models.yolov3.network import YOLOv3TinyNetwork
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def bench_module(name: str):
-    """A bench script loaded by path, with its sibling modules importable as when it runs."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # a script: its dataclasses need it
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
-
 
 @pytest.mark.parametrize("name", sorted(path.stem for path in (BENCH.parent / "conf" / "model").glob("*.yaml")))
 def test_every_model_config_composes_with_its_target(name: str) -> None:
-    model = bench_module("configs").model_config(name).model
+    model = bench_script("configs").model_config(name).model
     assert model._target_.startswith("lightning_det.models."), name
 
 
 def test_a_model_that_starts_from_another_is_built_whole() -> None:
     """yolov3_tiny's file holds only what differs from yolov3: the composed config builds the tiny network."""
-    configs = bench_module("configs")
+    configs = bench_script("configs")
     tiny = instantiate(configs.model_config("yolov3_tiny").model, num_classes=3, width=0.25, _recursive_=False)
     assert isinstance(tiny, YOLOv3) and isinstance(tiny.network, YOLOv3TinyNetwork)
     ssd512 = configs.model_config("ssd512")
@@ -46,5 +29,5 @@ def test_a_model_that_starts_from_another_is_built_whole() -> None:
 
 
 def test_train_step_bench_builds_the_tiny_model() -> None:
-    model, img_size = bench_module("train_step").from_config("yolov3_tiny", 416)()
+    model, img_size = bench_script("train_step").from_config("yolov3_tiny", 416)()
     assert isinstance(model.network, YOLOv3TinyNetwork) and img_size == 416

@@ -1,19 +1,15 @@
 """Records as flat arrays (``RecordTable``): the same records as the per-image objects they replace, and loader
 workers whose memory stays flat over an epoch, where a list of record objects is copied into each of them."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import bench_script
 
 from lightning_det.data.records import AnnotationRecord, RecordTable
 
-SPEC = importlib.util.spec_from_file_location("coco_scale", Path(__file__).parents[1] / "bench" / "coco_scale.py")
-coco_scale = sys.modules["coco_scale"] = importlib.util.module_from_spec(SPEC)  # a script, not a package module
-SPEC.loader.exec_module(coco_scale)
+coco_scale = bench_script("coco_scale")
 
 
 def record(path: str, image_id: int, labels: list[int], area: bool = True) -> AnnotationRecord:

@@ -5,7 +5,6 @@ channels-last weights that keep their layout when Lightning moves the model to t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import bench_script
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from torchvision.models.detection import SSD300_VGG16_Weights
 
@@ -23,9 +23,7 @@ from lightning_det.data.adapt import loader_workers, usable_cores
 from lightning_det.tools.train import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(SPEC)  # a script, not a package module
-SPEC.loader.exec_module(gpu_check)
+gpu_check = bench_script("gpu_check")
 
 MODELS = {"yolov3", "yolov3_tiny", "ssd300", "faster_rcnn_r50_fpn"}
 
