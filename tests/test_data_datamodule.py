@@ -212,7 +212,8 @@ def test_close_mosaic_turns_mosaic_off_for_the_last_epochs_with_persistent_worke
 
 
 class ZoomRecorder(YoloTrainTransform):
-    """Hands each sample's zoom width over as its image id, in thousandths."""
+    """Hands each sample's zoom width over as its image id, in thousandths (the shift and colour jitter follow the
+    same strength: tests/test_data_transforms.py)."""
 
     def __call__(self, samples):
         sample = super().__call__(samples)
@@ -232,10 +233,10 @@ class ReplanTo(L.Callback):
 
 def test_a_short_run_zooms_narrower_in_proportion_to_its_passes_with_persistent_workers(voc_root):
     """6 images, batches of 2 and at least 4 steps an epoch: 2 passes an epoch. Planned 4 epochs = 8 passes of
-    full_zoom_passes 16: half of scale 0.5, 250 thousandths; re-planned to 3 epochs = 6 passes: 0.1875."""
+    full_augment_passes 16: half of scale 0.5, 250 thousandths; re-planned to 3 epochs = 6 passes: 0.1875."""
     datamodule = data_module(voc_root, loader=LoaderOptions(num_workers=1, persistent_workers=True), batch_size=2,
                              sampler=SamplerOptions(min_steps_per_epoch=4),
-                             pipeline=PipelineOptions(ZoomRecorder(img_size=SIZE, scale=0.5), full_zoom_passes=16))
+                             pipeline=PipelineOptions(ZoomRecorder(img_size=SIZE, scale=0.5), full_augment_passes=16))
     model = MetaRecorder("image_id")
     trainer = L.Trainer(
         max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -247,11 +248,11 @@ def test_a_short_run_zooms_narrower_in_proportion_to_its_passes_with_persistent_
     assert model.seen == {0: {250}, 1: {188}, 2: {188}}
 
 
-def test_a_run_of_full_zoom_passes_or_more_keeps_the_full_zoom(voc_root):
+def test_a_run_of_full_augment_passes_or_more_keeps_the_full_zoom(voc_root):
     for passes in (0, 8):  # 0: off; 8: as many as 4 epochs of 2 passes
         datamodule = data_module(voc_root, batch_size=2, sampler=SamplerOptions(min_steps_per_epoch=4),
                                  pipeline=PipelineOptions(ZoomRecorder(img_size=SIZE, scale=0.5),
-                                                          full_zoom_passes=passes))
+                                                          full_augment_passes=passes))
         model = MetaRecorder("image_id")
         trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_train_batches=1,
@@ -265,8 +266,8 @@ def test_wrong_settings_fail_at_construction(voc_root):
         data_module(voc_root, val=None)
     with pytest.raises(ValueError, match="img_size=128 differs"):
         data_module(voc_root, pipeline=PipelineOptions(YoloTrainTransform(img_size=128)))
-    with pytest.raises(ValueError, match="full_zoom_passes"):
-        PipelineOptions(full_zoom_passes=-1)
+    with pytest.raises(ValueError, match="full_augment_passes"):
+        PipelineOptions(full_augment_passes=-1)
 
 
 def compose_data(name, data_dir, **overrides):

@@ -183,26 +183,33 @@ def test_zoomed_and_shifted_boxes_follow_their_pixels(seed, rect):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_a_zoom_share_narrows_the_zoom_and_share_zero_is_the_letterbox(seed):
-    """``with_zoom_share(0)``: zoom 1 and, without a shift, exactly the evaluation letterbox's boxes and pixels;
-    0.5 of ``scale`` 0.8 keeps every zoom within 1 +- 0.4 (a 100 px wide box stays 60 to 140 px wide) and leaves
-    the configured transform as it was."""
+def test_strength_zero_is_the_letterbox_and_a_share_narrows_zoom_shift_and_colour(seed):
+    """``with_strength(0)``: no zoom, no shift, no colour change, so exactly the evaluation letterbox's boxes and
+    pixels and an identity colour matrix; 0.5 of ``scale`` 0.8 keeps every zoom within 1 +- 0.4 (a 100 px wide
+    box stays 60 to 140 px wide), 0.5 of ``hsv_v`` 0.6 every brightness within 1 +- 0.3, and the configured
+    transform stays as it was."""
     torch.manual_seed(seed)
     sample = make_sample(300, 400, [[100.0, 50.0, 200.0, 150.0]], [0], colour=(90, 90, 90),
                          box_colours=[(250, 20, 20)])
-    still = dict(translate=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, flip=0.0)
-    transform = YoloTrainTransform(img_size=SIZE, scale=0.8, **still)
-    unzoomed = transform.with_zoom_share(0.0)([sample])
+    transform = YoloTrainTransform(img_size=SIZE, scale=0.8, translate=0.2, hsv_h=0.1, hsv_s=0.7, hsv_v=0.6, flip=0.0)
+    plain = transform.with_strength(0.0)([sample])
     letterboxed = LetterboxTransform(img_size=SIZE)([sample])
-    torch.testing.assert_close(unzoomed.boxes, letterboxed.boxes)
-    assert torch.equal(unzoomed.image, letterboxed.image.to(torch.uint8))
-    assert transform.with_zoom_share(1.0) is transform
-    half = transform.with_zoom_share(0.5)
-    assert transform.scale == 0.8 and type(half) is YoloTrainTransform
-    widths = torch.tensor([float(box[2] - box[0]) for box in (half([sample]).boxes[0] for _ in range(20))])
+    torch.testing.assert_close(plain.boxes, letterboxed.boxes)
+    assert torch.equal(plain.image, letterboxed.image.to(torch.uint8))
+    torch.testing.assert_close(plain.colour, torch.eye(3), atol=1e-5, rtol=0)
+    assert transform.with_strength(1.0) is transform
+    half = transform.with_strength(0.5)
+    assert (transform.scale, transform.translate, transform.hsv_v) == (0.8, 0.2, 0.6)
+    assert type(half) is YoloTrainTransform and half.flip == transform.flip
+    samples = [half([sample]) for _ in range(20)]
+    widths = torch.tensor([float(s.boxes[0, 2] - s.boxes[0, 0]) for s in samples])
     letterbox_width = float(letterboxed.boxes[0, 2] - letterboxed.boxes[0, 0])
     assert bool((widths >= 0.6 * letterbox_width - 1).all() and (widths <= 1.4 * letterbox_width + 1).all())
     assert float(widths.std()) > 0  # still zooming
+    grey = torch.full((3,), 100.0)
+    brightness = torch.stack([(s.colour @ grey)[0] / 100 for s in samples])
+    assert bool((brightness >= 0.7 - 1e-3).all() and (brightness <= 1.3 + 1e-3).all())
+    assert float(brightness.std()) > 0  # still jittering
 
 
 def test_colour_matrix_by_hand():

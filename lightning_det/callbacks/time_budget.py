@@ -3,8 +3,8 @@
 Lightning's ``max_time`` only stops the run. Alone it cuts a cosine schedule planned for ``max_epochs`` wherever
 the clock runs out, often just after the warm-up, with the learning rate near its peak. This callback measures
 the epochs as they go and sets ``max_epochs`` to the number that fits, then re-lays the learning-rate schedule
-(warm-up and decay) over it; ``close_mosaic`` and the zoom width (``full_zoom_passes``) follow, since they are
-read from ``max_epochs``. A ``max_epochs`` given as well stays an upper bound. Under a budget,
+(warm-up and decay) over it; ``close_mosaic`` and the augmentation's strength (``full_augment_passes``) follow,
+since they are read from ``max_epochs``. A ``max_epochs`` given as well stays an upper bound. Under a budget,
 :class:`BudgetedEarlyStopping` does not stop the run: the schedule anneals only at the budget's end.
 """
 

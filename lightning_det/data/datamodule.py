@@ -107,9 +107,9 @@ class DetectionDataModule(L.LightningDataModule):
         self.collate = partial(collate_detection, label_pad_width=self.loader.label_pad_width,
                                size_divisor=pipeline.size_divisor)
         self.close_mosaic = pipeline.close_mosaic
-        self.full_zoom_passes = pipeline.full_zoom_passes
+        self.full_augment_passes = pipeline.full_augment_passes
         self._passes_per_epoch = 1
-        self._zoom_logged: float | None = None
+        self._strength_logged: float | None = None
         self.group_aspect_ratio = pipeline.group_aspect_ratio
         self.rect_eval = pipeline.rect_eval
         self.records: dict[str, RecordTable] = {}  # per role: train, val, test
@@ -205,7 +205,7 @@ class DetectionDataModule(L.LightningDataModule):
     # --- the epoch's augmentation ----------------------------------------------------------------------------
     def epoch_augment(self) -> EpochAugment:
         """Asked by the training sampler at the start of every epoch, in the main process."""
-        return EpochAugment(mix=self.mosaic_enabled(), zoom_share=self.zoom_share())
+        return EpochAugment(mix=self.mosaic_enabled(), strength=self.augment_strength())
 
     def set_mosaic(self, enabled: bool) -> None:
         """Force mosaic on or off from the next epoch, overriding ``close_mosaic``."""
@@ -225,24 +225,26 @@ class DetectionDataModule(L.LightningDataModule):
             self._mosaic_closed_logged = True
         return enabled
 
-    def zoom_share(self) -> float:
-        """The share of the zoom width this epoch: planned passes over each training image / ``full_zoom_passes``,
-        at most 1. The plan is ``max_epochs``, which a time budget re-lays every epoch.
+    def augment_strength(self) -> float:
+        """The share of the training transform's random zoom, shift and colour jitter this epoch: planned passes
+        over each training image / ``full_augment_passes``, at most 1. The plan is ``max_epochs``, which a time
+        budget re-lays every epoch.
 
         A run too short for its set underfits (aquarium in 12 CPU minutes scores little more on its own training
-        images than on validation), and a wide zoom then costs it more than it protects; a long run needs the zoom
-        against memorising (BENCHMARKS.md, "zoom width by the run's length")."""
+        images than on validation), and distortions then cost it more than they protect; a long run needs them
+        against memorising (BENCHMARKS.md, "augmentation by the run's length")."""
         trainer = self.trainer
-        if not self.full_zoom_passes or trainer is None or trainer.max_epochs is None or trainer.max_epochs < 0:
+        if not self.full_augment_passes or trainer is None or trainer.max_epochs is None or trainer.max_epochs < 0:
             return 1.0
         passes = trainer.max_epochs * self._passes_per_epoch
-        share = min(1.0, passes / self.full_zoom_passes)
-        if share < 1 and (self._zoom_logged is None or abs(share - self._zoom_logged) >= 0.1):
-            rank_zero_info(f"epoch {trainer.current_epoch}: zoom width {share:.2f} of train_transform.scale: the "
-                           f"run is planned to show each image {passes} times, fewer than "
-                           f"data.pipeline.full_zoom_passes={self.full_zoom_passes:g}")
-            self._zoom_logged = share
-        return share
+        strength = min(1.0, passes / self.full_augment_passes)
+        if strength < 1 and (self._strength_logged is None or abs(strength - self._strength_logged) >= 0.05):
+            rank_zero_info(f"epoch {trainer.current_epoch}: augmentation at {strength:.2f} of its strength (the "
+                           f"zoom, shift and colour jitter of train_transform): the run is planned to show each "
+                           f"image {passes} times, fewer than data.pipeline.full_augment_passes="
+                           f"{self.full_augment_passes:g}")
+            self._strength_logged = strength
+        return strength
 
     # --- loaders ---------------------------------------------------------------------------------------------
     def dataset(self, role: str) -> DetectionDataset:

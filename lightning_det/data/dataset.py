@@ -130,7 +130,7 @@ class DetectionDataset(Dataset[Sample]):
     def __getitem__(self, item: int | tuple[int, EpochAugment]) -> Sample:
         index, epoch = item if isinstance(item, tuple) else (item, EpochAugment())
         mix = self.mix if epoch.mix else NO_MIX
-        transform = self.transform.with_zoom_share(epoch.zoom_share)
+        transform = self.transform.with_strength(epoch.strength)
         sample = self.transformed(index, transform, mix.mosaic, mix.copy_paste)
         if mix.mixup > 0 and torch.rand(()) < mix.mixup:
             partner = self.transformed(int(torch.randint(len(self), ())), transform, mix.mosaic, mix.copy_paste)
@@ -175,11 +175,12 @@ def class_balanced_weights(labels: np.ndarray, difficult: np.ndarray) -> Tensor:
 class TrainingSampler(Sampler[tuple[int, EpochAugment]]):
     """Yields ``(index, EpochAugment)``; asks ``epoch_augment()`` once per epoch, in the main process.
 
-    Because the settings travel with the indices, switching mosaic off (``close_mosaic``) or narrowing the zoom
-    (``full_zoom_passes``) reaches the workers even when they are persistent and hold their own copy of the
-    dataset. The order is a permutation seeded by ``seed + epoch`` (Lightning calls :meth:`set_epoch`), so it is
-    the same on every DDP rank. With ``repeat_factors`` (:mod:`~lightning_det.data.repeat_factor`) a pass shows
-    image ``i`` about ``factors[i]`` times, drawn anew each epoch, in a pass of fixed length.
+    Because the settings travel with the indices, switching mosaic off (``close_mosaic``) or weakening the
+    augmentation (``full_augment_passes``) reaches the workers even when they are persistent and hold their own
+    copy of the dataset. The order is a permutation seeded by ``seed + epoch`` (Lightning calls
+    :meth:`set_epoch`), so it is the same on every DDP rank. With ``repeat_factors``
+    (:mod:`~lightning_det.data.repeat_factor`) a pass shows image ``i`` about ``factors[i]`` times, drawn anew
+    each epoch, in a pass of fixed length.
     """
 
     def __init__(self, size: int, epoch_augment: Callable[[], EpochAugment], shuffle: bool = True, seed: int = 0,

@@ -24,9 +24,10 @@ class PipelineOptions:
         train_transform, val_transform: the pipelines; ``None``: YOLO's (the DataModule's defaults).
         close_mosaic: train the last epochs without the multi-image augmentations (``train_transform.mix``): a
             share of the run when below 1 (0.1: the last tenth, at least one epoch), else a count of epochs.
-        full_zoom_passes: a run planned to show each training image fewer times than this zooms in proportion
-            narrower (``train_transform.scale`` times planned passes / ``full_zoom_passes``), re-planned every
-            epoch as the time budget re-plans ``max_epochs``; 0: always the full zoom.
+        full_augment_passes: a run planned to show each training image fewer times than this augments in
+            proportion weaker (the random zoom, shift and colour jitter of ``train_transform`` times planned passes
+            / ``full_augment_passes``), re-planned every epoch as the time budget re-plans ``max_epochs``; 0:
+            always the full augmentation.
         size_divisor: images of a batch are padded (bottom/right) to the largest size rounded up to this.
         group_aspect_ratio: training batches hold only landscape or only portrait images (less padding).
         rect_eval: evaluation batches hold images of similar aspect ratio, taken in order of height / width, for
@@ -38,16 +39,16 @@ class PipelineOptions:
     train_transform: DetectionTransform | None = None
     val_transform: DetectionTransform | None = None
     close_mosaic: float = 0
-    full_zoom_passes: float = 0
+    full_augment_passes: float = 0
     size_divisor: int = 1
     group_aspect_ratio: bool = False
     rect_eval: bool = False
     albumentations: Sequence[Any] | None = None
 
     def __post_init__(self) -> None:
-        if not self.full_zoom_passes >= 0:
-            raise ValueError(f"data.pipeline.full_zoom_passes must be 0 (off) or a number of passes, got "
-                             f"{self.full_zoom_passes}")
+        if not self.full_augment_passes >= 0:
+            raise ValueError(f"data.pipeline.full_augment_passes must be 0 (off) or a number of passes, got "
+                             f"{self.full_augment_passes}")
 
 
 @dataclass(frozen=True)

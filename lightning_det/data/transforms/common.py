@@ -193,11 +193,12 @@ class EpochAugment:
     index, so loader workers follow it even when they are persistent and hold their own copy of the transform.
 
     ``mix``: the multi-image augmentations are allowed (``close_mosaic`` turns them off for the last epochs).
-    ``zoom_share``: the share of the transform's zoom width to use (``pipeline.full_zoom_passes``).
+    ``strength``: the share of the transform's random zoom, shift and colour jitter to use
+    (``pipeline.full_augment_passes``).
     """
 
     mix: bool = True
-    zoom_share: float = 1.0
+    strength: float = 1.0
 
 
 class DetectionTransform:
@@ -216,8 +217,9 @@ class DetectionTransform:
     def __call__(self, samples: list[Sample]) -> Sample:
         raise NotImplementedError
 
-    def with_zoom_share(self, share: float) -> DetectionTransform:
-        """This transform with ``share`` of its random zoom's width; one without a random zoom is itself."""
+    def with_strength(self, strength: float) -> DetectionTransform:
+        """This transform with ``strength`` of its random distortions' width; one that has none to weaken is
+        itself."""
         return self
 
     @staticmethod

@@ -79,13 +79,15 @@ class YoloTrainTransform(DetectionTransform):
         self.min_visible = min_visible
         self.hsv_h, self.hsv_s, self.hsv_v = hsv_h, hsv_s, hsv_v
 
-    def with_zoom_share(self, share: float) -> YoloTrainTransform:
-        """A copy zooming in ``1 +- share * scale``."""
-        if share == 1:
+    def with_strength(self, strength: float) -> YoloTrainTransform:
+        """A copy whose zoom, shift and colour jitter are ``strength`` of this one's (zoom in ``1 +- strength *
+        scale``, ...); the flip and the mix stay."""
+        if strength == 1:
             return self
-        narrowed = copy.copy(self)
-        narrowed.scale = self.scale * share
-        return narrowed
+        weaker = copy.copy(self)
+        weaker.scale, weaker.translate = self.scale * strength, self.translate * strength
+        weaker.hsv_h, weaker.hsv_s, weaker.hsv_v = (strength * gain for gain in (self.hsv_h, self.hsv_s, self.hsv_v))
+        return weaker
 
     @property
     def decode_size(self) -> int:
