@@ -61,3 +61,11 @@ def test_a_key_under_a_moved_node_is_refused_with_the_node_new_place():
     with pytest.raises(ConfigValueError, match="data.train_transform was renamed: use data.pipeline.train_transform"):
         check_renamed_overrides(["data.train_transform.flip=0"])
     check_renamed_overrides(["data.sampler.min_steps_per_epoch=0", "data.pipeline.train_transform.flip=0"])
+
+
+def test_the_zoom_rule_key_names_the_augmentation_rule():
+    with pytest.raises(ConfigValueError, match="full_zoom_passes was renamed: use data.pipeline.full_augment_passes"):
+        check_renamed_overrides(["data.pipeline.full_zoom_passes=0"])
+    with pytest.raises(ConfigValueError, match="full_zoom_passes was renamed: use data.pipeline.full_augment_passes"):
+        check_renamed(OmegaConf.create({"data": {"pipeline": {"full_zoom_passes": 50}}}))
+    check_renamed_overrides(["data.pipeline.full_augment_passes=0"])

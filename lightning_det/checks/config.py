@@ -63,13 +63,14 @@ class ConfigValueError(ValueError):
 
 
 #: Settings that moved within or out of the data config: the model normalises its own input, the multi-image
-#: augmentations are one ``mix`` node, and the DataModule's settings are grouped by subject
-#: (``DetectionDataModule.renamed``).
+#: augmentations are one ``mix`` node, the DataModule's settings are grouped by subject
+#: (``DetectionDataModule.renamed``), and the run's length weakens more than the zoom.
 MOVED_FROM_DATA = {
     **{f"data.{transform}.{statistic}": f"model.pixel_{statistic}"
        for transform in ("train_transform", "val_transform") for statistic in ("mean", "std")},
     "data.train_transform.mosaic": "data.pipeline.train_transform.mix.mosaic",
     **{f"data.{old}": f"data.{new}" for old, new in DetectionDataModule.renamed.items()},
+    "data.pipeline.full_zoom_passes": "data.pipeline.full_augment_passes",
 }
 
 
