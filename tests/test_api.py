@@ -72,6 +72,13 @@ def test_auto_batch_size_on_a_cpu_keeps_the_data_configs_default(trained):
         run_dir / "train.log").read_text()
 
 
+def test_the_run_folders_log_holds_the_data_modules_decisions(trained):
+    """What the DataModule read and chose (images, objects, classes; the input size, the repeats) is in train.log,
+    not on the console alone: a run folder must say how its data was read."""
+    text = (trained["result"].run_dir / "train.log").read_text()
+    assert re.search(r"lightning_det\.data\.datamodule\]\[INFO\] - train: \d+ images, \d+ objects, \d+ classes", text)
+
+
 def test_predict_on_a_folder_gives_the_clis_detections(trained):
     expected = json.loads((trained["tmp"] / "predict" / "detections.json").read_text())
     predictions = lightning_det.load(trained["result"].best_model_path).predict(trained["images"], score_thresh=0.0)

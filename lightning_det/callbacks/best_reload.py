@@ -13,9 +13,12 @@ import logging
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
+#: INFO on rank 0 through this module's logger, so the run folder's train.log (Hydra's handlers) has it too;
+#: Lightning's ``rank_zero_info`` reaches the console only.
+info = rank_zero_only(log.info)
 
 
 class ReloadBestAndDecay(L.Callback):
@@ -42,7 +45,7 @@ class ReloadBestAndDecay(L.Callback):
             scheduler = config.scheduler
             if hasattr(scheduler, "base_lrs"):
                 scheduler.base_lrs = [lr * self.factor for lr in scheduler.base_lrs]
-        rank_zero_info(f"epoch {self.epoch}: learning rate x{self.factor}")
+        info(f"epoch {self.epoch}: learning rate x{self.factor}")
 
 
 class RestoreBestOnDecay(L.Callback):
@@ -75,7 +78,7 @@ def reload_best(trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> 
         return
     state = torch.load(best, map_location=pl_module.device, weights_only=True)["state_dict"]
     pl_module.load_state_dict(state)
-    rank_zero_info(f"{when}: reloaded the best weights from {best}")
+    info(f"{when}: reloaded the best weights from {best}")
 
 
 def best_checkpoint_path(trainer: L.Trainer) -> str:

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, SequentialSampler
 
 from lightning_det.data.adapt import choose_img_size, epoch_repeats, loader_workers, usable_cores
@@ -30,6 +30,9 @@ from lightning_det.data.transforms import EpochAugment, LetterboxTransform, Yolo
 from lightning_det.data.transforms.albumentations_hook import AlbumentationsStep
 
 log = logging.getLogger(__name__)
+#: INFO on rank 0 through this module's logger, so the run folder's train.log (Hydra's handlers) has it too;
+#: Lightning's ``rank_zero_info`` reaches the console only.
+info = rank_zero_only(log.info)
 
 ROLES_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
@@ -180,7 +183,7 @@ class DetectionDataModule(L.LightningDataModule):
                                                              self.root, self.reading.skip_invalid)
         for role in roles:
             records = self.records[role]
-            rank_zero_info(f"{role}: {len(records)} images, {len(records.labels)} objects, {len(self.classes)} classes")
+            info(f"{role}: {len(records)} images, {len(records.labels)} objects, {len(self.classes)} classes")
             if role == "train" and self.img_size == "auto":
                 self.use_img_size(choose_img_size(records))
 
@@ -189,7 +192,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.img_size = size
         for transform in (self.train_transform, self.val_transform):
             transform.img_size = size
-        rank_zero_info(f"img_size {size}: the smallest input keeping 95 % of the training boxes' shorter sides "
+        info(f"img_size {size}: the smallest input keeping 95 % of the training boxes' shorter sides "
                        "at 8 px or more (data.img_size=<pixels> to set it)")
 
     def _hold_out(self, records: RecordTable) -> tuple[RecordTable, RecordTable]:
@@ -221,7 +224,7 @@ class DetectionDataModule(L.LightningDataModule):
         closed = closed_epochs(self.close_mosaic, trainer.max_epochs)
         enabled = trainer.current_epoch < trainer.max_epochs - closed
         if not enabled and not self._mosaic_closed_logged:
-            rank_zero_info(f"epoch {trainer.current_epoch}: mosaic off for the last {closed} epochs")
+            info(f"epoch {trainer.current_epoch}: mosaic off for the last {closed} epochs")
             self._mosaic_closed_logged = True
         return enabled
 
@@ -239,7 +242,7 @@ class DetectionDataModule(L.LightningDataModule):
         passes = trainer.max_epochs * self._passes_per_epoch
         strength = min(1.0, passes / self.full_augment_passes)
         if strength < 1 and (self._strength_logged is None or abs(strength - self._strength_logged) >= 0.05):
-            rank_zero_info(f"epoch {trainer.current_epoch}: augmentation at {strength:.2f} of its strength (the "
+            info(f"epoch {trainer.current_epoch}: augmentation at {strength:.2f} of its strength (the "
                            f"zoom, shift and colour jitter of train_transform): the run is planned to show each "
                            f"image {passes} times, fewer than data.pipeline.full_augment_passes="
                            f"{self.full_augment_passes:g}")
@@ -281,7 +284,7 @@ class DetectionDataModule(L.LightningDataModule):
             threads = torch.get_num_threads()
             self._workers = loader_workers(on_cpu, cores, threads, processes)
             run = f"a CPU run whose step uses {threads} threads" if on_cpu else "an accelerator run"
-            rank_zero_info(f"data.loader.num_workers auto: {self._workers} loader workers per process ({cores} cores, "
+            info(f"data.loader.num_workers auto: {self._workers} loader workers per process ({cores} cores, "
                            f"{run}; data.loader.num_workers=<n> to set it)")
         return self._workers
 
@@ -314,7 +317,7 @@ class DetectionDataModule(L.LightningDataModule):
         factors = image_repeat_factors(records, self.num_classes, threshold)
         _, share = class_image_shares(records, self.num_classes)
         shares = ", ".join(f"{name} {value:.3f}" for name, value in zip(self.classes, share))
-        rank_zero_info(f"repeat-factor sampling (data.sampler.repeat_threshold={threshold:.3g}): share of training "
+        info(f"repeat-factor sampling (data.sampler.repeat_threshold={threshold:.3g}): share of training "
                        f"images per class: {shares}; {int((factors > 1).sum())} of {len(records)} images repeated "
                        f"(up to {factors.max(initial=1.0):.2f} times), {pass_length(torch.from_numpy(factors))} "
                        "images a pass")
@@ -327,7 +330,7 @@ class DetectionDataModule(L.LightningDataModule):
         min_steps = self.sampler.min_steps_per_epoch
         repeats = epoch_repeats(num_images, per_step, min_steps)
         if repeats > 1:
-            rank_zero_info(f"train: {num_images} images shown {repeats} times per epoch, so that an epoch has "
+            info(f"train: {num_images} images shown {repeats} times per epoch, so that an epoch has "
                            f"at least {min_steps} optimizer steps (data.sampler.min_steps_per_epoch)")
         return repeats
 
