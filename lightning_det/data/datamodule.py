@@ -193,7 +193,7 @@ class DetectionDataModule(L.LightningDataModule):
         for transform in (self.train_transform, self.val_transform):
             transform.img_size = size
         info(f"img_size {size}: the smallest input keeping 95 % of the training boxes' shorter sides "
-                       "at 8 px or more (data.img_size=<pixels> to set it)")
+             "at 8 px or more (data.img_size=<pixels> to set it)")
 
     def _hold_out(self, records: RecordTable) -> tuple[RecordTable, RecordTable]:
         """Seeded split of the training records into (train, val) for ``val_split``."""
@@ -243,9 +243,9 @@ class DetectionDataModule(L.LightningDataModule):
         strength = min(1.0, passes / self.full_augment_passes)
         if strength < 1 and (self._strength_logged is None or abs(strength - self._strength_logged) >= 0.05):
             info(f"epoch {trainer.current_epoch}: augmentation at {strength:.2f} of its strength (the "
-                           f"zoom, shift and colour jitter of train_transform): the run is planned to show each "
-                           f"image {passes} times, fewer than data.pipeline.full_augment_passes="
-                           f"{self.full_augment_passes:g}")
+                 f"zoom, shift and colour jitter of train_transform): the run is planned to show each "
+                 f"image {passes} times, fewer than data.pipeline.full_augment_passes="
+                 f"{self.full_augment_passes:g}")
             self._strength_logged = strength
         return strength
 
@@ -285,7 +285,7 @@ class DetectionDataModule(L.LightningDataModule):
             self._workers = loader_workers(on_cpu, cores, threads, processes)
             run = f"a CPU run whose step uses {threads} threads" if on_cpu else "an accelerator run"
             info(f"data.loader.num_workers auto: {self._workers} loader workers per process ({cores} cores, "
-                           f"{run}; data.loader.num_workers=<n> to set it)")
+                 f"{run}; data.loader.num_workers=<n> to set it)")
         return self._workers
 
     def pinned(self) -> bool:
@@ -318,9 +318,9 @@ class DetectionDataModule(L.LightningDataModule):
         _, share = class_image_shares(records, self.num_classes)
         shares = ", ".join(f"{name} {value:.3f}" for name, value in zip(self.classes, share))
         info(f"repeat-factor sampling (data.sampler.repeat_threshold={threshold:.3g}): share of training "
-                       f"images per class: {shares}; {int((factors > 1).sum())} of {len(records)} images repeated "
-                       f"(up to {factors.max(initial=1.0):.2f} times), {pass_length(torch.from_numpy(factors))} "
-                       "images a pass")
+             f"images per class: {shares}; {int((factors > 1).sum())} of {len(records)} images repeated "
+             f"(up to {factors.max(initial=1.0):.2f} times), {pass_length(torch.from_numpy(factors))} "
+             "images a pass")
         return factors
 
     def epoch_repeats(self, num_images: int) -> int:
@@ -331,7 +331,7 @@ class DetectionDataModule(L.LightningDataModule):
         repeats = epoch_repeats(num_images, per_step, min_steps)
         if repeats > 1:
             info(f"train: {num_images} images shown {repeats} times per epoch, so that an epoch has "
-                           f"at least {min_steps} optimizer steps (data.sampler.min_steps_per_epoch)")
+                 f"at least {min_steps} optimizer steps (data.sampler.min_steps_per_epoch)")
         return repeats
 
     def val_dataloader(self) -> DataLoader:
