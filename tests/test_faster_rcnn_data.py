@@ -92,6 +92,26 @@ def test_aspect_ratio_batches_hold_one_orientation_and_cover_every_image_once():
     assert all(len({landscape[index] for index, _ in batch}) == 1 for batch in batches)
 
 
+def test_every_rank_takes_the_same_number_of_aspect_ratio_batches_every_epoch():
+    """Under DDP each rank's share splits into the two orientations differently from epoch to epoch; a batch count
+    that followed the split would hang the gradient all-reduce (ranks taking different step counts) and make
+    epochs longer or shorter than the count Lightning read at the start."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    landscape = (torch.rand(23, generator=torch.Generator().manual_seed(0)) < 0.3).tolist()
+    sampler = TrainingSampler(len(landscape), EpochAugment, shuffle=True, seed=1)
+    for epoch in range(8):
+        sampler.set_epoch(epoch)
+        for rank in range(2):
+            share = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=False)
+            share.set_epoch(epoch)
+            batcher = AspectRatioBatchSampler(share, batch_size=4, landscape=landscape)
+            batches = list(batcher)
+            assert len(batches) == len(batcher) == 3  # 12 images a rank (23 evened to 24), 4 a batch
+            assert sorted(i for batch in batches for i, _ in batch) == sorted(i for i, _ in share)
+            assert all(len({landscape[i] for i, _ in batch}) == 1 for batch in batches[:-1])  # only the last mixes
+
+
 def test_lightning_puts_a_distributed_sampler_under_the_aspect_ratio_batches():
     """What Lightning does to a training loader under DDP (its own re-instantiation, as in trainer=ddp)."""
     from lightning.fabric.utilities.data import _replace_dunder_methods

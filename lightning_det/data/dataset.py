@@ -216,8 +216,14 @@ class TrainingSampler(Sampler[tuple[int, EpochAugment]]):
 class AspectRatioBatchSampler(BatchSampler):
     """Batches of images on the same side of square (landscape vs portrait), so padding to a common size wastes
     little: fills one batch per group from ``sampler``'s order and yields each batch as soon as it is full;
-    the groups' leftovers come last, as smaller batches. A ``BatchSampler`` with a ``sampler`` argument, so
-    Lightning can put a distributed sampler under it."""
+    the groups' leftovers come last, in one batch when they fit in one. A ``BatchSampler`` with a ``sampler``
+    argument, so Lightning can put a distributed sampler under it.
+
+    An epoch is always ``ceil(len(sampler) / batch_size)`` batches, as torchvision's ``GroupedBatchSampler``
+    keeps its count: under DDP each rank's share splits into the two orientations differently every epoch, and
+    a count that followed the split would give ranks different step counts (the gradient all-reduce waits for a
+    step one rank never takes) and epochs of another length than the one Lightning read at the start (it
+    validates after that many batches: a shorter epoch would skip its validation)."""
 
     def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool = False,
                  landscape: Sequence[bool] = ()) -> None:
@@ -229,8 +235,7 @@ class AspectRatioBatchSampler(BatchSampler):
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        wide = sum(self.landscape[index(item)] for item in self.sampler)
-        return sum(-(-count // self.batch_size) for count in (wide, len(self.sampler) - wide))
+        return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self) -> Iterator[list]:
         pending: dict[bool, list] = {True: [], False: []}
@@ -240,7 +245,10 @@ class AspectRatioBatchSampler(BatchSampler):
             if len(group) == self.batch_size:
                 yield group.copy()
                 group.clear()
-        yield from (group for group in pending.values() if group)
+        wide, tall = pending.values()
+        if len(wide) + len(tall) <= self.batch_size:  # the one batch len() counts for them
+            wide, tall = wide + tall, []
+        yield from (group for group in (wide, tall) if group)
 
 
 class SortedAspectRatioBatchSampler(BatchSampler):
