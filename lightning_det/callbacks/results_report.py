@@ -19,13 +19,15 @@ from lightning_det.report.writer import save_figure, save_image, write_evaluatio
 log = logging.getLogger(__name__)
 
 
-def epoch_row(trainer: L.Trainer) -> dict[str, float]:
-    """The finished epoch's mean training loss terms, its validation values and the learning rate."""
+def epoch_row(trainer: L.Trainer, validated: bool = True) -> dict[str, float]:
+    """The finished epoch's mean training loss terms, its validation values (``validated``: else the columns stay
+    empty, not the last validation's) and the learning rate."""
     metrics = trainer.callback_metrics
     row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
     row.update({name.removesuffix("_epoch"): float(value) for name, value in sorted(metrics.items())
                 if name.startswith("train/") and name.endswith("_epoch")})
-    row.update({name: float(value) for name, value in sorted(metrics.items()) if name.startswith("val/")})
+    if validated:
+        row.update({name: float(value) for name, value in sorted(metrics.items()) if name.startswith("val/")})
     if trainer.optimizers:
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
     return row
@@ -51,11 +53,13 @@ class ResultsReport(L.Callback):
         self.metric: VOCMeanAP | None = None
         self.confusion: torch.Tensor | None = None
         self.grid: torch.Tensor | None = None
+        self.validated_epoch = -1  # the last training epoch a validation followed (a time budget skips some)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-            append_row(self.dirpath / "results.csv", epoch_row(trainer))
+            validated = self.validated_epoch == trainer.current_epoch
+            append_row(self.dirpath / "results.csv", epoch_row(trainer, validated))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn != "validate":  # validation during fit only feeds results.csv
@@ -77,6 +81,8 @@ class ResultsReport(L.Callback):
             self.grid = self.image_grid.predictions(trainer, pl_module, batch)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.validated_epoch = trainer.current_epoch
         if self.metric is None:
             return
         voc = self.metric.compute()  # every rank: the metric gathers their detections

@@ -38,8 +38,8 @@ def results_figure(rows: list[dict[str, str]]) -> Figure:
     epochs = [int(float(row["epoch"])) for row in rows]
     for index, column in enumerate(columns):
         axes = figure.add_subplot(height, width, index + 1)
-        values = [float(row[column]) if row[column] else np.nan for row in rows]
-        axes.plot(epochs, values, marker=".", linewidth=1.5)
+        points = [(epoch, float(row[column])) for epoch, row in zip(epochs, rows) if row[column]]  # validated
+        axes.plot([x for x, _ in points], [y for _, y in points], marker=".", linewidth=1.5)  # epochs only
         axes.set_title(column, fontsize=9)
         axes.set_xlabel("epoch", fontsize=8)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
