@@ -43,12 +43,18 @@ class SlowRegression(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def train(callbacks: list, seconds: float) -> tuple[L.Trainer, SlowRegression]:
-    data = DataLoader(TensorDataset(torch.randn(40, 2), torch.randn(40, 1)), batch_size=4)  # 10 steps an epoch
-    model = SlowRegression()
+def train(callbacks: list, seconds: float, model: SlowRegression | None = None, samples: int = 40,
+          **trainer_options) -> tuple[L.Trainer, SlowRegression]:
+    """``model`` (a ``SlowRegression``) trained under a budget of ``seconds``, ``samples / 4`` steps an epoch; a
+    ``SlowValidation`` also validates on one sample after the epochs it is asked to."""
+    data = DataLoader(TensorDataset(torch.randn(samples, 2), torch.randn(samples, 1)), batch_size=4)
+    model = model or SlowRegression()
+    validates = isinstance(model, SlowValidation)
+    validation = DataLoader(TensorDataset(torch.randn(1, 2)), batch_size=1) if validates else None
+    options = {"enable_checkpointing": False, "num_sanity_val_steps": 0, **trainer_options}
     trainer = L.Trainer(max_epochs=100, max_time=timedelta(seconds=seconds), callbacks=callbacks, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, data)
+                        enable_progress_bar=False, enable_model_summary=False, **options)
+    trainer.fit(model, data, val_dataloaders=validation)
     return trainer, model
 
 
@@ -87,19 +93,9 @@ class SlowValidation(SlowRegression):
         self.log("val_loss", 1.0 / (1 + self.current_epoch))
 
 
-def train_and_validate(callbacks: list, seconds: float, validation_seconds: float, **trainer_options):
-    data = DataLoader(TensorDataset(torch.randn(20, 2), torch.randn(20, 1)), batch_size=4)  # 5 steps an epoch
-    model = SlowValidation(validation_seconds)
-    options = {"enable_checkpointing": False, **trainer_options}
-    trainer = L.Trainer(max_epochs=100, max_time=timedelta(seconds=seconds), callbacks=callbacks, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **options)
-    trainer.fit(model, data, val_dataloaders=DataLoader(TensorDataset(torch.randn(1, 2)), batch_size=1))
-    return trainer, model
-
-
 def test_costly_validation_runs_every_kth_epoch_then_every_epoch_at_the_end():
     # an epoch trains 0.25 s and validates 0.125 s: at a share of 0.1, every ceil(0.125 * 0.9 / 0.025) = 5th epoch
-    trainer, model = train_and_validate([TimeBudget(validation_share=0.1)], 6.0, 0.125)
+    trainer, model = train([TimeBudget(validation_share=0.1)], 8.0, SlowValidation(0.125), samples=20)
     epochs = trainer.current_epoch
     assert model.lrs[-1] < 0.01  # the plan, not the clock, ended the run: the cosine annealed
     final = max(5, math.ceil(epochs / 5))
@@ -108,13 +104,14 @@ def test_costly_validation_runs_every_kth_epoch_then_every_epoch_at_the_end():
     assert early[0] == 0 and len(early) >= 3, model.validated_epochs  # the first epoch measures a validation
     assert min(b - a for a, b in zip(early, early[1:])) >= 4, model.validated_epochs  # then far apart
 
-    every_epoch, model_every = train_and_validate([TimeBudget(validation_share=None)], 6.0, 0.125)
+    every_epoch, model_every = train([TimeBudget(validation_share=None)], 8.0, SlowValidation(0.125), samples=20)
     assert model_every.validated_epochs == list(range(every_epoch.current_epoch))
     assert epochs >= every_epoch.current_epoch + 2  # the time saved trains more epochs
 
 
 def test_a_configured_validation_interval_stays():
-    trainer, model = train_and_validate([TimeBudget(validation_share=0.1)], 2.0, 0.125, check_val_every_n_epoch=2)
+    trainer, model = train([TimeBudget(validation_share=0.1)], 2.0, SlowValidation(0.125), samples=20,
+                           check_val_every_n_epoch=2)
     assert model.validated_epochs == list(range(1, trainer.current_epoch, 2))
 
 
@@ -122,8 +119,8 @@ def test_checkpoints_follow_the_validations_the_budget_keeps(tmp_path):
     best = RunCheckpoint(dirpath=tmp_path, filename="best-{epoch:03d}", monitor="val_loss", mode="min",
                           auto_insert_metric_name=False)
     last = RunCheckpoint(dirpath=tmp_path, filename="last", monitor=None, save_on_train_epoch_end=True)
-    trainer, model = train_and_validate([TimeBudget(validation_share=0.1), best, last], 4.0, 0.125,
-                                        enable_checkpointing=True)
+    trainer, model = train([TimeBudget(validation_share=0.1), best, last], 4.0, SlowValidation(0.125), samples=20,
+                           enable_checkpointing=True)
     assert len(model.validated_epochs) < trainer.current_epoch  # some epochs were not validated
     final_epoch = trainer.current_epoch - 1
     assert model.validated_epochs[-1] == final_epoch
